@@ -1,0 +1,442 @@
+"""MiniCPM-V 2.0 as a native transformers model: SigLIP tower (timm) + resampler + MiniCPM-2.4B decoder.
+
+Module names follow the official checkpoint (`llm.`, `vpm.`, `resampler.`) so its 694 tensors load
+unchanged, and the arithmetic follows the official remote code (embedding, residual and logit
+scalings; RoPE applied in float32) so logits and answers are identical; see tests/test_modeling.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import timm
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, eager_attention_forward, rotate_half
+from transformers.utils import logging
+
+from .configuration_minicpmv import MiniCPMVConfig
+from .processing_minicpmv import InvalidInputError, MiniCPMVProcessor, group_by_size, image_bounds, load_image
+from .resampler import Resampler, sincos_2d
+
+logger = logging.get_logger(__name__)
+
+
+# ---------------------------------------------------------------- decoder (llm.)
+
+
+class MiniCPMRotaryEmbedding(nn.Module):
+    """Plain RoPE. cos/sin are made in float32 and handed out in the activation dtype, as the release does."""
+
+    def __init__(self, config: MiniCPMVConfig):
+        super().__init__()
+        self.dim = config.head_dim
+        self.base = config.rope_theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2).float() / self.dim))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            freqs = position_ids[..., None].float() * self.inv_freq.float()
+            emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """Rotate in float32 and cast back, as the official decoder does (even in bf16)."""
+    cos, sin = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()
+    q32, k32 = q.float(), k.float()
+    q_rot = q32 * cos + rotate_half(q32) * sin
+    k_rot = k32 * cos + rotate_half(k32) * sin
+    return q_rot.to(q.dtype), k_rot.to(k.dtype)
+
+
+class MiniCPMAttention(nn.Module):
+    def __init__(self, config: MiniCPMVConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values: Cache | None = None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+class MiniCPMDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: MiniCPMVConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MiniCPMAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # Each residual branch is damped by scale_depth / sqrt(depth) before it is added.
+        self.residual_scale = config.scale_depth / math.sqrt(config.num_hidden_layers)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+        attn_out, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attn_out * self.residual_scale
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)) * self.residual_scale
+
+
+class MiniCPMPreTrainedModel(PreTrainedModel):
+    config_class = MiniCPMVConfig
+    config: MiniCPMVConfig
+    base_model_prefix = "llm"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MiniCPMDecoderLayer", "Block"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, MiniCPMRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+        elif isinstance(module, Resampler):
+            grid = int(module.query.shape[0] ** 0.5)
+            init.copy_(module.pos_embed, sincos_2d(module.embed_dim, grid, grid))
+            init.trunc_normal_(module.query, std=0.02)
+            init.trunc_normal_(module.kv_proj.weight, std=0.02)
+            init.normal_(module.proj, std=module.embed_dim**-0.5)
+        elif isinstance(module, nn.Linear) and not _is_vision_or_resampler(self, module):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, LlamaRMSNorm):
+            init.ones_(module.weight)
+
+
+def _is_vision_or_resampler(model: nn.Module, module: nn.Module) -> bool:
+    """timm and the resampler initialise their own layers; the decoder's init must not overwrite them."""
+    for name in ("vpm", "resampler"):
+        owner = getattr(model, name, None)
+        if owner is not None and any(module is m for m in owner.modules()):
+            return True
+    return False
+
+
+class MiniCPMModel(MiniCPMPreTrainedModel):
+    """The decoder stack (`llm.model.`)."""
+
+    def __init__(self, config: MiniCPMVConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(MiniCPMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MiniCPMRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values: Cache | None = None,
+        inputs_embeds=None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids) * self.config.scale_emb
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                **kwargs,
+            )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values if use_cache else None)
+
+
+class MiniCPMForCausalLM(MiniCPMPreTrainedModel):
+    """Decoder + `lm_head` (`llm.`); the final hidden state is divided by hidden_size / dim_model_base."""
+
+    base_model_prefix = "model"
+
+    def __init__(self, config: MiniCPMVConfig):
+        super().__init__(config)
+        self.model = MiniCPMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, labels=None, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        outputs = self.model(**kwargs)
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :] / (self.config.hidden_size / self.config.dim_model_base))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits.float(), past_key_values=outputs.past_key_values)
+
+
+# ---------------------------------------------------------------- vision tower (vpm.)
+
+
+def build_vision_tower(config: MiniCPMVConfig) -> nn.Module:
+    """timm SigLIP-so400m at any image size, without its attention-pool head (and last block)."""
+    tower = timm.create_model(
+        config.vision_encoder,
+        pretrained=False,
+        num_classes=0,
+        dynamic_img_size=True,
+        dynamic_img_pad=True,
+        **(config.vision_config or {}),
+    )
+    if getattr(tower, "attn_pool", None) is not None:
+        tower.attn_pool = nn.Identity()
+    if config.drop_vision_last_layer:
+        tower.blocks = tower.blocks[:-1]
+    return tower
+
+
+# ---------------------------------------------------------------- the whole model
+
+
+GENERATION_DEFAULTS = {
+    True: {"top_p": 0.8, "top_k": 100, "temperature": 0.7, "do_sample": True, "repetition_penalty": 1.05},
+    False: {"num_beams": 3, "repetition_penalty": 1.2},
+}
+
+
+class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
+    """MiniCPM-V 2.0. Images enter as `pixel_values` (a list of same-size stacks, see
+    `processing_minicpmv.group_by_size`), `vision_order` and `image_bound` rows `(batch_row, start, end)`."""
+
+    base_model_prefix = ""
+    _input_embed_layer = "llm.model.embed_tokens"
+
+    def __init__(self, config: MiniCPMVConfig):
+        super().__init__(config)
+        self.llm = MiniCPMForCausalLM(config)
+        self.vpm = build_vision_tower(config)
+        self.resampler = Resampler(config.query_num, config.hidden_size, config.hidden_size // 128, self.vpm.embed_dim)
+        self.post_init()
+
+    # embeddings -------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.llm.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.llm.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.llm.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.llm.lm_head = value
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Callable = torch.utils.checkpoint.checkpoint, **kwargs):
+        super()._set_gradient_checkpointing(enable=enable, gradient_checkpointing_func=gradient_checkpointing_func, **kwargs)
+        self.vpm.set_grad_checkpointing(enable)  # timm keeps its own switch
+
+    def get_image_features(self, pixel_values: list[torch.Tensor], vision_order: torch.Tensor | None = None) -> torch.Tensor:
+        """(num_images, query_num, hidden): each same-size stack goes through the tower in one call."""
+        dtype = self.vpm.pos_embed.dtype
+        patch = self.vpm.patch_embed.patch_size[0]
+        outputs = []
+        for stack in pixel_values:
+            height, width = stack.shape[-2:]
+            features = self.vpm.forward_features(stack.to(dtype))[:, self.vpm.num_prefix_tokens :]
+            outputs.append(self.resampler(features, (math.ceil(height / patch), math.ceil(width / patch))))
+        features = torch.cat(outputs)
+        return features if vision_order is None else features[vision_order.to(features.device)]
+
+    def embed_inputs(self, input_ids, pixel_values=None, vision_order=None, image_bound=None) -> torch.Tensor:
+        """Token embeddings times scale_emb, with the resampler outputs written over the image slots."""
+        embeds = self.get_input_embeddings()(input_ids) * self.config.scale_emb
+        if pixel_values is None or len(pixel_values) == 0:
+            if self.training and any(p.requires_grad for p in self.vpm.parameters()):
+                # Keep the vision tower in the graph on image-free batches so distributed gradient
+                # reduction sees every trained parameter (as the official trainer does).
+                dummy = torch.zeros(1, 3, 28, 28, device=embeds.device)
+                embeds = embeds + self.get_image_features([dummy]).sum().to(embeds.dtype) * 0
+            return embeds
+        if image_bound is None:
+            raise InvalidInputError("pixel_values were given without image_bound")
+        features = self.get_image_features(pixel_values, vision_order)
+        if len(image_bound) != len(features):
+            raise InvalidInputError(f"{len(features)} images were given but the prompt has {len(image_bound)} image placeholders")
+        bound = image_bound.to(embeds.device)
+        lengths = bound[:, 2] - bound[:, 1]
+        if bool((lengths != self.config.query_num).any()):
+            raise InvalidInputError(f"every image placeholder must hold {self.config.query_num} slots, found {lengths.tolist()}")
+        slots = bound[:, 1:2] + torch.arange(self.config.query_num, device=embeds.device)
+        rows = bound[:, :1].expand_as(slots)
+        return embeds.index_put((rows.reshape(-1), slots.reshape(-1)), features.reshape(-1, features.shape[-1]).to(embeds.dtype))
+
+    # forward / generation ---------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: list[torch.Tensor] | None = None,
+        vision_order: torch.LongTensor | None = None,
+        image_bound: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if inputs_embeds is None and input_ids is not None and (pixel_values is not None or self.training):
+            inputs_embeds, input_ids = self.embed_inputs(input_ids, pixel_values, vision_order, image_bound), None
+        return self.llm(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def prepare_inputs_for_generation(self, *args, pixel_values=None, vision_order=None, image_bound=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if inputs.get("inputs_embeds") is None and kwargs.get("past_key_values") is not None and kwargs["past_key_values"].get_seq_length() > 0:
+            return inputs  # images were consumed by the prefill step
+        inputs.update(pixel_values=pixel_values, vision_order=vision_order, image_bound=image_bound)
+        return inputs
+
+    @torch.inference_mode()
+    def chat(
+        self,
+        image,
+        msgs,
+        context=None,
+        tokenizer=None,
+        max_new_tokens: int = 1024,
+        sampling: bool = True,
+        max_inp_length: int = 2048,
+        **kwargs,
+    ):
+        """Answer the last user turn of `msgs` (list or JSON string) about `image` (PIL, path, base64 or None).
+
+        Returns `(answer, msgs + [assistant answer], generation_config)`; `msgs` is not modified.
+        """
+        if tokenizer is None:
+            raise ValueError("chat() needs the tokenizer: pass tokenizer=load_tokenizer(model_dir)")
+        processor = MiniCPMVProcessor.from_config(tokenizer, self.config)
+        image = None if image is None else load_image(image)
+        msgs = [dict(m) for m in _as_messages(msgs)]
+        input_ids = processor.encode_prompt(processor.chat_prompt(msgs, image), max_inp_length).unsqueeze(0).to(self.device)
+        pixel_values, vision_order, image_bound = None, None, None
+        if image is not None:
+            pixel_values, vision_order = group_by_size(processor.pixel_values(image))
+            pixel_values = [p.to(self.device) for p in pixel_values]
+            image_bound = image_bounds(input_ids, tokenizer.im_start_id, tokenizer.im_end_id)
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values, vision_order, image_bound)
+
+        generation_config = dict(GENERATION_DEFAULTS[bool(sampling)])
+        overrides = {k: kwargs[k] for k in generation_config.keys() & kwargs.keys()}
+        ignored = sorted(kwargs.keys() - generation_config.keys())
+        if ignored:
+            logger.warning(f"chat(): ignoring {ignored}; with sampling={sampling} only {sorted(generation_config)} can be overridden")
+        generation_config.update(overrides)
+        output = self.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=torch.ones(input_ids.shape, dtype=torch.long, device=self.device),
+            pad_token_id=0,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            max_new_tokens=max_new_tokens,
+            **generation_config,
+        )
+        answer = decode_answer(output[0], tokenizer)
+        return answer, msgs + [{"role": "assistant", "content": answer}], generation_config
+
+
+def _as_messages(msgs):
+    from .processing_minicpmv import validate_messages
+
+    return validate_messages(msgs)
+
+
+def decode_answer(ids: torch.Tensor, tokenizer) -> str:
+    """Drop pad/unk ids (0), one leading bos and one trailing eos; decode the rest as text."""
+    ids = ids[ids != 0]
+    if len(ids) and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    if len(ids) and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return tokenizer.decode(ids.tolist()).strip()

@@ -1,0 +1,189 @@
+"""Images and prompts for MiniCPM-V 2.0: pixels, image placeholders, chat prompts, image bounds.
+
+Placeholder text, prompt layout and pixel normalisation must equal the official release's so that
+prompt ids and image features are identical; tests/test_processing.py pins them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .slicing import slice_image, slice_sizes
+
+USER_MARKER = "<用户>"
+ASSISTANT_MARKER = "<AI>"
+ROLE_MARKERS = {"user": USER_MARKER, "assistant": ASSISTANT_MARKER}
+IMAGE_TAG = "<image>"
+
+
+class InvalidInputError(ValueError):
+    """Input (image, messages, prompt) that the model cannot take, with the reason in the message."""
+
+
+# ---------------------------------------------------------------- images
+
+
+def load_image(source, what: str = "image") -> Image.Image:
+    """Open a PIL image, a path, raw bytes or a base64 string as RGB, or raise naming `what` and why."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        if isinstance(source, (str, Path)) and Path(source).is_file():
+            data = Path(source).read_bytes()
+        elif isinstance(source, (bytes, bytearray)):
+            data = bytes(source)
+        elif isinstance(source, str):
+            try:
+                data = base64.b64decode(source, validate=True)
+            except (binascii.Error, ValueError) as err:
+                raise InvalidInputError(f"{what}: not an existing file and not valid base64 ({err})") from None
+        else:
+            raise InvalidInputError(f"{what}: expected a PIL image, a path, bytes or base64, got {type(source).__name__}")
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise InvalidInputError(f"{what}: cannot decode image data ({err})") from None
+    if image.width < 1 or image.height < 1:
+        raise InvalidInputError(f"{what}: empty image of size {image.size}")
+    return image.convert("RGB")
+
+
+def to_pixel_values(image: Image.Image) -> torch.Tensor:
+    """RGB image -> float tensor (3, H, W) in [-1, 1] (scaled to [0, 1], then mean = std = 0.5)."""
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return array.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+
+
+def group_by_size(pixel_values: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Stack equal-sized images so the vision tower sees each size once.
+
+    Returns `(groups, order)`: `groups[k]` is (n_k, 3, H_k, W_k) and `torch.cat` of the per-group
+    outputs indexed by `order` gives the images back in their original order.
+    """
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for index, pixels in enumerate(pixel_values):
+        by_size.setdefault(tuple(pixels.shape[-2:]), []).append(index)
+    groups, flat = [], []
+    for indices in by_size.values():
+        groups.append(torch.stack([pixel_values[i] for i in indices]))
+        flat.extend(indices)
+    order = torch.empty(len(flat), dtype=torch.long)
+    order[torch.tensor(flat, dtype=torch.long)] = torch.arange(len(flat))
+    return groups, order
+
+
+# ---------------------------------------------------------------- prompts
+
+
+class MiniCPMVProcessor:
+    """Turns images and conversations into the prompt text, token ids and pixels the model takes."""
+
+    def __init__(self, tokenizer, query_num: int = 64, max_slice_nums: int = 9, scale_resolution: int = 448, patch_size: int = 14):
+        self.tokenizer = tokenizer
+        self.query_num = query_num
+        self.max_slice_nums = max_slice_nums
+        self.scale_resolution = scale_resolution
+        self.patch_size = patch_size
+
+    @classmethod
+    def from_config(cls, tokenizer, config, max_slice_nums: int | None = None):
+        return cls(
+            tokenizer,
+            query_num=config.query_num,
+            max_slice_nums=config.max_slice_nums if max_slice_nums is None else max_slice_nums,
+            scale_resolution=config.scale_resolution,
+            patch_size=config.patch_size,
+        )
+
+    # one image -> placeholder text and vision inputs
+
+    def _one_image_placeholder(self) -> str:
+        tok = self.tokenizer
+        return tok.im_start + tok.unk_token * self.query_num + tok.im_end
+
+    def image_placeholder(self, size: tuple[int, int]) -> str:
+        """Placeholder text for an image of `size` (width, height): source, then the slice grid if any."""
+        _, _, grid = slice_sizes(size, self.max_slice_nums, self.scale_resolution, self.patch_size)
+        one = self._one_image_placeholder()
+        if grid is None:
+            return one
+        cols, rows = grid
+        return one + self.tokenizer.slice_start + "\n".join([one * cols] * rows) + self.tokenizer.slice_end
+
+    def vision_images(self, image: Image.Image) -> list[Image.Image]:
+        """The images the vision tower encodes for one picture: the source, then the cells row by row."""
+        source, patches, _ = slice_image(image, self.max_slice_nums, self.scale_resolution, self.patch_size)
+        return [source] + [cell for row in patches for cell in row]
+
+    def pixel_values(self, image: Image.Image) -> list[torch.Tensor]:
+        return [to_pixel_values(im) for im in self.vision_images(image)]
+
+    # conversations
+
+    def chat_prompt(self, msgs, image: Image.Image | None) -> str:
+        """Inference prompt: turns rendered `<用户>`/`<AI>` + content, the image before the first user text."""
+        msgs = validate_messages(msgs)
+        parts = []
+        for index, msg in enumerate(msgs):
+            content = msg["content"]
+            if index == 0 and image is not None:
+                content = self.image_placeholder(image.size) + "\n" + content
+            parts.append(ROLE_MARKERS[msg["role"]] + content)
+        return "".join(parts) + ASSISTANT_MARKER
+
+    def encode_prompt(self, prompt: str, max_inp_length: int | None = None) -> torch.Tensor:
+        """Token ids (with bos) of an inference prompt; refuses to cut a prompt that is too long."""
+        ids = self.tokenizer.encode(prompt)
+        if max_inp_length is not None and len(ids) > max_inp_length:
+            raise InvalidInputError(
+                f"prompt is {len(ids)} tokens, longer than max_inp_length={max_inp_length} "
+                "(image placeholders included); shorten the conversation, lower max_slice_nums, or raise max_inp_length"
+            )
+        return torch.tensor(ids, dtype=torch.long)
+
+
+def validate_messages(msgs) -> list[dict]:
+    """Parse (JSON string) and check a conversation: a non-empty list of {role, content}, starting with user."""
+    if isinstance(msgs, str):
+        try:
+            msgs = json.loads(msgs)
+        except json.JSONDecodeError as err:
+            raise InvalidInputError(f"msgs: not valid JSON ({err})") from None
+    if not isinstance(msgs, list) or not msgs:
+        raise InvalidInputError(f"msgs: expected a non-empty list of {{role, content}} dicts, got {type(msgs).__name__}")
+    for index, msg in enumerate(msgs):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise InvalidInputError(f"msgs[{index}]: expected a dict with 'role' and 'content', got {msg!r:.80}")
+        if msg["role"] not in ROLE_MARKERS:
+            raise InvalidInputError(f"msgs[{index}]: unknown role {msg['role']!r}; use 'user' or 'assistant'")
+        if not isinstance(msg["content"], str) or not msg["content"].strip():
+            raise InvalidInputError(f"msgs[{index}]: content must be a non-empty string")
+    if msgs[0]["role"] != "user":
+        raise InvalidInputError(f"msgs[0]: the first message must come from 'user', not {msgs[0]['role']!r}")
+    return msgs
+
+
+def image_bounds(input_ids: torch.Tensor, im_start_id: int, im_end_id: int) -> torch.Tensor:
+    """Rows `(batch_row, start, end)`: the slots between each `<image>` and its `</image>`, in order."""
+    ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
+    rows = []
+    for row, seq in enumerate(ids):
+        starts = torch.nonzero(seq == im_start_id).flatten() + 1
+        ends = torch.nonzero(seq == im_end_id).flatten()
+        if len(starts) != len(ends) or bool((ends < starts).any()):
+            raise InvalidInputError(
+                f"row {row}: {len(starts)} <image> and {len(ends)} </image> tokens do not pair up "
+                "(was the prompt cut inside an image placeholder?)"
+            )
+        rows.extend((row, int(s), int(e)) for s, e in zip(starts, ends))
+    return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv in the repo root and install the package with everything it needs.
+# torch and torchvision come first and as a pair: PyPI's torchvision does not import beside
+# the local CPU-only torch wheel, while the registry's torch 2.13.0 build (CUDA, also runs on
+# CPU) and torchvision 0.28.0 work together; axolotl 0.19.0 allows torch <= 2.13.0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import axolotl_minicpmv, axolotl, timm" 2>/dev/null; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q "torch===2.13.0" "torchvision==0.28.0"
+  .venv/bin/python -m pip install -q -e ".[test]"
+fi

@@ -8,6 +8,7 @@ scalings; RoPE applied in float32) so logits and answers are identical; see test
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import timm
@@ -24,7 +25,15 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, eag
 from transformers.utils import logging
 
 from .configuration_minicpmv import MiniCPMVConfig
-from .processing_minicpmv import InvalidInputError, MiniCPMVProcessor, group_by_size, image_bounds, load_image
+from .loading import check_checkpoint_dir, raise_on_incomplete_load
+from .processing_minicpmv import (
+    InvalidInputError,
+    MiniCPMVProcessor,
+    group_by_size,
+    image_bounds,
+    load_image,
+    validate_messages,
+)
 from .resampler import Resampler, sincos_2d
 
 logger = logging.get_logger(__name__)
@@ -287,6 +296,15 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         self.resampler = Resampler(config.query_num, config.hidden_size, config.hidden_size // 128, self.vpm.embed_dim)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load an official-layout checkpoint (safetensors or .bin), refusing missing or mis-shaped tensors."""
+        check_checkpoint_dir(pretrained_model_name_or_path)
+        return_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        raise_on_incomplete_load(pretrained_model_name_or_path, info)
+        return (model, info) if return_info else model
+
     # embeddings -------------------------------------------------------
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -371,11 +389,14 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
-    def prepare_inputs_for_generation(self, *args, pixel_values=None, vision_order=None, image_bound=None, **kwargs):
-        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        if inputs.get("inputs_embeds") is None and kwargs.get("past_key_values") is not None and kwargs["past_key_values"].get_seq_length() > 0:
-            return inputs  # images were consumed by the prefill step
-        inputs.update(pixel_values=pixel_values, vision_order=vision_order, image_bound=image_bound)
+    def prepare_inputs_for_generation(
+        self, input_ids, inputs_embeds=None, pixel_values=None, vision_order=None, image_bound=None, is_first_iteration=False, **kwargs
+    ):
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
+        if is_first_iteration:  # images are consumed by the prefill step only
+            inputs.update(pixel_values=pixel_values, vision_order=vision_order, image_bound=image_bound)
         return inputs
 
     @torch.inference_mode()
@@ -398,7 +419,7 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
             raise ValueError("chat() needs the tokenizer: pass tokenizer=load_tokenizer(model_dir)")
         processor = MiniCPMVProcessor.from_config(tokenizer, self.config)
         image = None if image is None else load_image(image)
-        msgs = [dict(m) for m in _as_messages(msgs)]
+        msgs = [dict(m) for m in validate_messages(msgs)]
         input_ids = processor.encode_prompt(processor.chat_prompt(msgs, image), max_inp_length).unsqueeze(0).to(self.device)
         pixel_values, vision_order, image_bound = None, None, None
         if image is not None:
@@ -413,23 +434,20 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         if ignored:
             logger.warning(f"chat(): ignoring {ignored}; with sampling={sampling} only {sorted(generation_config)} can be overridden")
         generation_config.update(overrides)
-        output = self.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=torch.ones(input_ids.shape, dtype=torch.long, device=self.device),
-            pad_token_id=0,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            max_new_tokens=max_new_tokens,
-            **generation_config,
-        )
+        with warnings.catch_warnings():
+            # Like the official chat, the repetition penalty sees only generated tokens; that is intended.
+            warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
+            output = self.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=torch.ones(input_ids.shape, dtype=torch.long, device=self.device),
+                pad_token_id=0,
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                max_new_tokens=max_new_tokens,
+                **generation_config,
+            )
         answer = decode_answer(output[0], tokenizer)
         return answer, msgs + [{"role": "assistant", "content": answer}], generation_config
-
-
-def _as_messages(msgs):
-    from .processing_minicpmv import validate_messages
-
-    return validate_messages(msgs)
 
 
 def decode_answer(ids: torch.Tensor, tokenizer) -> str:

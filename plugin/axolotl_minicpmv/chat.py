@@ -1,0 +1,59 @@
+"""The seed's chat helper: base64 image + JSON-encoded `msgs` in, answer string out.
+
+`MiniCPMVChat(model_path, adapter=...)` loads a base model (plus an exported adapter) on the best
+device available; `chat({"image": img2base64(path), "question": json.dumps(msgs)})` answers.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import torch
+
+from .loading import load_model
+from .processing_minicpmv import InvalidInputError, load_image
+from .tokenization import load_tokenizer
+
+DEFAULT_DTYPES = {"cuda": torch.bfloat16, "mps": torch.float16, "cpu": torch.float32}
+
+
+def img2base64(path: str | Path) -> str:
+    """Base64 text of an image file, as `MiniCPMVChat.chat` takes it."""
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def pick_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+class MiniCPMVChat:
+    """Chat with a MiniCPM-V 2.0 checkpoint (hub id or directory), optionally with an exported adapter."""
+
+    def __init__(self, model_path: str, adapter: str | None = None, device: str | None = None, dtype: torch.dtype | str | None = None):
+        self.device = device or pick_device()
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        self.dtype = dtype or DEFAULT_DTYPES[torch.device(self.device).type]
+        self.model = load_model(model_path, adapter=adapter, dtype=self.dtype).to(self.device).eval()
+        self.tokenizer = load_tokenizer(model_path)
+
+    def chat(self, input: dict, sampling: bool = True, **generate_kwargs) -> str:
+        """`input = {"image": base64 or None, "question": JSON list of {role, content}}` -> answer.
+
+        Sampling defaults follow the seed (temperature 0.7); pass `sampling=False` for beam search.
+        """
+        if not isinstance(input, dict) or "question" not in input:
+            raise InvalidInputError("input must be a dict with a 'question' key (JSON list of {role, content}) and an optional 'image' key")
+        image = input.get("image")
+        image = None if image is None else load_image(image, what="input['image']")
+        if sampling:
+            generate_kwargs.setdefault("temperature", 0.7)
+        answer, _, _ = self.model.chat(
+            image=image, msgs=input["question"], context=None, tokenizer=self.tokenizer, sampling=sampling, **generate_kwargs
+        )
+        return answer

@@ -1,0 +1,492 @@
+"""MiniCPM-V 2.0 tokenizer without remote code, for transformers 5.x.
+
+Must give the same ids and decoded text as transformers 4.40's slow ``LlamaTokenizer`` (legacy=True,
+add_bos_token=True, the 12 ``<image>``... pieces as additional special tokens) on the official files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import sentencepiece as spm
+from tokenizers import Tokenizer
+from transformers.tokenization_utils_base import AddedToken
+from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+SPIECE_UNDERLINE = "▁"
+VOCAB_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.json"
+UNK, BOS, EOS = "<unk>", "<s>", "</s>"
+# ids 101..112 of the official vocabulary, in this order
+SPECIAL_PIECES = (
+    "<image>", "</image>", "<ref>", "</ref>", "<box>", "</box>",
+    "<quad>", "</quad>", "<point>", "</point>", "<slice>", "</slice>",
+)  # fmt: skip
+FIRST_SPECIAL_ID = 101
+# chat role markers: single pieces, but ordinary text for the tokenizer
+ROLE_PIECES = ("<用户>", "<AI>")
+# class names that official tokenizer_config.json files name (remote code we never run)
+OFFICIAL_CLASS_NAMES = ("LlamaTokenizerWrapper", "MiniCPMVTokenizer")
+
+
+# --------------------------------------------------------------------------- tiny test tokenizer
+
+_TINY_CORPUS = """\
+Describe the image in detail.
+What is in the image?
+What is in this photo?
+Describe this photo, please.
+The photo shows a red car parked in front of a small house.
+A cat is sitting on a wooden table next to a cup of coffee.
+What colour is the dog in the picture?
+The dog is brown and white, and it is running on the grass.
+Please describe the colours of the sky in this image.
+The sky is blue with a few white clouds.
+How many people are there in the photo?
+There are three people standing near the river.
+Can you read the text on the sign?
+The sign says "Welcome to the city park".
+What is the man holding in his hand?
+He is holding a black umbrella because it is raining.
+Is there a boat on the water?
+Yes, there is a small boat with a yellow sail.
+Where was this picture taken?
+It looks like a street market in the morning.
+Answer the question using a single word or phrase.
+The answer is yes.
+The answer is no.
+What time of day is it in the image?
+It is night, and the lights of the buildings are on.
+Describe the colour and the shape of the object.
+The object is a round green bottle on a shelf.
+Find the bounding box of the bird in the image.
+The bird is in the top left corner of the photo.
+Count the apples on the plate: one, two, three, four, five.
+There are 12 apples and 3 oranges in the basket.
+The image is 448 pixels wide and 336 pixels high.
+This is a photo of a mountain covered with snow.
+Children are playing football in the park after school.
+A woman is reading a book in the library.
+The train arrives at the station at 10:30 in the morning.
+Thank you! Is there anything else you would like to know?
+I think the picture was taken in summer.
+The colours in this photo are bright and warm.
+What does the chart in the image show?
+The chart shows the sales of each year from 2019 to 2023.
+这是一张照片。
+请描述这张图片。
+图片里有什么？
+图中有一只猫坐在桌子上。
+这张照片是在公园里拍的。
+天空是蓝色的，有几朵白云。
+照片中有三个人站在河边。
+请用一个词回答这个问题。
+图片中的狗是什么颜色的？
+狗是棕色和白色的。
+这是一辆红色的汽车。
+桌子上有一杯咖啡和一本书。
+我们今天去看图片展览。
+这张图片的左上角有一只鸟。
+请详细描述图片的内容。
+图片显示了一座被雪覆盖的山。
+孩子们在学校旁边的公园里踢足球。
+<用户>请描述这张图片。<AI>图中有一只猫坐在桌子上。
+<用户>What is in the image?<AI>A cat is sitting on a wooden table.
+<用户>Describe the photo.<AI>The photo shows a red car.
+"""
+
+
+def _placeholder_pieces() -> list[str]:
+    # ids 3..100: reserved in the official layout; control pieces so text never maps onto them
+    return [f"<reserved_{i}>" for i in range(3, FIRST_SPECIAL_ID)]
+
+
+def write_tiny_tokenizer(out_dir: str | os.PathLike, seed: int = 0, vocab_size: int = 800) -> Path:
+    """Train a tiny Llama-style BPE ``tokenizer.model`` in the official MiniCPM-V layout, plus configs.
+
+    Deterministic for a given sentencepiece version (single thread, fixed seed, embedded corpus).
+    Returns ``out_dir``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_TINY_CORPUS.splitlines()),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        # Llama settings: no normalisation, dummy prefix, keep whitespace runs, bytes for the rest
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        # control pieces take the ids after eos, user-defined ones follow: 3..100, then 101..114
+        control_symbols=_placeholder_pieces(),
+        user_defined_symbols=list(SPECIAL_PIECES) + list(ROLE_PIECES),
+        num_threads=1,
+        minloglevel=2,
+    )
+    (out / VOCAB_FILE).write_bytes(model.getvalue())
+    _write_json(out / "tokenizer_config.json", official_tokenizer_config())
+    _write_json(out / "special_tokens_map.json", official_special_tokens_map())
+    return out
+
+
+def _added_token_entry(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": True}  # fmt: skip
+
+
+def official_tokenizer_config() -> dict:
+    """``tokenizer_config.json`` as the official release writes it (remote-code class included)."""
+    decoder = {str(i): _added_token_entry(t) for i, t in enumerate((UNK, BOS, EOS))}
+    decoder.update({str(FIRST_SPECIAL_ID + i): _added_token_entry(t) for i, t in enumerate(SPECIAL_PIECES)})
+    return {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": decoder,
+        "additional_special_tokens": list(SPECIAL_PIECES),
+        "auto_map": {"AutoTokenizer": ["modeling_minicpmv.LlamaTokenizerWrapper", None]},
+        "bos_token": BOS,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": EOS,
+        "legacy": True,
+        "model_max_length": 1000000000000000019884624838656,
+        "pad_token": UNK,
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+        "spaces_between_special_tokens": False,
+        "tokenizer_class": "LlamaTokenizerWrapper",
+        "truncation_side": "right",
+        "unk_token": UNK,
+        "use_default_system_prompt": False,
+    }
+
+
+def official_special_tokens_map() -> dict:
+    """``special_tokens_map.json`` as the official release writes it."""
+
+    def entry(content: str) -> dict:
+        return {k: v for k, v in _added_token_entry(content).items() if k != "special"}
+
+    return {
+        "additional_special_tokens": list(SPECIAL_PIECES),
+        "bos_token": entry(BOS),
+        "eos_token": entry(EOS),
+        "pad_token": UNK,
+        "unk_token": entry(UNK),
+    }
+
+
+def vocab_fingerprint(vocab_file: str | os.PathLike) -> str:
+    """sha256 over (piece, score, type) of every id: pins a model independently of proto metadata."""
+    sp = spm.SentencePieceProcessor(model_file=str(vocab_file))
+    h = hashlib.sha256()
+    for i in range(sp.get_piece_size()):
+        kind = "c" if sp.is_control(i) else "u" if sp.is_unknown(i) else "b" if sp.is_byte(i) else "n"
+        h.update(f"{i}\t{sp.id_to_piece(i)}\t{sp.get_score(i):.6f}\t{kind}\n".encode())
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- shared attributes
+
+
+class _MiniCPMVTokenMixin:
+    """Names and ids the MiniCPM-V processor, model and chat code read off the tokenizer."""
+
+    im_start = "<image>"
+    im_end = "</image>"
+    slice_start = "<slice>"
+    slice_end = "</slice>"
+    ref_start, ref_end = "<ref>", "</ref>"
+    box_start, box_end = "<box>", "</box>"
+    quad_start, quad_end = "<quad>", "</quad>"
+    point_start, point_end = "<point>", "</point>"
+
+    @property
+    def im_start_id(self) -> int:
+        return self.convert_tokens_to_ids(self.im_start)
+
+    @property
+    def im_end_id(self) -> int:
+        return self.convert_tokens_to_ids(self.im_end)
+
+    @property
+    def slice_start_id(self) -> int:
+        return self.convert_tokens_to_ids(self.slice_start)
+
+    @property
+    def slice_end_id(self) -> int:
+        return self.convert_tokens_to_ids(self.slice_end)
+
+    @property
+    def unk_id(self) -> int:
+        return self.unk_token_id
+
+    @property
+    def bos_id(self) -> int:
+        return self.bos_token_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.eos_token_id
+
+
+def _check_legacy(legacy) -> None:
+    # the official checkpoint was trained with the legacy (dummy prefix on every text chunk) behaviour
+    if legacy is not None and not legacy:
+        raise ValueError("MiniCPM-V 2.0 tokenizes with legacy=True; legacy=False would change the ids")
+
+
+# kwargs that official/Axolotl call sites pass but that must not end up in a saved config
+_DROPPED_INIT_KWARGS = ("auto_map", "tokenizer_class", "use_fast", "trust_remote_code", "tokenizer_file")
+
+
+# --------------------------------------------------------------------------- sentencepiece route
+
+
+class MiniCPMVTokenizer(_MiniCPMVTokenMixin, SentencePieceBackend):
+    """Slow Llama tokenizer over ``tokenizer.model`` reproducing transformers 4.40 legacy behaviour.
+
+    Encoding: split the text on added/special tokens, sentencepiece-encode every other chunk on its own
+    (so each chunk gets the dummy ``▁`` prefix), prepend bos. Decoding follows 4.40's
+    ``LlamaTokenizer.convert_tokens_to_string`` quirks (space before a special token, first ``▁`` dropped).
+    """
+
+    vocab_files_names = {"vocab_file": VOCAB_FILE}
+    model_input_names = ["input_ids", "attention_mask"]
+    padding_side = "right"
+
+    def __init__(
+        self,
+        vocab_file: str | None = None,
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=UNK,
+        add_bos_token: bool = True,
+        add_eos_token: bool = False,
+        legacy: bool | None = True,
+        clean_up_tokenization_spaces: bool = False,
+        spaces_between_special_tokens: bool = False,
+        extra_special_tokens=None,
+        **kwargs,
+    ):
+        if vocab_file is None or not os.path.isfile(vocab_file):
+            raise FileNotFoundError(f"MiniCPMVTokenizer needs a sentencepiece {VOCAB_FILE}, got {vocab_file!r}")
+        _check_legacy(legacy)
+        for key in _DROPPED_INIT_KWARGS:
+            kwargs.pop(key, None)
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        if extra_special_tokens is None:
+            extra_special_tokens = list(SPECIAL_PIECES)
+        special = {
+            name: AddedToken(tok, normalized=False, special=True) if isinstance(tok, str) else tok
+            for name, tok in (("unk_token", unk_token), ("bos_token", bos_token),
+                              ("eos_token", eos_token), ("pad_token", pad_token))
+        }  # fmt: skip
+        super().__init__(
+            vocab_file=vocab_file,
+            legacy=True,
+            add_bos_token=add_bos_token,
+            add_eos_token=add_eos_token,
+            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            spaces_between_special_tokens=spaces_between_special_tokens,
+            extra_special_tokens=extra_special_tokens,
+            **special,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # a directory with only tokenizer.json (no sentencepiece model) goes to the tokenizers route
+        path = Path(pretrained_model_name_or_path)
+        if cls is MiniCPMVTokenizer and path.is_dir() and not (path / VOCAB_FILE).is_file():
+            if (path / TOKENIZER_FILE).is_file():
+                return MiniCPMVTokenizerFast.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            raise _missing_files_error(path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    # -- encoding
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        # legacy: the chunk is encoded as is; sentencepiece adds the dummy prefix to every chunk
+        return self.sp_model.encode(text, out_type=str)
+
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        bos = [self.bos_token_id] if self.add_bos_token else []
+        eos = [self.eos_token_id] if self.add_eos_token else []
+        out = bos + token_ids_0 + eos
+        if token_ids_1 is not None:
+            out = out + bos + token_ids_1 + eos
+        return out
+
+    def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False):
+        if already_has_special_tokens:
+            return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
+        bos = [1] if self.add_bos_token else []
+        eos = [1] if self.add_eos_token else []
+        mask = bos + [0] * len(token_ids_0) + eos
+        if token_ids_1 is not None:
+            mask += bos + [0] * len(token_ids_1) + eos
+        return mask
+
+    def create_token_type_ids_from_sequences(self, token_ids_0, token_ids_1=None):
+        return [0] * len(self.build_inputs_with_special_tokens(token_ids_0, token_ids_1))
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return len(self.build_inputs_with_special_tokens([], [] if pair else None))
+
+    # -- decoding (4.40 semantics)
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        if not tokens:
+            return ""
+        tokens = list(tokens)
+        # the dummy prefix of the first piece is not part of the text
+        if tokens[0].startswith(SPIECE_UNDERLINE):
+            tokens[0] = tokens[0][1:]
+        specials = set(self.all_special_tokens)
+        out, pending, prev_special = "", [], False
+        for i, token in enumerate(tokens):
+            if token in specials:
+                # legacy quirk: a space before a special token that follows text
+                if not prev_special and i != 0:
+                    out += " "
+                out += self.sp_model.decode(pending) + token
+                pending, prev_special = [], True
+            else:
+                if prev_special and i == 1 and not token.startswith(SPIECE_UNDERLINE):
+                    out += " "
+                pending.append(token)
+                prev_special = False
+        return out + self.sp_model.decode(pending)
+
+    def _decode(
+        self,
+        token_ids,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        spaces_between_special_tokens: bool = True,
+        **kwargs,
+    ) -> str:
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        tokens = self.convert_ids_to_tokens(token_ids, skip_special_tokens=skip_special_tokens)
+        specials = set(self.all_special_tokens)
+        # tokens added after the fact (not in the sentencepiece model) are joined verbatim, as 4.40 did
+        verbatim = (set(self._added_tokens_encoder) - specials) | {
+            t for t in self.extra_special_tokens if self.convert_tokens_to_ids(str(t)) >= self.vocab_size
+        }
+        parts, current = [], []
+        for token in tokens:
+            if token in verbatim:
+                if current:
+                    text = self.convert_tokens_to_string(current)
+                    if text:
+                        parts.append(text)
+                    current = []
+                parts.append(token)
+            else:
+                current.append(token)
+        if current:
+            parts.append(self.convert_tokens_to_string(current))
+        text = (" " if spaces_between_special_tokens else "").join(parts)
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        return self.clean_up_tokenization(text) if clean_up_tokenization_spaces else text
+
+
+# --------------------------------------------------------------------------- tokenizer.json route
+
+
+class MiniCPMVTokenizerFast(_MiniCPMVTokenMixin, TokenizersBackend):
+    """``tokenizer.json`` as shipped (later official revisions), used only when there is no tokenizer.model."""
+
+    vocab_files_names = {"tokenizer_file": TOKENIZER_FILE}
+    model_input_names = ["input_ids", "attention_mask"]
+    padding_side = "right"
+
+    def __init__(self, *args, legacy: bool | None = True, **kwargs):
+        _check_legacy(legacy)
+        for key in ("auto_map", "tokenizer_class", "use_fast", "trust_remote_code", "vocab_file"):
+            kwargs.pop(key, None)
+        kwargs.setdefault("pad_token", UNK)
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def convert_to_native_format(cls, trust_remote_code=False, **kwargs):
+        # use tokenizer.json whole (normalizer, pre-tokenizer, decoder): transformers would otherwise rebuild
+        # a bare BPE from its vocab/merges because this class defines __init__
+        tokenizer_file = kwargs.pop("tokenizer_file", None)
+        if tokenizer_file is not None and os.path.isfile(tokenizer_file):
+            kwargs["tokenizer_object"] = Tokenizer.from_file(tokenizer_file)
+            return kwargs
+        return super().convert_to_native_format(trust_remote_code=trust_remote_code, **kwargs)
+
+
+# --------------------------------------------------------------------------- loading and registration
+
+
+def _missing_files_error(path: Path) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"No MiniCPM-V tokenizer files in {str(path)!r}: neither {VOCAB_FILE} nor {TOKENIZER_FILE} exists there"
+    )
+
+
+def load_tokenizer(path: str | os.PathLike, **kwargs):
+    """Tokenizer of a MiniCPM-V 2.0 directory; ignores the remote-code class named in its config.
+
+    Prefers ``tokenizer.model`` (the exact official behaviour); falls back to ``tokenizer.json``.
+    """
+    path = Path(path)
+    if (path / VOCAB_FILE).is_file():
+        return MiniCPMVTokenizer.from_pretrained(str(path), **kwargs)
+    if (path / TOKENIZER_FILE).is_file():
+        return MiniCPMVTokenizerFast.from_pretrained(str(path), **kwargs)
+    raise _missing_files_error(path)
+
+
+def register_tokenizer() -> None:
+    """Make ``AutoTokenizer.from_pretrained`` return our tokenizer for official MiniCPM-V 2.0 folders.
+
+    Official configs name a remote-code class (``LlamaTokenizerWrapper``/``MiniCPMVTokenizer``) with an
+    ``auto_map``; registering those names as local classes makes transformers prefer the local class, without
+    trust_remote_code. The config class is deliberately NOT put in TOKENIZER_MAPPING: that would turn the
+    local class into "not explicit" and, with trust_remote_code=True, transformers would run remote code.
+    Idempotent.
+    """
+    import transformers
+    from transformers.models.auto import tokenization_auto as auto
+
+    for name in OFFICIAL_CLASS_NAMES:
+        auto.REGISTERED_TOKENIZER_CLASSES[name] = MiniCPMVTokenizer
+    auto.REGISTERED_TOKENIZER_CLASSES[MiniCPMVTokenizerFast.__name__] = MiniCPMVTokenizerFast
+    # model_type -> class name: transformers 5.16.1 maps "minicpmv" to TokenizersBackend, which would
+    # win whenever tokenizer_config.json has no auto_map (e.g. after our own save_pretrained)
+    auto.TOKENIZER_MAPPING_NAMES["minicpmv"] = MiniCPMVTokenizer.__name__
+    # Axolotl's `tokenizer_type:` does getattr(transformers, name)
+    for cls in (MiniCPMVTokenizer, MiniCPMVTokenizerFast):
+        if getattr(transformers, cls.__name__, None) is not cls:
+            setattr(transformers, cls.__name__, cls)
+
+
+register_tokenizer()

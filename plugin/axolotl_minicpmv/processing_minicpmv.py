@@ -37,7 +37,7 @@ def load_image(source, what: str = "image") -> Image.Image:
     if isinstance(source, Image.Image):
         image = source
     else:
-        if isinstance(source, (str, Path)) and Path(source).is_file():
+        if isinstance(source, (str, Path)) and _is_file(source):
             data = Path(source).read_bytes()
         elif isinstance(source, (bytes, bytearray)):
             data = bytes(source)
@@ -56,6 +56,13 @@ def load_image(source, what: str = "image") -> Image.Image:
     if image.width < 1 or image.height < 1:
         raise InvalidInputError(f"{what}: empty image of size {image.size}")
     return image.convert("RGB")
+
+
+def _is_file(path) -> bool:
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):  # a long base64 string is no valid path
+        return False
 
 
 def to_pixel_values(image: Image.Image) -> torch.Tensor:

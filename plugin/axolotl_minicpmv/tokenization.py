@@ -17,6 +17,9 @@ from tokenizers import Tokenizer
 from transformers.tokenization_utils_base import AddedToken
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 SPIECE_UNDERLINE = "▁"
 VOCAB_FILE = "tokenizer.model"
@@ -255,8 +258,11 @@ def _check_legacy(legacy) -> None:
         raise ValueError("MiniCPM-V 2.0 tokenizes with legacy=True; legacy=False would change the ids")
 
 
-# kwargs that official/Axolotl call sites pass but that must not end up in a saved config
-_DROPPED_INIT_KWARGS = ("auto_map", "tokenizer_class", "use_fast", "trust_remote_code", "tokenizer_file")
+# kwargs that official configs / Axolotl / from_pretrained pass but that must not end up in a saved config
+# (auto_map would point a saved folder back at the remote code)
+_DROPPED_INIT_KWARGS = (
+    "auto_map", "tokenizer_class", "use_fast", "trust_remote_code", "is_local", "local_files_only",
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- sentencepiece route
@@ -292,7 +298,7 @@ class MiniCPMVTokenizer(_MiniCPMVTokenMixin, SentencePieceBackend):
         if vocab_file is None or not os.path.isfile(vocab_file):
             raise FileNotFoundError(f"MiniCPMVTokenizer needs a sentencepiece {VOCAB_FILE}, got {vocab_file!r}")
         _check_legacy(legacy)
-        for key in _DROPPED_INIT_KWARGS:
+        for key in _DROPPED_INIT_KWARGS + ("tokenizer_file",):
             kwargs.pop(key, None)
         self.add_bos_token = add_bos_token
         self.add_eos_token = add_eos_token
@@ -324,6 +330,15 @@ class MiniCPMVTokenizer(_MiniCPMVTokenMixin, SentencePieceBackend):
                 return MiniCPMVTokenizerFast.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
             raise _missing_files_error(path)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        # transformers 5 leaves these out (its fast tokenizers bake them into tokenizer.json); we need them
+        config_file = Path(save_directory) / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config.update(add_bos_token=self.add_bos_token, add_eos_token=self.add_eos_token)
+        _write_json(config_file, dict(sorted(config.items())))
+        return files
 
     # -- encoding
 
@@ -427,10 +442,15 @@ class MiniCPMVTokenizerFast(_MiniCPMVTokenMixin, TokenizersBackend):
 
     def __init__(self, *args, legacy: bool | None = True, **kwargs):
         _check_legacy(legacy)
-        for key in ("auto_map", "tokenizer_class", "use_fast", "trust_remote_code", "vocab_file"):
+        for key in _DROPPED_INIT_KWARGS + ("vocab_file",):
             kwargs.pop(key, None)
         kwargs.setdefault("pad_token", UNK)
         super().__init__(*args, **kwargs)
+        logger.warning(
+            "MiniCPM-V tokenizer built from %s alone: ids are those of that file, which can differ from the official "
+            "slow tokenizer (e.g. the role markers <用户>/<AI>); put the official %s next to it for exact ids.",
+            TOKENIZER_FILE, VOCAB_FILE,
+        )
 
     @classmethod
     def convert_to_native_format(cls, trust_remote_code=False, **kwargs):

@@ -1,0 +1,22 @@
+"""YAML keys of the MiniCPM-V plugin (Axolotl drops undeclared keys silently, so all are declared here)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, field_validator
+
+
+class MiniCPMVArgs(BaseModel):
+    """Plugin settings; the defaults reproduce the official LoRA recipe."""
+
+    minicpmv_tune_vision: bool = Field(default=True, description="Train the SigLIP vision tower (vpm) in full; saved inside the adapter.")
+    minicpmv_tune_resampler: bool = Field(default=True, description="Train the resampler in full; saved inside the adapter.")
+    minicpmv_tune_embed_tokens: bool = Field(default=True, description="Train llm.model.embed_tokens in full; saved inside the adapter.")
+    minicpmv_max_slice_nums: int = Field(default=9, description="Most slices per image (the model's own limit is 9).")
+    minicpmv_skip_bad_samples: bool = Field(default=False, description="Skip (and log) invalid samples instead of stopping.")
+
+    @field_validator("minicpmv_max_slice_nums")
+    @classmethod
+    def _slices_in_range(cls, value: int) -> int:
+        if not 1 <= value <= 9:
+            raise ValueError(f"minicpmv_max_slice_nums must be between 1 and 9, got {value}")
+        return value

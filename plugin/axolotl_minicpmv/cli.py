@@ -1,0 +1,101 @@
+"""Command line: `axolotl minicpmv-chat`, `axolotl minicpmv-export` (Axolotl CLI plugins) and
+`python -m axolotl_minicpmv {chat,export,tiny-checkpoint}`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+@click.command("minicpmv-chat")
+@click.option("--model", "model_path", required=True, help="Base model: hub id or directory in the official layout.")
+@click.option("--adapter", default=None, help="Adapter exported by minicpmv-export (adapter or official-lora layout).")
+@click.option("--image", default=None, help="Image file for the conversation (optional; text-only without it).")
+@click.option("--question", "questions", multiple=True, help="Ask these questions in turn and exit (non-interactive).")
+@click.option("--beam/--sample", "beam", default=False, help="Beam search (3 beams) instead of sampling.")
+@click.option("--max-new-tokens", default=1024, show_default=True)
+@click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
+@click.option("--dtype", default=None, help="bfloat16, float16 or float32 (default: by device).")
+def chat_command(model_path, adapter, image, questions, beam, max_new_tokens, device, dtype):
+    """Chat with MiniCPM-V 2.0 about an image, over several turns.
+
+    Type a question and press Enter. `/image PATH` switches to another image (and starts a new
+    conversation), `/reset` forgets the conversation, `/quit` (or Ctrl-D) leaves.
+    """
+    from .chat import MiniCPMVChat, img2base64
+
+    session = MiniCPMVChat(model_path, adapter=adapter, device=device, dtype=dtype)
+    state = {"image": img2base64(image) if image else None, "msgs": []}
+
+    def ask(question: str) -> None:
+        msgs = state["msgs"] + [{"role": "user", "content": question}]
+        try:
+            answer = session.chat({"image": state["image"], "question": json.dumps(msgs, ensure_ascii=False)}, sampling=not beam, max_new_tokens=max_new_tokens)
+        except (ValueError, OSError) as err:  # bad input: say why and keep the session
+            click.echo(f"error: {err}", err=True)
+            return
+        state["msgs"] = msgs + [{"role": "assistant", "content": answer}]
+        click.echo(f"assistant: {answer}")
+
+    for question in questions:
+        click.echo(f"user: {question}")
+        ask(question)
+    if questions:
+        return
+    click.echo("MiniCPM-V chat. /image PATH, /reset, /quit")
+    for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: click.prompt("user", default="", show_default=False), None):
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            state["msgs"] = []
+            continue
+        if line.startswith("/image "):
+            try:
+                state["image"], state["msgs"] = img2base64(line[len("/image ") :].strip()), []
+            except OSError as err:
+                click.echo(f"error: {err}", err=True)
+            continue
+        ask(line)
+
+
+@click.command("minicpmv-export")
+@click.argument("source")
+@click.option("--format", "fmt", type=click.Choice(["adapter", "official-lora", "merged"]), required=True)
+@click.option("--out", required=True, help="Directory to write (must not exist or be empty, unless --overwrite).")
+@click.option("--checkpoint", default=None, help="Export this checkpoint (e.g. checkpoint-20) instead of the final adapter.")
+@click.option("--base-model", default=None, help="Base model (defaults to base_model of the run's config).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+def export_command(source, fmt, out, checkpoint, base_model, overwrite):
+    """Export a finished Axolotl run (CONFIG.yml or its output_dir) as a PEFT adapter, the official
+    LoRA layout (+ vpm_resampler_embedtokens.pt), or a merged checkpoint in the official format."""
+    from .export import export
+
+    written = export(source, fmt, out, checkpoint=checkpoint, base_model=base_model, overwrite=overwrite)
+    click.echo(f"wrote {fmt} export to {written}:")
+    for path in sorted(written.iterdir()):
+        click.echo(f"  {path.name}  ({path.stat().st_size:,} bytes)")
+
+
+@click.command("tiny-checkpoint")
+@click.argument("out_dir")
+@click.option("--seed", default=0, show_default=True)
+def tiny_checkpoint_command(out_dir, seed):
+    """Write a tiny random MiniCPM-V 2.0 checkpoint in the official layout (for tests and offline demos)."""
+    from .tiny_checkpoint import make_tiny_checkpoint
+
+    click.echo(f"wrote {make_tiny_checkpoint(out_dir, seed=seed)}")
+
+
+@click.group()
+def main():
+    """MiniCPM-V 2.0 tools (the same commands exist as `axolotl minicpmv-chat` / `minicpmv-export`)."""
+
+
+main.add_command(chat_command, "chat")
+main.add_command(export_command, "export")
+main.add_command(tiny_checkpoint_command, "tiny-checkpoint")

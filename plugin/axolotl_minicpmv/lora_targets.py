@@ -1,0 +1,96 @@
+"""Which modules get LoRA: the seed's regex by default, a list, or a named preset.
+
+Resolution uses PEFT's own matching rules against the real module names, so what is logged is
+exactly what PEFT will wrap; a pattern that matches nothing is a configuration error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from peft.tuners.tuners_utils import check_target_module_exists
+from torch import nn
+
+LOG = logging.getLogger(__name__)
+
+# The official fine-tuning default (q|k|v of every decoder layer).
+DEFAULT_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
+
+PRESETS = {
+    "llm_attn": r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+    "llm_all_linear": r"llm\..*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))",
+}
+
+# Modules trained in full (names as PEFT's modules_to_save matches them) per plugin key.
+FULLY_TRAINED = {
+    "minicpmv_tune_vision": "vpm",
+    "minicpmv_tune_resampler": "resampler",
+    "minicpmv_tune_embed_tokens": "embed_tokens",
+}
+
+
+def expand_targets(targets: str | list[str] | None) -> str | list[str]:
+    """The YAML value -> what PEFT gets: None -> the seed's regex, a preset name -> its regex."""
+    if targets is None or targets == [] or targets == "":
+        return DEFAULT_TARGETS
+    if isinstance(targets, str):
+        return PRESETS.get(targets, targets)
+    if len(targets) == 1 and targets[0] in PRESETS:
+        return PRESETS[targets[0]]
+    return list(targets)
+
+
+class _TargetConfig:
+    """The two attributes PEFT's matcher reads."""
+
+    def __init__(self, target_modules):
+        self.target_modules = target_modules
+        self.layers_to_transform = None
+        self.layers_pattern = None
+
+
+def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """Names of the linear modules of `model` that PEFT will wrap for `targets`."""
+    config = _TargetConfig(targets)
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and check_target_module_exists(config, name)]
+
+
+def log_and_check_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    names = resolve_targets(model, targets)
+    if not names:
+        raise ValueError(
+            f"lora_target_modules={targets!r} matches no linear module of MiniCPM-V. A string is a full-match regex over "
+            f"module names such as 'llm.model.layers.0.self_attn.q_proj'; presets: {', '.join(PRESETS)}"
+        )
+    LOG.info("LoRA targets: %d modules (e.g. %s)", len(names), ", ".join(names[:3]))
+    return names
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable), counting each module once: PEFT's frozen originals of fully trained modules are skipped,
+    so the numbers compare with the official fine-tuning log."""
+    total = trainable = 0
+    seen = set()
+    for name, param in model.named_parameters():
+        if ".original_module." in name or id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return total, trainable
+
+
+def modules_to_save(cfg) -> list[str]:
+    return [module for key, module in FULLY_TRAINED.items() if _cfg_get(cfg, key, True)]
+
+
+def _cfg_get(cfg, key, default):
+    value = cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
+    return default if value is None else value
+
+
+def merge_modules_to_save(existing: Iterable[str] | None, wanted: Iterable[str]) -> list[str]:
+    merged = list(existing or [])
+    merged += [m for m in wanted if m not in merged]
+    return merged

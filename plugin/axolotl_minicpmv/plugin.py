@@ -1,0 +1,90 @@
+"""The Axolotl plugin: a thin switchboard from Axolotl's hooks to the MiniCPM-V modules.
+
+`plugins: [axolotl_minicpmv.MiniCPMVPlugin]` in a YAML makes `axolotl train` load the native model
+(no remote code), read the seed's `<image>` conversations, and train LoRA plus the fully trained
+vision tower / resampler / embeddings as the official recipe does.
+"""
+
+from __future__ import annotations
+
+import torch
+from axolotl.integrations.base import BasePlugin
+from axolotl.model_support.base import ModelSupport, Unsupported
+from axolotl.model_support.profile import ModelProfile
+from axolotl.model_support.registry import register_model_support
+from axolotl.model_support.templates import VANILLA_CAUSAL_LM
+from axolotl.utils.logging import get_logger
+
+from . import lora_targets
+
+LOG = get_logger(__name__)
+
+
+@register_model_support
+class MiniCPMVSupport(ModelSupport):
+    """Loaded through AutoModelForCausalLM (registered at import). Not declared multimodal: Axolotl's
+    multimodal path would load the checkpoint's remote-code processor; the plugin brings its own
+    prompt strategy and collator instead."""
+
+    model_types = ("minicpmv",)
+    profile = ModelProfile(
+        family=VANILLA_CAUSAL_LM,
+        capabilities={
+            "lora_kernels": Unsupported("MiniCPM-V scales each residual branch; the fused LoRA kernels assume Llama's layer."),
+            "cut_cross_entropy": Unsupported("CCE does not patch MiniCPM-V's logit scaling."),
+            "liger": Unsupported("Liger's model patches do not cover MiniCPM-V."),
+        },
+    )
+
+
+class MiniCPMVPlugin(BasePlugin):
+    def get_input_args(self) -> str:
+        return "axolotl_minicpmv.args.MiniCPMVArgs"
+
+    def register(self, cfg: dict):
+        """Fill in what the recipe needs before Axolotl validates the config (cfg is the raw YAML dict)."""
+        if cfg.get("sample_packing"):
+            raise ValueError("sample_packing: true is not supported with MiniCPM-V (image slots cannot be packed); set it to false")
+        if cfg.get("lora_target_linear"):
+            raise ValueError(
+                "lora_target_linear: true would put LoRA on the vision tower and resampler too; "
+                f"use lora_target_modules with a regex or a preset ({', '.join(lora_targets.PRESETS)})"
+            )
+        if cfg.get("adapter") in ("lora", "qlora"):
+            cfg["lora_target_modules"] = lora_targets.expand_targets(cfg.get("lora_target_modules"))
+            cfg["lora_modules_to_save"] = lora_targets.merge_modules_to_save(
+                cfg.get("lora_modules_to_save"), lora_targets.modules_to_save(cfg)
+            )
+        # The collator needs the image columns that the model's forward does not name.
+        cfg["remove_unused_columns"] = False
+        _pick_cpu_precision(cfg)
+
+    def load_datasets(self, cfg, preprocess: bool = False):
+        from .data import prepare_datasets
+
+        prepare_datasets(cfg)
+        return None  # Axolotl's own pipeline tokenizes, caches, filters and splits
+
+    def pre_lora_load(self, cfg, model):
+        lora_targets.log_and_check_targets(model, cfg.lora_target_modules)
+
+    def post_model_load(self, cfg, model):
+        total, trainable = lora_targets.count_parameters(model)
+        LOG.info("MiniCPM-V parameters: Total %s / Trainable %s (fully trained: %s)", f"{total:,}", f"{trainable:,}", cfg.lora_modules_to_save or "none")
+
+    def get_collator_cls_and_kwargs(self, cfg, is_eval: bool = False):
+        from .collator import MiniCPMVCollator
+
+        return MiniCPMVCollator, {"max_slice_nums": cfg.minicpmv_max_slice_nums or 9}
+
+
+def _pick_cpu_precision(cfg: dict) -> None:
+    """On CPU, unset bf16/fp16 would become fp16 in Axolotl and train on NaNs: choose fp32 and say so."""
+    if torch.cuda.is_available():
+        return
+    if cfg.get("fp16") is True:
+        raise ValueError("fp16: true does not train on CPU (NaN gradients); remove it or set fp16: false to train in float32")
+    if cfg.get("bf16") in (None, "auto") and cfg.get("fp16") is None:
+        LOG.warning("MiniCPM-V plugin: no CUDA device and bf16/fp16 unset; training in float32 (bf16: false, fp16: false)")
+        cfg["bf16"] = False
+        cfg["fp16"] = False

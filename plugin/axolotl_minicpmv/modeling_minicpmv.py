@@ -300,6 +300,7 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load an official-layout checkpoint (safetensors or .bin), refusing missing or mis-shaped tensors."""
         check_checkpoint_dir(pretrained_model_name_or_path)
+        _keep_vision_unquantized(kwargs.get("quantization_config"))
         return_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         raise_on_incomplete_load(pretrained_model_name_or_path, info)
@@ -448,6 +449,17 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
             )
         answer = decode_answer(output[0], tokenizer)
         return answer, msgs + [{"role": "assistant", "content": answer}], generation_config
+
+
+# The vision tower and resampler stay in 16-bit under bitsandbytes (they are small and trained in full),
+# and so does lm_head, as transformers does by default for causal LMs.
+UNQUANTIZED_MODULES = ["vpm", "resampler", "llm.lm_head"]
+
+
+def _keep_vision_unquantized(quantization_config) -> None:
+    if quantization_config is not None and hasattr(quantization_config, "llm_int8_skip_modules"):
+        skip = list(quantization_config.llm_int8_skip_modules or [])
+        quantization_config.llm_int8_skip_modules = skip + [m for m in UNQUANTIZED_MODULES if m not in skip]
 
 
 def decode_answer(ids: torch.Tensor, tokenizer) -> str:

@@ -242,15 +242,42 @@ class MiniCPMForCausalLM(MiniCPMPreTrainedModel):
         self.post_init()
 
     def forward(self, labels=None, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
-        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("ignore_index", None)
         outputs = self.model(**kwargs)
         hidden = outputs.last_hidden_state
+        loss = None if labels is None else self.causal_lm_loss(hidden, labels, num_items_in_batch)
+        if loss is not None and self.training:
+            # Training needs only the loss: full logits would be seq x 122,753 floats per sample.
+            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :] / (self.config.hidden_size / self.config.dim_model_base))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        logits = self.lm_head(hidden[:, keep, :] / self.logit_scale)
         return CausalLMOutputWithPast(loss=loss, logits=logits.float(), past_key_values=outputs.past_key_values)
+
+    @property
+    def logit_scale(self) -> float:
+        return self.config.hidden_size / self.config.dim_model_base
+
+    def causal_lm_loss(self, hidden, labels, num_items_in_batch=None, chunk_size: int = 1024):
+        """Next-token cross-entropy over supervised positions only, in chunks whose logits are recomputed in
+        backward: the same value as cross-entropy on full float32 logits, at a fraction of the memory."""
+        targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).to(hidden.device)
+        supervised = targets != -100
+        rows = hidden.reshape(-1, hidden.shape[-1])[supervised]
+        targets = targets[supervised]
+        total = hidden.sum() * 0.0  # keeps the graph connected when nothing is supervised
+        for start in range(0, len(targets), chunk_size):
+            total = total + torch.utils.checkpoint.checkpoint(
+                self._chunk_cross_entropy, rows[start : start + chunk_size], targets[start : start + chunk_size], use_reentrant=False
+            )
+        count = num_items_in_batch if num_items_in_batch is not None else supervised.sum().clamp(min=1)
+        if torch.is_tensor(count):
+            count = count.to(total.device)
+        return total / count
+
+    def _chunk_cross_entropy(self, rows, targets):
+        logits = self.lm_head(rows / self.logit_scale).float()
+        return nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
 # ---------------------------------------------------------------- vision tower (vpm.)

@@ -84,11 +84,12 @@ def export_command(source, fmt, out, checkpoint, base_model, overwrite):
 @click.command("tiny-checkpoint")
 @click.argument("out_dir")
 @click.option("--seed", default=0, show_default=True)
-def tiny_checkpoint_command(out_dir, seed):
+@click.option("--full-size", is_flag=True, help="Official sizes (2.8B parameters) with random weights, for benchmarks.")
+def tiny_checkpoint_command(out_dir, seed, full_size):
     """Write a tiny random MiniCPM-V 2.0 checkpoint in the official layout (for tests and offline demos)."""
     from .tiny_checkpoint import make_tiny_checkpoint
 
-    click.echo(f"wrote {make_tiny_checkpoint(out_dir, seed=seed)}")
+    click.echo(f"wrote {make_tiny_checkpoint(out_dir, seed=seed, full_size=full_size)}")
 
 
 @click.group()

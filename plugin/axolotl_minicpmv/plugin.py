@@ -72,6 +72,12 @@ class MiniCPMVPlugin(BasePlugin):
         total, trainable = lora_targets.count_parameters(model)
         LOG.info("MiniCPM-V parameters: Total %s / Trainable %s (fully trained: %s)", f"{total:,}", f"{trainable:,}", cfg.lora_modules_to_save or "none")
 
+    def add_callbacks_post_trainer(self, cfg, trainer):
+        from .callbacks import ThroughputCallback
+
+        args = trainer.args
+        return [ThroughputCallback(args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)]
+
     def get_collator_cls_and_kwargs(self, cfg, is_eval: bool = False):
         from .collator import MiniCPMVCollator
 

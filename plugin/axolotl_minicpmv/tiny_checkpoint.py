@@ -94,21 +94,27 @@ TINY_SIZES = {
 }
 
 
-def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write a seeded random checkpoint + tokenizer to `out_dir` and return the path."""
+def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16, full_size: bool = False) -> Path:
+    """Write a seeded random checkpoint + tiny tokenizer to `out_dir` and return the path.
+
+    `full_size=True` keeps the official sizes (2.8B parameters, vocab 122,753; built on the GPU when
+    there is one): benchmarks use it, since speed does not depend on the weights' values.
+    """
     from .modeling_minicpmv import MiniCPMV
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_tiny_tokenizer(out, seed=seed)
-    vocab_size = _sentencepiece_vocab_size(out / "tokenizer.model")
-    config_dict = {**OFFICIAL_CONFIG, **TINY_SIZES, "vocab_size": vocab_size, "_name_or_path": str(out)}
+    sizes = {} if full_size else {**TINY_SIZES, "vocab_size": _sentencepiece_vocab_size(out / "tokenizer.model")}
+    config_dict = {**OFFICIAL_CONFIG, **sizes, "_name_or_path": str(out)}
 
     torch.manual_seed(seed)
-    model = MiniCPMV(MiniCPMVConfig(**_model_kwargs(config_dict))).to(dtype)
+    device = "cuda" if full_size and torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = MiniCPMV(MiniCPMVConfig(**_model_kwargs(config_dict))).to(dtype)
     # Two shards, as the official release has; the shard size is picked from the model size.
     total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    model.save_pretrained(out, max_shard_size=int(total * 0.6), safe_serialization=True)
+    model.save_pretrained(out, max_shard_size=int(total * 0.6))
     (out / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=4) + "\n")

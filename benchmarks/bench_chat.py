@@ -1,0 +1,123 @@
+"""Chat speed of MiniCPM-V 2.0 at the real size (random bf16 weights) on one GPU, through the public API.
+
+Reports (median of --runs after warm-up): time to first token for a 448x448 and a 1344x896 image with
+a one-sentence question, single-stream decode tokens/s over 256 forced tokens, total tokens/s for a
+batch of 8 such requests, and peak GPU memory. Speed does not depend on the weights' values when the
+token counts are fixed; the 256 new tokens are forced with min_new_tokens.
+
+    python benchmarks/bench_chat.py [--fast] [--out benchmarks/results.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
+
+from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig, load_tokenizer  # noqa: E402
+from axolotl_minicpmv.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds  # noqa: E402
+from axolotl_minicpmv.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
+from axolotl_minicpmv.tokenization import write_tiny_tokenizer  # noqa: E402
+
+QUESTION = "What is shown in this picture?"
+
+
+def timed(fn, runs: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def picture(width: int, height: int) -> Image.Image:
+    generator = torch.Generator().manual_seed(width * height)
+    return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8).numpy())
+
+
+def prompt_embeds(model, processor, image, batch: int):
+    """Inputs of `batch` identical chat requests, built the way `chat` builds them."""
+    msgs = [{"role": "user", "content": QUESTION}]
+    ids = processor.encode_prompt(processor.chat_prompt(msgs, image)).unsqueeze(0).repeat(batch, 1).cuda()
+    pixels, order = group_by_size(processor.pixel_values(image) * batch)
+    bound = image_bounds(ids, processor.tokenizer.im_start_id, processor.tokenizer.im_end_id)
+    with torch.inference_mode():
+        return model.embed_inputs(ids, [p.cuda() for p in pixels], order, bound), ids.shape[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--fast", action="store_true", help="static KV cache + torch.compile (CUDA graphs) for decoding")
+    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("results.jsonl")))
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    config = MiniCPMVConfig(**_model_kwargs(OFFICIAL_CONFIG))
+    config._attn_implementation = args.attn
+    with torch.device("cuda"):
+        model = MiniCPMV(config).to(torch.bfloat16).eval()
+    cache = "static" if args.fast else None
+    tokenizer = load_tokenizer(write_tiny_tokenizer(tempfile.mkdtemp()))
+    processor = MiniCPMVProcessor.from_config(tokenizer, config)
+    result = {"bench": "chat", "gpu": torch.cuda.get_device_name(), "date": date.today().isoformat(), "fast": args.fast,
+              "torch": torch.__version__, "transformers": __import__("transformers").__version__, "attn": args.attn,
+              "command": "python " + " ".join(sys.argv)}
+
+    msgs = [{"role": "user", "content": QUESTION}]
+    for width, height in [(448, 448), (1344, 896)]:
+        image = picture(width, height)
+        ttft = timed(lambda: model.chat(image, msgs, tokenizer=tokenizer, sampling=False, num_beams=1, max_new_tokens=1), args.runs)
+        _, prompt_len = prompt_embeds(model, processor, image, 1)
+        result[f"ttft_ms_{width}x{height}"] = round(ttft * 1000, 1)
+        result[f"prompt_tokens_{width}x{height}"] = prompt_len
+        result[f"vision_images_{width}x{height}"] = len(processor.vision_images(image))
+
+    def generate(embeds, new_tokens, cache_implementation=cache):
+        with torch.inference_mode():
+            return model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"),
+                                  do_sample=False, num_beams=1, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0,
+                                  cache_implementation=cache_implementation)
+
+    image = picture(448, 448)
+    for batch in (1, 8):
+        embeds, _ = prompt_embeds(model, processor, image, batch)
+        torch.cuda.reset_peak_memory_stats()
+        first = timed(lambda: generate(embeds, 1), args.runs)
+        full = timed(lambda: generate(embeds, args.new_tokens), args.runs)
+        out = generate(embeds, args.new_tokens)
+        assert out.shape == (batch, args.new_tokens), out.shape
+        decode = full - first
+        key = "decode_tokens_per_s_batch1" if batch == 1 else "total_tokens_per_s_batch8"
+        result[key] = round(batch * (args.new_tokens - 1) / decode, 1)
+        result[f"peak_mem_gib_batch{batch}"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+    if args.fast:  # the fast decode path must emit the plain path's tokens
+        embeds, _ = prompt_embeds(model, processor, image, 1)
+        fast, plain = generate(embeds, 64), generate(embeds, 64, cache_implementation=None)
+        result["fast_equals_plain_64_tokens"] = bool(torch.equal(fast, plain))
+        result["fast_vs_plain_first_diff"] = int((fast != plain).nonzero()[0, 1]) if not torch.equal(fast, plain) else None
+    print(json.dumps(result))
+    with open(args.out, "a") as handle:
+        handle.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

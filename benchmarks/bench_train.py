@@ -1,0 +1,134 @@
+"""Training speed and memory of the seed's LoRA recipe at the real model size, through Axolotl's CLI.
+
+Builds (once) a random full-size MiniCPM-V 2.0 checkpoint and a dataset shaped like the seed's
+(3-turn conversations, images from 448x448 to 1344x1344), then runs
+`accelerate launch -m axolotl.cli.train` on configs/minicpmv_lora.yml (r 64, q/k/v, vision tower +
+resampler + embeddings trained, batch 2, gradient checkpointing, sequence_len 2048, 9 slices) with
+the given DeepSpeed config. Reports samples/s over steady-state steps (the plugin logs
+`minicpmv/samples_per_second` per step) and peak GPU memory (Axolotl's `memory/max_allocated`).
+
+    python benchmarks/bench_train.py --deepspeed configs/deepspeed/zero2_offload.json --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "plugin"))
+
+WORDS = "the a photo shows red blue green car house tree sky river people street sign table book window light small large left right".split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+
+def make_dataset(folder: Path, samples: int, seed: int = 0) -> Path:
+    from PIL import Image
+
+    rng = random.Random(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(samples):
+        width, height = rng.randrange(448, 1345, 14), rng.randrange(448, 1345, 14)
+        path = folder / "images" / f"{index:04d}.jpg"
+        if not path.exists():  # smooth gradients: realistic JPEG sizes and decode times
+            base = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+            tint = Image.new("RGB", (width, height), (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
+            Image.blend(base, tint, 0.5).save(path, quality=85)
+        turns = []
+        for turn in range(3):
+            question = sentence(rng, 12)
+            turns += [{"role": "user", "content": ("<image>\n" if turn == 0 else "") + question},
+                      {"role": "assistant", "content": sentence(rng, 40)}]
+        rows.append({"id": f"bench-{index:04d}", "image": f"images/{path.name}", "conversations": turns})
+    target = folder / "train.json"
+    target.write_text(json.dumps(rows))
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deepspeed", default="configs/deepspeed/zero2_offload.json")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the steady-state median")
+    parser.add_argument("--samples", type=int, default=96)
+    parser.add_argument("--workdir", default="/tmp/minicpmv-bench")
+    parser.add_argument("--config", default=str(REPO / "configs" / "minicpmv_lora.yml"))
+    parser.add_argument("--set", nargs="*", default=[], help="extra YAML overrides key=value (YAML-parsed values)")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("results.jsonl")))
+    args = parser.parse_args()
+
+    work = Path(args.workdir)
+    model_dir = work / "model"
+    if not (model_dir / "model.safetensors.index.json").exists():
+        from axolotl_minicpmv.tiny_checkpoint import make_tiny_checkpoint
+
+        make_tiny_checkpoint(model_dir, full_size=True)
+    data = make_dataset(work / "data", args.samples)
+
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    tag = Path(args.deepspeed).stem
+    cfg.update(
+        base_model=str(model_dir),
+        datasets=[{"path": str(data), "type": "axolotl_minicpmv.minicpmv_chat"}],
+        dataset_prepared_path=str(work / "prepared"),
+        output_dir=str(work / f"out-{tag}"),
+        max_steps=args.steps,
+        deepspeed=str(REPO / args.deepspeed),
+        save_strategy="no",
+        logging_steps=1,
+        val_set_size=0.0,
+    )
+    cfg.pop("save_steps", None)
+    cfg.pop("eval_steps", None)
+    for item in args.set:
+        key, value = item.split("=", 1)
+        cfg[key] = yaml.safe_load(value)
+    config_path = work / f"bench-{tag}.yml"
+    config_path.write_text(yaml.safe_dump(cfg))
+
+    command = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "axolotl.cli.train", str(config_path)]
+    log_path = work / f"train-{tag}.log"
+    with open(log_path, "w") as log:
+        rc = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    steps = [ast.literal_eval(line[line.index("{"):].strip()) for line in log_path.read_text().splitlines()
+             if "'minicpmv/samples_per_second'" in line and "{" in line]
+    steady = [s["minicpmv/samples_per_second"] for s in steps[args.warmup_steps:]]
+
+    import torch
+
+    result = {
+        "bench": "train", "deepspeed": tag, "rc": rc, "steps_logged": len(steps),
+        "samples_per_second_median": statistics.median(steady) if steady else None,
+        "peak_mem_allocated_gib": max((s.get("memory/max_allocated (GiB)", 0) for s in steps), default=None),
+        "peak_mem_active_gib": max((s.get("memory/max_active (GiB)", 0) for s in steps), default=None),
+        "device_reserved_gib": max((s.get("memory/device_reserved (GiB)", 0) for s in steps), default=None),
+        "losses": [s["loss"] for s in steps],
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "date": date.today().isoformat(), "overrides": args.set,
+        "command": "python " + " ".join(sys.argv), "log": str(log_path),
+    }
+    print(json.dumps(result))
+    with open(args.out, "a") as handle:
+        handle.write(json.dumps(result) + "\n")
+    if rc != 0:
+        print(log_path.read_text()[-6000:])
+        sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import sentencepiece as spm
@@ -444,7 +445,11 @@ class MiniCPMVTokenizerFast(_MiniCPMVTokenMixin, TokenizersBackend):
         _check_legacy(legacy)
         for key in _DROPPED_INIT_KWARGS + ("vocab_file",):
             kwargs.pop(key, None)
-        kwargs.setdefault("pad_token", UNK)
+        # a bare tokenizer.json folder still gets the official special tokens
+        for name, default in (("unk_token", UNK), ("bos_token", BOS), ("eos_token", EOS), ("pad_token", UNK)):
+            kwargs.setdefault(name, default)
+        if not kwargs.get("extra_special_tokens") and not kwargs.get("additional_special_tokens"):
+            kwargs["extra_special_tokens"] = list(SPECIAL_PIECES)
         super().__init__(*args, **kwargs)
         logger.warning(
             "MiniCPM-V tokenizer built from %s alone: ids are those of that file, which can differ from the official "
@@ -494,8 +499,14 @@ def register_tokenizer() -> None:
     local class into "not explicit" and, with trust_remote_code=True, transformers would run remote code.
     Idempotent.
     """
-    import transformers
     from transformers.models.auto import tokenization_auto as auto
+
+    before = sys.modules["transformers"]
+    # the first import of processing_utils re-executes transformers/__init__ and swaps the module object in
+    # sys.modules: trigger it now so the attributes set below land on the object everybody sees from now on
+    import transformers.processing_utils  # noqa: F401
+
+    after = sys.modules["transformers"]
 
     for name in OFFICIAL_CLASS_NAMES:
         auto.REGISTERED_TOKENIZER_CLASSES[name] = MiniCPMVTokenizer
@@ -504,9 +515,9 @@ def register_tokenizer() -> None:
     # win whenever tokenizer_config.json has no auto_map (e.g. after our own save_pretrained)
     auto.TOKENIZER_MAPPING_NAMES["minicpmv"] = MiniCPMVTokenizer.__name__
     # Axolotl's `tokenizer_type:` does getattr(transformers, name)
-    for cls in (MiniCPMVTokenizer, MiniCPMVTokenizerFast):
-        if getattr(transformers, cls.__name__, None) is not cls:
-            setattr(transformers, cls.__name__, cls)
+    for module in {id(before): before, id(after): after}.values():
+        for cls in (MiniCPMVTokenizer, MiniCPMVTokenizerFast):
+            module.__dict__[cls.__name__] = cls
 
 
 register_tokenizer()

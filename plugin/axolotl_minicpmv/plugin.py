@@ -7,6 +7,8 @@ vision tower / resampler / embeddings as the official recipe does.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from axolotl.integrations.base import BasePlugin
 from axolotl.model_support.base import ModelSupport, Unsupported
@@ -60,9 +62,9 @@ class MiniCPMVPlugin(BasePlugin):
         _pick_cpu_precision(cfg)
 
     def load_datasets(self, cfg, preprocess: bool = False):
-        from .data import prepare_datasets
+        from .data import prepare_minicpmv_datasets
 
-        prepare_datasets(cfg)
+        prepare_minicpmv_datasets(cfg)
         return None  # Axolotl's own pipeline tokenizes, caches, filters and splits
 
     def pre_lora_load(self, cfg, model):
@@ -72,16 +74,17 @@ class MiniCPMVPlugin(BasePlugin):
         total, trainable = lora_targets.count_parameters(model)
         LOG.info("MiniCPM-V parameters: Total %s / Trainable %s (fully trained: %s)", f"{total:,}", f"{trainable:,}", cfg.lora_modules_to_save or "none")
 
-    def add_callbacks_post_trainer(self, cfg, trainer):
+    def add_callbacks_pre_trainer(self, cfg, model):
+        # Before the trainer exists, so the value is in the log line the progress printer writes.
         from .callbacks import ThroughputCallback
 
-        args = trainer.args
-        return [ThroughputCallback(args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)]
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        return [ThroughputCallback(cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size)]
 
     def get_collator_cls_and_kwargs(self, cfg, is_eval: bool = False):
-        from .collator import MiniCPMVCollator
+        from .collator import collator_cls_and_kwargs
 
-        return MiniCPMVCollator, {"max_slice_nums": cfg.minicpmv_max_slice_nums or 9}
+        return collator_cls_and_kwargs(cfg)
 
 
 def _pick_cpu_precision(cfg: dict) -> None:

@@ -35,8 +35,9 @@ class Resampler(nn.Module):
         if grid * grid != num_queries:
             raise ValueError(f"query_num={num_queries} must be a square number")
         self.embed_dim = embed_dim
-        # A parameter (frozen) rather than a buffer: the official checkpoint stores it.
-        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid, grid).clone(), requires_grad=False)
+        # A parameter (frozen) rather than a buffer: the official checkpoint stores it. Filled with the
+        # 2-D sin-cos table by the model's weight init (created empty so a device context applies).
+        self.pos_embed = nn.Parameter(torch.empty(num_queries, embed_dim), requires_grad=False)
         self.query = nn.Parameter(torch.zeros(num_queries, embed_dim))
         self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False)
         self.attn = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)

@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .chat import MiniCPMVChat, img2base64
 from .configuration_minicpmv import MiniCPMVConfig
+from .loading import load_model
 from .modeling_minicpmv import MiniCPMV
 from .processing_minicpmv import InvalidInputError, MiniCPMVProcessor
 from .slicing import slice_image
@@ -21,6 +22,7 @@ __all__ = [
     "MiniCPMVProcessor",
     "InvalidInputError",
     "img2base64",
+    "load_model",
     "load_tokenizer",
     "slice_image",
 ]

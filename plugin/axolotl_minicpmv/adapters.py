@@ -1,17 +1,236 @@
-"""Applying exported adapters to a base MiniCPM-V 2.0 model (completed by the export work)."""
+"""Reading, checking and applying MiniCPM-V 2.0 adapters: Axolotl run dirs and `minicpmv-export` outputs.
+
+Two layouts load with one call (`apply_adapter`, used by `loading.load_model` and `MiniCPMVChat`):
+- PEFT adapter: adapter_config.json + adapter_model.safetensors (or .bin) holding the LoRA tensors and full
+  copies of the `modules_to_save` (vision tower, resampler, embeddings), as Axolotl saves it;
+- the seed's official LoRA layout: the same without modules_to_save, plus `vpm_resampler_embedtokens.pt`.
+The loaded model must equal the trained one exactly: see tests/test_export.py.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 
-def apply_adapter(model, adapter: str | os.PathLike):
-    adapter = Path(adapter)
-    if not adapter.is_dir():
-        raise FileNotFoundError(f"adapter directory {str(adapter)!r} does not exist")
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{str(adapter)!r} has no adapter_config.json: not a PEFT adapter directory")
+PEFT_PREFIX = "base_model.model."
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+OFFICIAL_FULL_WEIGHTS = "vpm_resampler_embedtokens.pt"
+ZERO3_HINT = (
+    "DeepSpeed ZeRO-3 saved it without gathering the partitioned weights: set "
+    "`stage3_gather_16bit_weights_on_model_save: true` in the DeepSpeed config (configs/deepspeed/zero3.json does) "
+    "and save again, or rebuild the weights from the checkpoint's global_step* folder with zero_to_fp32.py"
+)
+
+
+class AdapterError(ValueError):
+    """An adapter directory that cannot be used with the given base model, with what is wrong and the fix."""
+
+
+def load_torch_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A plain dict of tensors from a .bin/.pt file, unpickled with weights_only=True (never arbitrary objects)."""
+    path = Path(path)
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(err):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise AdapterError(f"{path} cannot be read ({type(err).__name__}: {err}); the file is incomplete or not a weights file") from None
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise AdapterError(f"{path} is not a dict of tensors (name -> torch.Tensor)")
+    return dict(state)
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as err:
+        raise AdapterError(
+            f"{path} cannot be read ({type(err).__name__}: {err}); the file is incomplete or corrupt "
+            "(was the run stopped while saving?)"
+        ) from None
+
+
+def _strip_prefix(key: str, file: Path) -> str:
+    if not key.startswith(PEFT_PREFIX):
+        raise AdapterError(f"{file}: tensor {key!r} does not start with {PEFT_PREFIX!r}; not a PEFT adapter of a whole model")
+    return key[len(PEFT_PREFIX) :]
+
+
+def is_lora_name(name: str) -> bool:
+    """True for LoRA's own tensors (`...q_proj.lora_A.weight`), False for full copies of trained modules."""
+    return any(part.startswith("lora_") for part in name.split("."))
+
+
+def split_lora_name(name: str) -> tuple[str, str, str]:
+    """`llm.….q_proj.lora_A.weight` -> (`llm.….q_proj`, `lora_A`, `weight`)."""
+    parts = name.split(".")
+    index = next(i for i, part in enumerate(parts) if part.startswith("lora_"))
+    return ".".join(parts[:index]), parts[index], ".".join(parts[index + 1 :])
+
+
+@dataclass
+class Adapter:
+    """One adapter directory. Names are model tensor names (the `base_model.model.` prefix removed)."""
+
+    path: Path
+    config: dict
+    weights_file: Path
+    full_file: Path | None = None  # the official layout's vpm_resampler_embedtokens.pt
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def lora_names(self) -> list[str]:
+        return [n for n in self.shapes if is_lora_name(n)]
+
+    def tensors(self, progress: bool = False) -> dict[str, torch.Tensor]:
+        """All tensors (LoRA and full copies), loaded on CPU in the dtypes they were saved in."""
+        from tqdm.auto import tqdm
+
+        if self.weights_file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(self.weights_file), framework="pt") as handle:
+                keys = list(handle.keys())
+                bar = tqdm(keys, desc=f"reading {self.weights_file.name}", unit="tensor", disable=not progress, leave=False)
+                raw = {key: handle.get_tensor(key) for key in bar}
+        else:
+            raw = self._cache.pop("weights", None) or load_torch_file(self.weights_file)
+        tensors = {_strip_prefix(k, self.weights_file): v for k, v in raw.items()}
+        tensors.update(self.official_full_tensors())
+        return tensors
+
+    def official_full_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of vpm_resampler_embedtokens.pt (official layout only), by model tensor name."""
+        if self.full_file is None:
+            return {}
+        full = self._cache.pop("full", None) or load_torch_file(self.full_file)
+        return {_full_name(k): v for k, v in full.items()}
+
+
+def _full_name(key: str) -> str:
+    return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+
+
+def read_adapter(path: str | os.PathLike) -> Adapter:
+    """Open an adapter directory (shapes only; `Adapter.tensors()` loads), refusing partial or foreign folders."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"adapter directory {str(path)!r} does not exist")
+    config_file = path / ADAPTER_CONFIG
+    weights = [path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()]
+    if not config_file.is_file():
+        if (path / "config.json").is_file() and (any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
+            raise AdapterError(
+                f"{str(path)!r} is a full model checkpoint (config.json + weights), not an adapter: load it as the model "
+                f"itself, e.g. MiniCPMVChat({str(path)!r}) or MiniCPMV.from_pretrained({str(path)!r})"
+            )
+        raise AdapterError(f"{str(path)!r} has no {ADAPTER_CONFIG}: not a PEFT adapter directory")
+    if not weights:
+        raise AdapterError(
+            f"{str(path)!r} has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}: the adapter was never saved "
+            "completely (Axolotl writes adapter_config.json before training starts)"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{config_file} is not valid JSON ({err})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{config_file}: peft_type {config.get('peft_type')!r} is not supported; MiniCPM-V exports handle LoRA adapters")
+    adapter = Adapter(path=path, config=config, weights_file=weights[0])
+    if adapter.weights_file.stat().st_size == 0:
+        raise AdapterError(f"{adapter.weights_file} is empty (0 bytes): the save was interrupted; {ZERO3_HINT}")
+    if adapter.weights_file.suffix == ".safetensors":
+        raw_shapes = _safetensors_shapes(adapter.weights_file)
+    else:
+        state = load_torch_file(adapter.weights_file)
+        adapter._cache["weights"] = state
+        raw_shapes = {k: tuple(v.shape) for k, v in state.items()}
+    adapter.shapes = {_strip_prefix(k, adapter.weights_file): s for k, s in raw_shapes.items()}
+    full_file = path / OFFICIAL_FULL_WEIGHTS
+    if full_file.is_file():
+        full = load_torch_file(full_file)
+        adapter.full_file = full_file
+        adapter._cache["full"] = full
+        adapter.shapes.update({_full_name(k): tuple(v.shape) for k, v in full.items()})
+    if not adapter.shapes:
+        raise AdapterError(f"{adapter.weights_file} holds no tensors; {ZERO3_HINT}")
+    return adapter
+
+
+def check_adapter_fits(adapter: Adapter, base_shapes: Mapping[str, tuple[int, ...]], base_name: str) -> None:
+    """Every adapter tensor must land on a base tensor of the right shape; otherwise name each mismatch."""
+    fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
+    empty, problems = [], []
+    for name, shape in adapter.shapes.items():
+        if math.prod(shape) == 0:
+            empty.append(f"{name} {shape}")
+            continue
+        if not is_lora_name(name):
+            if name not in base_shapes:
+                problems.append(f"{name}: shape {shape} in the adapter, no such tensor in the base")
+            elif tuple(base_shapes[name]) != shape:
+                problems.append(f"{name}: shape {shape} in the adapter, {tuple(base_shapes[name])} in the base")
+            continue
+        module, part, param = split_lora_name(name)
+        weight = f"{module}.weight"
+        if weight not in base_shapes:
+            problems.append(f"{name}: LoRA on {module!r}, which the base does not have")
+            continue
+        out_features, in_features = tuple(base_shapes[weight])[:2]
+        if fan_in_fan_out:
+            out_features, in_features = in_features, out_features
+        expected = {
+            ("lora_A", "weight"): lambda s: s[1:] == (in_features,),
+            ("lora_B", "weight"): lambda s: s[:1] == (out_features,),
+            ("lora_B", "bias"): lambda s: s == (out_features,),
+            ("lora_embedding_A", ""): lambda s: s[1:] == (out_features,),  # (r, num_embeddings)
+            ("lora_embedding_B", ""): lambda s: s[:1] == (in_features,),  # (embedding_dim, r)
+        }.get((part, param))
+        if expected is not None and not expected(shape):
+            problems.append(f"{name}: shape {shape} in the adapter does not fit the base's {weight} of shape {tuple(base_shapes[weight])}")
+    if empty:
+        raise AdapterError(f"{adapter.weights_file}: {len(empty)} tensors are empty (e.g. {', '.join(empty[:3])}): {ZERO3_HINT}")
+    if problems:
+        shown = "\n  - ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        trained_on = adapter.config.get("base_model_name_or_path")
+        raise AdapterError(
+            f"adapter {str(adapter.path)!r} does not fit base model {base_name!r} ({len(problems)} tensors):\n  - {shown}\n"
+            f"It was trained on another base model (its adapter_config.json names {trained_on!r}); "
+            "pass the base model it was trained on."
+        )
+
+
+def apply_adapter(model, adapter: str | os.PathLike, merge: bool = False):
+    """`model` (a MiniCPMV) with the adapter in `adapter` applied: an `adapter` or `official-lora` export, or
+    an Axolotl output_dir / checkpoint-N.
+
+    Returns a `peft.PeftModel` with LoRA kept unmerged (exactly the trained arithmetic; `.chat(...)` and
+    `.generate(...)` work through it), or with `merge=True` a plain MiniCPMV with LoRA merged into its weights
+    (merge in the model's dtype: load the base in float32 for an exact merge, as `load_model(merge=True)` does).
+    """
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    info = read_adapter(adapter)
+    check_adapter_fits(info, {k: tuple(v.shape) for k, v in model.state_dict().items()}, getattr(model.config, "_name_or_path", "") or "model")
+    peft_model = PeftModel.from_pretrained(model, str(info.path))
+    if info.full_file is not None:  # the seed's recipe: the trained modules go into the wrapped model by name
+        full = {PEFT_PREFIX + k: v for k, v in info.official_full_tensors().items()}
+        result = peft_model.load_state_dict(full, strict=False)
+        if result.unexpected_keys:
+            raise AdapterError(f"{info.full_file}: {len(result.unexpected_keys)} tensors fit nowhere in the model (e.g. {', '.join(result.unexpected_keys[:3])})")
+    peft_model.eval()
+    return peft_model.merge_and_unload() if merge else peft_model

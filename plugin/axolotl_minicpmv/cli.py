@@ -70,12 +70,17 @@ def chat_command(model_path, adapter, image, questions, beam, max_new_tokens, de
 @click.option("--checkpoint", default=None, help="Export this checkpoint (e.g. checkpoint-20) instead of the final adapter.")
 @click.option("--base-model", default=None, help="Base model (defaults to base_model of the run's config).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
-def export_command(source, fmt, out, checkpoint, base_model, overwrite):
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
+              help="merged: dtype of the written weights (the merge runs in float32).")
+def export_command(source, fmt, out, checkpoint, base_model, overwrite, dtype):
     """Export a finished Axolotl run (CONFIG.yml or its output_dir) as a PEFT adapter, the official
     LoRA layout (+ vpm_resampler_embedtokens.pt), or a merged checkpoint in the official format."""
     from .export import export
 
-    written = export(source, fmt, out, checkpoint=checkpoint, base_model=base_model, overwrite=overwrite)
+    try:
+        written = export(source, fmt, out, checkpoint=checkpoint, base_model=base_model, overwrite=overwrite, dtype=dtype)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from None
     click.echo(f"wrote {fmt} export to {written}:")
     for path in sorted(written.iterdir()):
         click.echo(f"  {path.name}  ({path.stat().st_size:,} bytes)")

@@ -45,6 +45,9 @@ class MiniCPMVPlugin(BasePlugin):
 
     def register(self, cfg: dict):
         """Fill in what the recipe needs before Axolotl validates the config (cfg is the raw YAML dict)."""
+        from .export import refuse_axolotl_merge_lora
+
+        refuse_axolotl_merge_lora(cfg)  # `axolotl merge-lora` would drop trained tensors: stop it, name the fix
         if cfg.get("sample_packing"):
             raise ValueError("sample_packing: true is not supported with MiniCPM-V (image slots cannot be packed); set it to false")
         if cfg.get("lora_target_linear"):

@@ -51,5 +51,7 @@ class Resampler(nn.Module):
         key_pos = sincos_2d(self.embed_dim, *grid_size).to(device=features.device, dtype=features.dtype)
         kv = self.ln_kv(self.kv_proj(features))
         queries = (self.ln_q(self.query) + self.pos_embed).unsqueeze(0).expand(kv.shape[0], -1, -1)
-        out, _ = self.attn(queries, kv + key_pos, kv, need_weights=False)
+        # need_weights=True (the default) keeps the plain matmul+softmax path the release runs: the fused
+        # kernel behind need_weights=False rounds differently (about 3e-6 in fp32 features).
+        out, _ = self.attn(queries, kv + key_pos, kv)
         return self.ln_post(out) @ self.proj

@@ -107,17 +107,17 @@ def main() -> None:
         rc = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     steps = [ast.literal_eval(line[line.index("{"):].strip()) for line in log_path.read_text().splitlines()
              if "'minicpmv/samples_per_second'" in line and "{" in line]
-    steady = [s["minicpmv/samples_per_second"] for s in steps[args.warmup_steps:]]
+    steady = [float(s["minicpmv/samples_per_second"]) for s in steps[args.warmup_steps:]]
 
     import torch
 
     result = {
         "bench": "train", "deepspeed": tag, "rc": rc, "steps_logged": len(steps),
         "samples_per_second_median": statistics.median(steady) if steady else None,
-        "peak_mem_allocated_gib": max((s.get("memory/max_allocated (GiB)", 0) for s in steps), default=None),
-        "peak_mem_active_gib": max((s.get("memory/max_active (GiB)", 0) for s in steps), default=None),
-        "device_reserved_gib": max((s.get("memory/device_reserved (GiB)", 0) for s in steps), default=None),
-        "losses": [s["loss"] for s in steps],
+        "peak_mem_allocated_gib": max((float(s.get("memory/max_allocated (GiB)", 0)) for s in steps), default=None),
+        "peak_mem_active_gib": max((float(s.get("memory/max_active (GiB)", 0)) for s in steps), default=None),
+        "device_reserved_gib": max((float(s.get("memory/device_reserved (GiB)", 0)) for s in steps), default=None),
+        "losses": [float(s["loss"]) for s in steps],
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": date.today().isoformat(), "overrides": args.set,
         "command": "python " + " ".join(sys.argv), "log": str(log_path),

@@ -63,12 +63,11 @@ class MiniCPMVPlugin(BasePlugin):
         # The collator needs the image columns that the model's forward does not name.
         cfg["remove_unused_columns"] = False
         _pick_cpu_precision(cfg)
-
-    def load_datasets(self, cfg, preprocess: bool = False):
+        # Validate and normalise the data now: bad samples stop the run before anything loads, and
+        # `axolotl evaluate` (which skips the load_datasets hook) reads the prepared files too.
         from .data import prepare_minicpmv_datasets
 
         prepare_minicpmv_datasets(cfg)
-        return None  # Axolotl's own pipeline tokenizes, caches, filters and splits
 
     def pre_lora_load(self, cfg, model):
         lora_targets.log_and_check_targets(model, cfg.lora_target_modules)

@@ -25,7 +25,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
 
 from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig, load_tokenizer  # noqa: E402
-from axolotl_minicpmv.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds  # noqa: E402
+from axolotl_minicpmv.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds, to_pixel_values  # noqa: E402
 from axolotl_minicpmv.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
 from axolotl_minicpmv.tokenization import write_tiny_tokenizer  # noqa: E402
 
@@ -67,8 +67,8 @@ def first_token_breakdown(model, processor, image, msgs, runs: int) -> dict:
     prompt = processor.chat_prompt(msgs, image)
     ids = processor.encode_prompt(prompt).unsqueeze(0).cuda()
     images = processor.vision_images(image)
-    pixels = [p.cuda() for p in group_by_size([__import__("axolotl_minicpmv.processing_minicpmv", fromlist=["x"]).to_pixel_values(i) for i in images])[0]]
-    order = group_by_size([torch.zeros(3, i.height, i.width) for i in images])[1]
+    groups, order = group_by_size([to_pixel_values(i) for i in images])
+    pixels = [p.cuda() for p in groups]
     bound = image_bounds(ids, tokenizer.im_start_id, tokenizer.im_end_id)
     stages["prompt_text_ms"] = lambda: processor.chat_prompt(msgs, image)
     stages["tokenize_ms"] = lambda: processor.encode_prompt(prompt)

@@ -527,3 +527,16 @@ def test_eager_and_sdpa_give_the_same_logits(tiny_checkpoint_fp32, tiny_tokenize
         with torch.no_grad():
             logits[implementation] = model(input_ids=ids, pixel_values=pixels, vision_order=order, image_bound=bound).logits
     torch.testing.assert_close(logits["eager"], logits["sdpa"], rtol=1e-4, atol=1e-4)
+
+
+def test_generate_without_attention_mask_still_sees_the_image(tiny_model, processor, tiny_tokenizer):
+    """The pad id (0) is also the image-slot token: generate() must not mask the slots out."""
+    image = Image.open(EXAMPLES / "images" / "clock.jpg")
+    ids, pixels, order, bound = _image_inputs(processor, tiny_tokenizer, image)
+    kwargs = dict(do_sample=False, num_beams=1, max_new_tokens=8, pad_token_id=0)
+    with torch.inference_mode():
+        with_image = tiny_model.generate(input_ids=ids, pixel_values=pixels, vision_order=order, image_bound=bound, **kwargs)
+        masked = tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, vision_order=order, image_bound=bound, **kwargs)
+        without_image = tiny_model.generate(input_ids=ids, **kwargs)
+    assert torch.equal(with_image, masked)
+    assert not torch.equal(with_image, without_image)

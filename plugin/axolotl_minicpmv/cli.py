@@ -24,9 +24,16 @@ def chat_command(model_path, adapter, image, questions, beam, max_new_tokens, de
     Type a question and press Enter. `/image PATH` switches to another image (and starts a new
     conversation), `/reset` forgets the conversation, `/quit` (or Ctrl-D) leaves.
     """
+    from pathlib import Path
+
     from .chat import MiniCPMVChat, img2base64
 
-    session = MiniCPMVChat(model_path, adapter=adapter, device=device, dtype=dtype)
+    if image and not Path(image).is_file():
+        raise click.ClickException(f"--image {image!r}: no such file")
+    try:
+        session = MiniCPMVChat(model_path, adapter=adapter, device=device, dtype=dtype)
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
     state = {"image": img2base64(image) if image else None, "msgs": []}
 
     def ask(question: str) -> None:

@@ -329,6 +329,8 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         check_checkpoint_dir(pretrained_model_name_or_path)
         _keep_vision_unquantized(kwargs.get("quantization_config"))
         return_info = kwargs.pop("output_loading_info", False)
+        # Let transformers report mismatched shapes instead of raising, so our error names them.
+        kwargs.setdefault("ignore_mismatched_sizes", True)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         raise_on_incomplete_load(pretrained_model_name_or_path, info)
         return (model, info) if return_info else model
@@ -426,6 +428,13 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         if is_first_iteration:  # images are consumed by the prefill step only
             inputs.update(pixel_values=pixel_values, vision_order=vision_order, image_bound=image_bound)
         return inputs
+
+    def _prepare_attention_mask_for_generation(self, inputs_tensor, generation_config, model_kwargs):
+        # The pad id (0, <unk>) is also the token of every image slot: deriving the mask from it would
+        # hide the images. Without an explicit mask every position is attended.
+        if inputs_tensor.dim() == 2 and not torch.is_floating_point(inputs_tensor):
+            return torch.ones_like(inputs_tensor, dtype=torch.long)
+        return super()._prepare_attention_mask_for_generation(inputs_tensor, generation_config, model_kwargs)
 
     @torch.inference_mode()
     def chat(

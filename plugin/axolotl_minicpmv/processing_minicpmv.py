@@ -39,6 +39,8 @@ def load_image(source, what: str = "image") -> Image.Image:
     else:
         if isinstance(source, (str, Path)) and _is_file(source):
             data = Path(source).read_bytes()
+        elif isinstance(source, Path):
+            raise InvalidInputError(f"{what}: file {str(source)!r} does not exist")
         elif isinstance(source, (bytes, bytearray)):
             data = bytes(source)
         elif isinstance(source, str):

@@ -38,6 +38,9 @@ class Resampler(nn.Module):
         # A parameter (frozen) rather than a buffer: the official checkpoint stores it. Filled with the
         # 2-D sin-cos table by the model's weight init (created empty so a device context applies).
         self.pos_embed = nn.Parameter(torch.empty(num_queries, embed_dim), requires_grad=False)
+        if not self.pos_embed.is_meta:
+            with torch.no_grad():
+                self.pos_embed.copy_(sincos_2d(embed_dim, grid, grid))
         self.query = nn.Parameter(torch.zeros(num_queries, embed_dim))
         self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False)
         self.attn = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -266,10 +267,15 @@ class MiniCPMForCausalLM(MiniCPMPreTrainedModel):
         rows = hidden.reshape(-1, hidden.shape[-1])[supervised]
         targets = targets[supervised]
         total = hidden.sum() * 0.0  # keeps the graph connected when nothing is supervised
+        # Under ZeRO-3 lm_head's weight is partitioned again by the time a recompute would run, so the
+        # chunks keep their logits there (still only supervised rows, never the full sequence).
+        recompute = not is_deepspeed_zero3_enabled()
         for start in range(0, len(targets), chunk_size):
-            total = total + torch.utils.checkpoint.checkpoint(
-                self._chunk_cross_entropy, rows[start : start + chunk_size], targets[start : start + chunk_size], use_reentrant=False
-            )
+            chunk = (rows[start : start + chunk_size], targets[start : start + chunk_size])
+            if recompute:
+                total = total + torch.utils.checkpoint.checkpoint(self._chunk_cross_entropy, *chunk, use_reentrant=False)
+            else:
+                total = total + self._chunk_cross_entropy(*chunk)
         count = num_items_in_batch if num_items_in_batch is not None else supervised.sum().clamp(min=1)
         if torch.is_tensor(count):
             count = count.to(total.device)

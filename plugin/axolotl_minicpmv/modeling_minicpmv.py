@@ -366,7 +366,9 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         outputs = []
         for stack in pixel_values:
             height, width = stack.shape[-2:]
-            features = self.vpm.forward_features(stack.to(dtype))[:, self.vpm.num_prefix_tokens :]
+            # The tower's own call (its pooling head is an identity) equals forward_features without prefix
+            # tokens, and lets DeepSpeed ZeRO-3 gather the tower's direct parameters (pos_embed) via hooks.
+            features = self.vpm(stack.to(dtype))
             outputs.append(self.resampler(features, (math.ceil(height / patch), math.ceil(width / patch))))
         features = torch.cat(outputs)
         return features if vision_order is None else features[vision_order.to(features.device)]

@@ -73,6 +73,10 @@ class MiniCPMVPlugin(BasePlugin):
         lora_targets.log_and_check_targets(model, cfg.lora_target_modules)
 
     def post_model_load(self, cfg, model):
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            _register_zero3_external_parameters(model)
         total, trainable = lora_targets.count_parameters(model)
         LOG.info("MiniCPM-V parameters: Total %s / Trainable %s (fully trained: %s)", f"{total:,}", f"{trainable:,}", cfg.lora_modules_to_save or "none")
 
@@ -87,6 +91,18 @@ class MiniCPMVPlugin(BasePlugin):
         from .collator import collator_cls_and_kwargs
 
         return collator_cls_and_kwargs(cfg)
+
+
+def _register_zero3_external_parameters(model) -> None:
+    """nn.MultiheadAttention reads out_proj's weight and bias without calling out_proj, so ZeRO-3's module
+    hooks would leave them partitioned; register them with the attention module that uses them (every
+    copy, PEFT's trained resampler included)."""
+    import deepspeed
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.MultiheadAttention):
+            for param in module.out_proj.parameters():
+                deepspeed.zero.register_external_parameter(module, param)
 
 
 def _pick_cpu_precision(cfg: dict) -> None:

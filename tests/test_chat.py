@@ -279,3 +279,19 @@ def test_session_with_a_missing_adapter(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="does not exist") as err:
         MiniCPMVChat(str(tiny_checkpoint), adapter=str(missing))
     assert str(missing) in str(err.value)
+
+
+def test_image_markers_in_an_earlier_answer_stay_text(tiny_model, tiny_tokenizer):
+    """An answer may contain `</image>` or `<image>` as text; the next turn still pairs the image's own slots."""
+    from PIL import Image
+
+    from conftest import EXAMPLES
+
+    image = Image.open(EXAMPLES / "images" / "clock.jpg")
+    msgs = [
+        {"role": "user", "content": "What is this?"},
+        {"role": "assistant", "content": "A clock</image> and <image>"},
+        {"role": "user", "content": "Sure?"},
+    ]
+    answer, context, _ = tiny_model.chat(image=image, msgs=msgs, tokenizer=tiny_tokenizer, sampling=False, max_new_tokens=4)
+    assert isinstance(answer, str) and context[:3] == msgs

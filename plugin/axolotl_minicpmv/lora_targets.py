@@ -6,13 +6,10 @@ exactly what PEFT will wrap; a pattern that matches nothing is a configuration e
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
-
-LOG = logging.getLogger(__name__)
 
 # The official fine-tuning default (q|k|v of every decoder layer).
 DEFAULT_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
@@ -56,14 +53,14 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and check_target_module_exists(config, name)]
 
 
-def log_and_check_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+def check_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """The resolved module names; a pattern that matches nothing is a configuration error."""
     names = resolve_targets(model, targets)
     if not names:
         raise ValueError(
             f"lora_target_modules={targets!r} matches no linear module of MiniCPM-V. A string is a full-match regex over "
             f"module names such as 'llm.model.layers.0.self_attn.q_proj'; presets: {', '.join(PRESETS)}"
         )
-    LOG.info("LoRA targets: %d modules (e.g. %s)", len(names), ", ".join(names[:3]))
     return names
 
 

@@ -468,9 +468,10 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         input_ids = processor.encode_prompt(processor.chat_prompt(msgs, image), max_inp_length).unsqueeze(0).to(self.device)
         pixel_values, vision_order, image_bound = None, None, None
         if image is not None:
-            pixel_values, vision_order = group_by_size(processor.pixel_values(image))
+            pixels = processor.pixel_values(image)
+            pixel_values, vision_order = group_by_size(pixels)
             pixel_values = [p.to(self.device) for p in pixel_values]
-            image_bound = image_bounds(input_ids, tokenizer.im_start_id, tokenizer.im_end_id)
+            image_bound = image_bounds(input_ids, tokenizer.im_start_id, tokenizer.im_end_id, count=len(pixels))
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, vision_order, image_bound)
 
         generation_config = dict(GENERATION_DEFAULTS[bool(sampling)])

@@ -70,7 +70,8 @@ class MiniCPMVPlugin(BasePlugin):
         prepare_minicpmv_datasets(cfg)
 
     def pre_lora_load(self, cfg, model):
-        lora_targets.log_and_check_targets(model, cfg.lora_target_modules)
+        names = lora_targets.check_targets(model, cfg.lora_target_modules)
+        LOG.info("LoRA targets: %d modules (e.g. %s)", len(names), ", ".join(names[:3]))
 
     def post_model_load(self, cfg, model):
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled

@@ -182,14 +182,20 @@ def validate_messages(msgs) -> list[dict]:
     return msgs
 
 
-def image_bounds(input_ids: torch.Tensor, im_start_id: int, im_end_id: int) -> torch.Tensor:
-    """Rows `(batch_row, start, end)`: the slots between each `<image>` and its `</image>`, in order."""
+def image_bounds(input_ids: torch.Tensor, im_start_id: int, im_end_id: int, count: int | None = None) -> torch.Tensor:
+    """Rows `(batch_row, start, end)`: the slots between each `<image>` and its `</image>`, in order.
+
+    With `count`, only the first `count` pairs of each row are images (a chat prompt places its image
+    first); later `<image>`/`</image>` tokens, e.g. from an earlier answer, stay ordinary tokens.
+    """
     ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
     rows = []
     for row, seq in enumerate(ids):
         starts = torch.nonzero(seq == im_start_id).flatten() + 1
         ends = torch.nonzero(seq == im_end_id).flatten()
-        if len(starts) != len(ends) or bool((ends < starts).any()):
+        if count is not None:
+            starts, ends = starts[:count], ends[:count]
+        if len(starts) != len(ends) or bool((ends < starts).any()) or (count is not None and len(starts) < count):
             raise InvalidInputError(
                 f"row {row}: {len(starts)} <image> and {len(ends)} </image> tokens do not pair up "
                 "(was the prompt cut inside an image placeholder?)"

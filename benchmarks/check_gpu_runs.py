@@ -1,10 +1,11 @@
-"""GPU check: DeepSpeed ZeRO-2 / ZeRO-3 runs through Axolotl's CLI save adapters that export and reload.
+"""GPU check: runs through Axolotl's CLI (DeepSpeed ZeRO-2 / ZeRO-3, QLoRA) save adapters that export and reload.
 
-For each DeepSpeed config: train the tiny generated checkpoint (or the full-size one with --full-size)
+For each DeepSpeed config (or `none`): train the tiny generated checkpoint (or the full-size one with --full-size)
 for a few steps with `accelerate launch -m axolotl.cli.train`, export `adapter` and `merged`, reload
 both, and compare their logits on a fixed image prompt (fp32). Prints one JSON line per config.
 
-    python benchmarks/check_deepspeed.py configs/deepspeed/zero2.json configs/deepspeed/zero3.json
+    python benchmarks/check_gpu_runs.py configs/deepspeed/zero2.json configs/deepspeed/zero3.json
+    python benchmarks/check_gpu_runs.py none --set adapter=qlora load_in_4bit=true --tag qlora
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/minicpmv-ds")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--num-processes", type=int, default=1)
+    parser.add_argument("--set", nargs="*", default=[], help="extra YAML overrides key=value")
+    parser.add_argument("--tag", default=None, help="name of the run (default: the DeepSpeed config's name)")
     args = parser.parse_args()
 
     import torch
@@ -48,18 +51,21 @@ def main() -> None:
     if not (base / "config.json").exists():
         make_tiny_checkpoint(base)
     for ds in args.deepspeed:
-        tag = Path(ds).stem
+        tag = args.tag or Path(ds).stem
         cfg = yaml.safe_load((REPO / "examples" / "tiny_cpu.yml").read_text())
         cfg.update(base_model=str(base), output_dir=str(work / f"out-{tag}"), dataset_prepared_path=str(work / "prepared"),
-                   deepspeed=str(REPO / ds), bf16=True, max_steps=args.steps, save_steps=args.steps, eval_steps=args.steps,
+                   deepspeed=None if ds == "none" else str(REPO / ds), bf16=True, max_steps=args.steps, save_steps=args.steps, eval_steps=args.steps,
                    datasets=[{"path": str(REPO / "examples/data/train.json"), "type": "axolotl_minicpmv.minicpmv_chat"}],
                    test_datasets=[{"path": str(REPO / "examples/data/eval.json"), "type": "axolotl_minicpmv.minicpmv_chat", "split": "train"}])
+        for item in args.set:
+            key, value = item.split("=", 1)
+            cfg[key] = yaml.safe_load(value)
         config = work / f"{tag}.yml"
         config.write_text(yaml.safe_dump(cfg))
         start = time.time()
         rc = run(["accelerate", "launch", "--num_processes", str(args.num_processes), "--num_machines", "1", "--mixed_precision", "no",
                   "--dynamo_backend", "no", "-m", "axolotl.cli.train", str(config)], work / f"train-{tag}.log")
-        result = {"deepspeed": tag, "train_rc": rc, "train_s": round(time.time() - start, 1)}
+        result = {"run": tag, "deepspeed": ds, "overrides": args.set, "train_rc": rc, "train_s": round(time.time() - start, 1)}
         if rc == 0:
             for fmt in ("adapter", "merged"):
                 result[f"export_{fmt}_rc"] = run([sys.executable, "-m", "axolotl_minicpmv", "export", str(config), "--format", fmt,

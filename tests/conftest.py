@@ -19,7 +19,7 @@ for key, value in {
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "data"
-REFERENCE = REPO.parent / "shared" / "reference" / "minicpm-v-2"
+REFERENCE = REPO / "tests" / "data" / "minicpm-v-2"  # the official release's config, tokenizer config and weight index
 
 
 @pytest.fixture(scope="session")

@@ -478,11 +478,15 @@ def _missing_files_error(path: Path) -> FileNotFoundError:
 
 
 def load_tokenizer(path: str | os.PathLike, **kwargs):
-    """Tokenizer of a MiniCPM-V 2.0 directory; ignores the remote-code class named in its config.
+    """Tokenizer of a MiniCPM-V 2.0 directory or hub id; ignores the remote-code class named in its config.
 
     Prefers ``tokenizer.model`` (the exact official behaviour); falls back to ``tokenizer.json``.
     """
     path = Path(path)
+    if not path.exists() and len(path.parts) == 2 and not str(path).startswith((".", "/")):
+        from huggingface_hub import snapshot_download  # a hub id such as "openbmb/MiniCPM-V-2"
+
+        path = Path(snapshot_download(str(path), allow_patterns=["tokenizer*", "special_tokens_map.json"]))
     if (path / VOCAB_FILE).is_file():
         return MiniCPMVTokenizer.from_pretrained(str(path), **kwargs)
     if (path / TOKENIZER_FILE).is_file():

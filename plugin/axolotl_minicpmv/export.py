@@ -30,7 +30,7 @@ from .adapters import (
     read_adapter,
     split_lora_name,
 )
-from .loading import CheckpointError, check_checkpoint_dir
+from .loading import CheckpointError, check_checkpoint_dir, is_hub_id
 
 LOG = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def _locate_base(name: str) -> Path:
     path = Path(name)
     if path.exists():
         return path
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):  # a hub id such as openbmb/MiniCPM-V-2
+    if is_hub_id(name):
         from huggingface_hub import snapshot_download
 
         patterns = ["*.json", "*.model", "*.py", "*.txt"]

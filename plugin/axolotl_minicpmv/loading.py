@@ -18,12 +18,18 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded as MiniCPM-V 2.0, with what is wrong."""
 
 
+def is_hub_id(name: str | os.PathLike) -> bool:
+    """A name like "openbmb/MiniCPM-V-2" that is not a local path (transformers resolves it on the hub)."""
+    text = str(name)
+    return not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/", "~"))
+
+
 def check_checkpoint_dir(path: str | os.PathLike) -> None:
     """Fail early, naming the files, when a local directory is not a complete checkpoint."""
+    if is_hub_id(path):
+        return
     path = Path(path)
     if not path.exists():
-        if len(str(path).split("/")) == 2 and not str(path).startswith((".", "/")):
-            return  # looks like a hub id ("openbmb/MiniCPM-V-2"): transformers resolves it
         raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{str(path)!r} has no config.json")

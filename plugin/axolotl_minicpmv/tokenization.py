@@ -482,11 +482,13 @@ def load_tokenizer(path: str | os.PathLike, **kwargs):
 
     Prefers ``tokenizer.model`` (the exact official behaviour); falls back to ``tokenizer.json``.
     """
-    path = Path(path)
-    if not path.exists() and len(path.parts) == 2 and not str(path).startswith((".", "/")):
-        from huggingface_hub import snapshot_download  # a hub id such as "openbmb/MiniCPM-V-2"
+    from .loading import is_hub_id
 
-        path = Path(snapshot_download(str(path), allow_patterns=["tokenizer*", "special_tokens_map.json"]))
+    if is_hub_id(path):
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(str(path), allow_patterns=["tokenizer*", "special_tokens_map.json"])
+    path = Path(path)
     if (path / VOCAB_FILE).is_file():
         return MiniCPMVTokenizer.from_pretrained(str(path), **kwargs)
     if (path / TOKENIZER_FILE).is_file():

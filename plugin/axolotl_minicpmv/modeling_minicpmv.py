@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, eag
 from transformers.utils import logging
 
 from .configuration_minicpmv import MiniCPMVConfig
+from .fast_decoding import FastDecoder, Sampling
 from .loading import check_checkpoint_dir, raise_on_incomplete_load
 from .processing_minicpmv import (
     InvalidInputError,
@@ -454,10 +455,13 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         max_new_tokens: int = 1024,
         sampling: bool = True,
         max_inp_length: int = 2048,
+        fast: bool = False,
         **kwargs,
     ):
         """Answer the last user turn of `msgs` (list or JSON string) about `image` (PIL, path, base64 or None).
 
+        `fast=True` decodes with `FastDecoder` (static KV cache, CUDA graphs on a GPU; greedy or sampled,
+        so not with beam search: pass `num_beams=1` with `sampling=False`).
         Returns `(answer, msgs + [assistant answer], generation_config)`; `msgs` is not modified.
         """
         if tokenizer is None:
@@ -468,9 +472,8 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         input_ids = processor.encode_prompt(processor.chat_prompt(msgs, image), max_inp_length).unsqueeze(0).to(self.device)
         pixel_values, vision_order, image_bound = None, None, None
         if image is not None:
-            pixels = processor.pixel_values(image)
+            pixels = processor.pixel_values(image, device=self.device)
             pixel_values, vision_order = group_by_size(pixels)
-            pixel_values = [p.to(self.device) for p in pixel_values]
             image_bound = image_bounds(input_ids, tokenizer.im_start_id, tokenizer.im_end_id, count=len(pixels))
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, vision_order, image_bound)
 
@@ -480,6 +483,10 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         if ignored:
             logger.warning(f"chat(): ignoring {ignored}; with sampling={sampling} only {sorted(generation_config)} can be overridden")
         generation_config.update(overrides)
+        if fast:
+            output = self._fast_generate(inputs_embeds, generation_config, tokenizer, max_new_tokens)
+            answer = decode_answer(output[0], tokenizer)
+            return answer, msgs + [{"role": "assistant", "content": answer}], generation_config
         with warnings.catch_warnings():
             # Like the official chat, the repetition penalty sees only generated tokens; that is intended.
             warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
@@ -494,6 +501,15 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
             )
         answer = decode_answer(output[0], tokenizer)
         return answer, msgs + [{"role": "assistant", "content": answer}], generation_config
+
+    def _fast_generate(self, inputs_embeds, generation_config: dict, tokenizer, max_new_tokens: int) -> torch.Tensor:
+        if generation_config.get("num_beams", 1) != 1:
+            raise ValueError("fast decoding is greedy or sampled, not beam search: pass num_beams=1 (or sampling=True)")
+        if getattr(self, "_fast_decoder", None) is None:
+            self._fast_decoder = FastDecoder(self)  # a plain attribute: not a submodule, never saved
+        fields = Sampling.__dataclass_fields__.keys()
+        sampling = Sampling(**{k: v for k, v in generation_config.items() if k in fields})
+        return self._fast_decoder.generate(inputs_embeds, max_new_tokens, eos_token_id=tokenizer.eos_token_id, sampling=sampling)
 
 
 # The vision tower and resampler stay in 16-bit under bitsandbytes (they are small and trained in full),

@@ -67,9 +67,12 @@ def _is_file(path) -> bool:
         return False
 
 
-def to_pixel_values(image: Image.Image) -> torch.Tensor:
-    """RGB image -> float tensor (3, H, W) in [-1, 1] (scaled to [0, 1], then mean = std = 0.5)."""
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+def to_pixel_values(image: Image.Image, device: torch.device | str | None = None) -> torch.Tensor:
+    """RGB image -> float tensor (3, H, W) in [-1, 1] (scaled to [0, 1], then mean = std = 0.5).
+
+    With `device`, the bytes are moved first and scaled there (same float32 operations, same values).
+    """
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).to(device)
     return array.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
 
 
@@ -134,8 +137,8 @@ class MiniCPMVProcessor:
         source, patches, _ = slice_image(image, self.max_slice_nums, self.scale_resolution, self.patch_size)
         return [source] + [cell for row in patches for cell in row]
 
-    def pixel_values(self, image: Image.Image) -> list[torch.Tensor]:
-        return [to_pixel_values(im) for im in self.vision_images(image)]
+    def pixel_values(self, image: Image.Image, device: torch.device | str | None = None) -> list[torch.Tensor]:
+        return [to_pixel_values(im, device) for im in self.vision_images(image)]
 
     # conversations
 

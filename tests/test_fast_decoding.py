@@ -1,0 +1,159 @@
+"""FastDecoder: the static-cache decoding loop (eager on CPU; compiled with CUDA graphs on a GPU, checked there
+by benchmarks/check_fast_decode.py) emits generate()'s greedy tokens and samples generate()'s distribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from axolotl_minicpmv.fast_decoding import FastDecoder, Sampling, choose_tokens
+from axolotl_minicpmv.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds
+
+from conftest import EXAMPLES
+
+MSGS = [{"role": "user", "content": "What is in the image?"}]
+
+
+@pytest.fixture(scope="module")
+def prompt(tiny_model, tiny_tokenizer):
+    """Embeddings of a one-image chat prompt, repeated for a batch of 2."""
+    image = Image.open(EXAMPLES / "images" / "clock.jpg").convert("RGB")
+    processor = MiniCPMVProcessor.from_config(tiny_tokenizer, tiny_model.config)
+    ids = processor.encode_prompt(processor.chat_prompt(MSGS, image)).unsqueeze(0).repeat(2, 1)
+    pixels, order = group_by_size(processor.pixel_values(image) * 2)
+    bound = image_bounds(ids, tiny_tokenizer.im_start_id, tiny_tokenizer.im_end_id)
+    with torch.inference_mode():
+        return tiny_model.embed_inputs(ids, pixels, order, bound)
+
+
+def _generate(model, embeds, **kwargs):
+    with torch.inference_mode():
+        return model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=0,
+            **kwargs,
+        )
+
+
+@pytest.mark.parametrize("repetition_penalty", [1.0, 1.2])
+def test_greedy_tokens_equal_generate(tiny_model, prompt, repetition_penalty):
+    decoder = FastDecoder(tiny_model)
+    ours = decoder.generate(prompt, 24, sampling=Sampling(repetition_penalty=repetition_penalty))
+    theirs = _generate(tiny_model, prompt, max_new_tokens=24, min_new_tokens=24, eos_token_id=None, repetition_penalty=repetition_penalty)
+    assert ours.shape == (2, 24)
+    assert torch.equal(ours, theirs)
+    # A second request reuses the cache (reset in between) and gives the same tokens.
+    assert torch.equal(decoder.generate(prompt, 24, sampling=Sampling(repetition_penalty=repetition_penalty)), ours)
+
+
+@pytest.mark.parametrize("sync_every", [1, 4, 64])
+def test_stops_after_eos_like_generate(tiny_model, prompt, sync_every):
+    free = FastDecoder(tiny_model).generate(prompt[:1], 20)[0].tolist()
+    eos = free[5]  # make the sixth greedy token the end of sequence: generation stops right after it
+    stop = free.index(eos)
+    ours = FastDecoder(tiny_model, sync_every=sync_every).generate(prompt[:1], 20, eos_token_id=eos)
+    theirs = _generate(tiny_model, prompt[:1], max_new_tokens=20, eos_token_id=eos)
+    assert ours[0].tolist() == free[: stop + 1]
+    assert torch.equal(ours, theirs)
+
+
+def test_min_new_tokens_holds_eos_back(tiny_model, prompt):
+    free = FastDecoder(tiny_model).generate(prompt[:1], 20)[0].tolist()
+    eos = free[0]
+    ours = FastDecoder(tiny_model).generate(prompt[:1], 12, eos_token_id=eos, min_new_tokens=4)
+    theirs = _generate(tiny_model, prompt[:1], max_new_tokens=12, eos_token_id=eos, min_new_tokens=4)
+    assert eos not in ours[0, :4].tolist()
+    assert torch.equal(ours, theirs)
+
+
+def test_a_finished_row_is_padded_while_the_other_runs(tiny_model, prompt):
+    # Row 0 and row 1 differ by their prompt's last token, so their answers differ.
+    embeds = prompt.clone()
+    embeds[1, -1] = embeds[1, -2]
+    free = FastDecoder(tiny_model).generate(embeds, 16)
+    first_differs = next(i for i in range(16) if free[0, i] != free[1, i])
+    eos = int(free[0, first_differs])
+    assert eos not in free[1, : first_differs + 1].tolist()
+    ours = FastDecoder(tiny_model).generate(embeds, 16, eos_token_id=eos, pad_token_id=0)
+    theirs = _generate(tiny_model, embeds, max_new_tokens=16, eos_token_id=eos)
+    assert torch.equal(ours, theirs)
+    assert ours[0, first_differs + 1 :].eq(0).all()
+
+
+def test_chat_fast_gives_the_greedy_answer(tiny_model, tiny_tokenizer):
+    image = Image.open(EXAMPLES / "images" / "clock.jpg").convert("RGB")
+    kwargs = {"tokenizer": tiny_tokenizer, "sampling": False, "num_beams": 1, "max_new_tokens": 12}
+    fast, context, config = tiny_model.chat(image, MSGS, fast=True, **kwargs)
+    plain, _, _ = tiny_model.chat(image, MSGS, **kwargs)
+    assert fast == plain and fast
+    assert context[-1] == {"role": "assistant", "content": fast}
+    assert config == {"num_beams": 1, "repetition_penalty": 1.2}
+
+
+def test_chat_fast_refuses_beam_search(tiny_model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="num_beams=1"):
+        tiny_model.chat(None, MSGS, tokenizer=tiny_tokenizer, sampling=False, fast=True, max_new_tokens=4)
+
+
+def test_chat_fast_samples_with_the_official_defaults(tiny_model, tiny_tokenizer):
+    torch.manual_seed(0)
+    answer, _, config = tiny_model.chat(None, MSGS, tokenizer=tiny_tokenizer, fast=True, max_new_tokens=8)
+    assert config["do_sample"] and config["top_k"] == 100
+    assert isinstance(answer, str)
+
+
+def _reference_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """generate()'s own warpers, in its order."""
+    scores = TemperatureLogitsWarper(sampling.temperature)(None, logits.clone())
+    if sampling.top_k:
+        scores = TopKLogitsWarper(sampling.top_k)(None, scores)
+    if sampling.top_p < 1:
+        scores = TopPLogitsWarper(sampling.top_p)(None, scores)
+    return scores.softmax(-1)
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        Sampling(do_sample=True, temperature=0.7, top_k=100, top_p=0.8),
+        Sampling(do_sample=True, temperature=1.3, top_k=5),
+        Sampling(do_sample=True, top_p=0.5),
+        Sampling(do_sample=True),
+    ],
+)
+def test_sampling_draws_from_generates_distribution(sampling):
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0)) * 2
+    expected = _reference_probs(logits, sampling)[0]
+    draws = 20000
+    generator = torch.Generator().manual_seed(1)
+    tokens = choose_tokens(logits.expand(draws, -1), None, sampling, generator)
+    observed = torch.bincount(tokens, minlength=50).double() / draws
+    assert set(observed.nonzero().flatten().tolist()) <= set(expected.nonzero().flatten().tolist())
+    # each probability within 4.5 standard errors of a binomial estimate
+    tolerance = 4.5 * (expected * (1 - expected) / draws).sqrt() + 1e-9
+    assert ((observed - expected).abs() <= tolerance).all(), (observed - expected).abs().max()
+
+
+def test_top_k_one_and_greedy_pick_the_argmax():
+    logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(choose_tokens(logits, None, Sampling()), logits.argmax(-1))
+    assert torch.equal(choose_tokens(logits, None, Sampling(do_sample=True, top_k=1)), logits.argmax(-1))
+
+
+def test_repetition_penalty_applies_to_seen_tokens_only():
+    logits = torch.tensor([[2.0, 1.9, -0.5, -0.6]])
+    seen = torch.tensor([[True, False, True, False]])
+    # 2.0 / 1.2 < 1.9, so the unseen token wins; a negative seen logit is pushed further down
+    assert choose_tokens(logits, seen, Sampling(repetition_penalty=1.2)).item() == 1
+    assert choose_tokens(-logits, seen, Sampling(repetition_penalty=1.2)).item() == 3
+
+
+@pytest.mark.parametrize("bad", [{"temperature": 0}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -1}, {"repetition_penalty": 0}])
+def test_bad_sampling_settings_are_refused(bad):
+    with pytest.raises(ValueError, match="invalid sampling"):
+        Sampling(**bad)

@@ -62,6 +62,11 @@ def runs(tiny_checkpoint, tmp_path_factory):
             INTERACTIVE_INPUT,
         ),
         "tiny": ([PYTHON, "-m", "axolotl_minicpmv", "tiny-checkpoint", str(out_dir), "--seed", "0"], None),
+        "fast": (
+            [PYTHON, "-m", "axolotl_minicpmv", "chat", "--model", str(tiny_checkpoint), "--image", str(IMAGE),
+             "--question", "What is this?", "--question", "Why?", "--fast", "--max-new-tokens", MAX_NEW_TOKENS],
+            None,
+        ),
     }
     procs = {
         name: subprocess.Popen(
@@ -118,6 +123,25 @@ def test_questions_are_answered_in_turn(runs, session):
     first, second = _conversation(session, ["What is this?", "Why?"])
     assert first != second
     assert result.stdout == f"user: What is this?\nassistant: {first}\nuser: Why?\nassistant: {second}\n"
+
+
+def test_fast_sampling_answers_each_question(runs, tiny_checkpoint):
+    result = runs["fast"]
+    _ok(result)
+    lines = result.stdout.splitlines()
+    assert [line for line in lines if line.startswith("user: ")] == ["user: What is this?", "user: Why?"]
+    answers = [line for line in lines if line.startswith("assistant: ")]
+    assert len(answers) == 2 and len(lines) == 4
+
+
+def test_fast_with_beam_is_refused_before_loading(tmp_path):
+    from click.testing import CliRunner
+
+    from axolotl_minicpmv.cli import main
+
+    result = CliRunner().invoke(main, ["chat", "--model", str(tmp_path / "nothing-here"), "--fast", "--beam", "--question", "hi"])
+    assert result.exit_code == 2
+    assert "cannot be combined with --beam" in result.output
 
 
 # ---------------------------------------------------------------- axolotl minicpmv-chat over stdin

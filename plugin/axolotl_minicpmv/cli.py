@@ -15,10 +15,12 @@ import click
 @click.option("--image", default=None, help="Image file for the conversation (optional; text-only without it).")
 @click.option("--question", "questions", multiple=True, help="Ask these questions in turn and exit (non-interactive).")
 @click.option("--beam/--sample", "beam", default=False, help="Beam search (3 beams) instead of sampling.")
+@click.option("--fast", is_flag=True, help="Decode with FastDecoder: static KV cache, and on a GPU one CUDA graph per "
+              "token (compiled on first use, about a minute). Sampling only, not with --beam.")
 @click.option("--max-new-tokens", default=1024, show_default=True)
 @click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
 @click.option("--dtype", default=None, help="bfloat16, float16 or float32 (default: by device).")
-def chat_command(model_path, adapter, image, questions, beam, max_new_tokens, device, dtype):
+def chat_command(model_path, adapter, image, questions, beam, fast, max_new_tokens, device, dtype):
     """Chat with MiniCPM-V 2.0 about an image, over several turns.
 
     Type a question and press Enter. `/image PATH` switches to another image (and starts a new
@@ -28,6 +30,8 @@ def chat_command(model_path, adapter, image, questions, beam, max_new_tokens, de
 
     from .chat import MiniCPMVChat, img2base64
 
+    if fast and beam:
+        raise click.UsageError("--fast decodes by sampling; it cannot be combined with --beam")
     if image and not Path(image).is_file():
         raise click.ClickException(f"--image {image!r}: no such file")
     try:
@@ -39,7 +43,7 @@ def chat_command(model_path, adapter, image, questions, beam, max_new_tokens, de
     def ask(question: str) -> None:
         msgs = state["msgs"] + [{"role": "user", "content": question}]
         try:
-            answer = session.chat({"image": state["image"], "question": json.dumps(msgs, ensure_ascii=False)}, sampling=not beam, max_new_tokens=max_new_tokens)
+            answer = session.chat({"image": state["image"], "question": json.dumps(msgs, ensure_ascii=False)}, sampling=not beam, max_new_tokens=max_new_tokens, fast=fast)
         except (ValueError, OSError) as err:  # bad input: say why and keep the session
             click.echo(f"error: {err}", err=True)
             return

@@ -1,9 +1,9 @@
 """Decoding without a host synchronisation per token: static KV cache, one CUDA graph per step.
 
 `generate()` checks its stopping criteria on the host after every token, and at batch 1 its per-step
-Python work costs more than the GPU's. Here the decoder step runs as a CUDA graph (torch.compile,
-mode "reduce-overhead", over a transformers `StaticCache`), the next token is chosen on the device,
-and the host reads the end-of-sequence flags only every `sync_every` tokens.
+Python work costs more than the GPU's. Here a whole decoding step (compiled decoder forward over a
+transformers `StaticCache`, token choice, bookkeeping) is one CUDA graph, and the host reads the
+end-of-sequence flags only every `sync_every` tokens.
 
 Greedy decoding emits the tokens of `generate(num_beams=1, do_sample=False)` (checked on the GPU by
 benchmarks/check_fast_decode.py); sampling draws from the same distribution (repetition penalty over
@@ -53,34 +53,108 @@ def choose_tokens(logits: torch.Tensor, seen: torch.Tensor | None, sampling: Sam
     return indices.gather(-1, (probs / noise).argmax(-1, keepdim=True)).squeeze(-1)
 
 
-def _decode_step(llm, cache: StaticCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _decode_forward(llm, cache: StaticCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return llm(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+class _DecodeLoop:
+    """Static buffers for one batch size, cache and set of settings, and on a GPU the CUDA graph of one
+    decoding step over them (compiled decoder forward + token choice + bookkeeping, all on the device)."""
+
+    def __init__(self, forward, llm, cache: StaticCache, batch: int, sampling: Sampling, eos_token_id, pad_token_id, min_new_tokens, device):
+        self.forward, self.llm, self.cache = forward, llm, cache
+        self.sampling, self.eos_token_id, self.pad_token_id, self.min_new_tokens = sampling, eos_token_id, pad_token_id, min_new_tokens
+        vocab = llm.config.vocab_size
+        self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)  # fed to the next step
+        self.positions = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.step = torch.zeros(1, dtype=torch.long, device=device)  # tokens chosen so far
+        self.out = torch.zeros((batch, cache.get_max_length()), dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.seen = torch.zeros((batch, vocab), dtype=torch.bool, device=device) if sampling.repetition_penalty != 1.0 else None
+        self.is_eos = None
+        if eos_token_id is not None:
+            self.is_eos = torch.arange(vocab, device=device) == eos_token_id
+        self.graph = None
+
+    def start(self, prompt_len: int) -> None:
+        self.cache.reset()
+        self.positions.fill_(prompt_len)
+        self.step.zero_()
+        self.out.fill_(self.pad_token_id)
+        self.finished.zero_()
+        if self.seen is not None:
+            self.seen.zero_()
+
+    def advance(self, logits: torch.Tensor) -> None:
+        """Choose the next tokens from (batch, vocab) logits and record them."""
+        if self.is_eos is not None and self.min_new_tokens:
+            logits = logits.masked_fill(self.is_eos & (self.step < self.min_new_tokens), float("-inf"))
+        tokens = choose_tokens(logits, self.seen, self.sampling)
+        if self.is_eos is not None:
+            tokens = tokens.masked_fill(self.finished, self.pad_token_id)
+            self.finished |= tokens == self.eos_token_id
+        self.out.index_copy_(1, self.step, tokens[:, None])
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens[:, None], True)
+        self.tokens.copy_(tokens[:, None])
+        self.step += 1
+
+    def decode_one(self) -> None:
+        logits = self.forward(self.llm, self.cache, self.tokens, self.positions)
+        self.positions += 1
+        self.advance(logits)
+
+    def capture(self) -> None:
+        """Record decode_one as a CUDA graph, after warm-up runs (compilation) on a side stream."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.start(0)
+            for _ in range(3):
+                self.decode_one()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.decode_one()
+
+    def run_one(self) -> None:
+        self.graph.replay() if self.graph is not None else self.decode_one()
 
 
 class FastDecoder:
     """Greedy or sampled decoding for `MiniCPMV` from prompt embeddings (see `MiniCPMV.embed_inputs`).
 
-    One `StaticCache` is kept, sized to the next power of two (at least 256) of prompt + new tokens, so a
-    handful of graphs serve every request; a new size or batch size compiles once more (tens of seconds).
-    On CPU the same loop runs eagerly.
+    On a GPU each decoding step is one CUDA graph replay: the decoder forward is compiled (torch.compile,
+    fixed shapes) and captured together with the token choice, so the host only queues replays and reads
+    the end-of-sequence flags every `sync_every` tokens. One `StaticCache` is kept, sized to the next power
+    of two (at least 256) of prompt + new tokens; a new size, batch size or set of sampling settings
+    compiles/captures once more. On CPU the same loop runs eagerly. Sampling uses torch's global RNG.
     """
 
     def __init__(self, model, sync_every: int = 16):
         self.model = model
         self.sync_every = sync_every
-        on_gpu = model.device.type == "cuda"
-        self._step = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True) if on_gpu else _decode_step
+        self.on_gpu = model.device.type == "cuda"
+        # Coordinate-descent tuning lets inductor tune its batch-1 matrix-vector kernels for bandwidth.
+        compiled = torch.compile(_decode_forward, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
+        self._forward = compiled if self.on_gpu else _decode_forward
         self._cache: StaticCache | None = None
         self._cache_key: tuple[int, int] | None = None
+        self._loops: dict[tuple, _DecodeLoop] = {}
 
-    def _fresh_cache(self, batch: int, length: int) -> StaticCache:
+    def _loop_for(self, batch: int, length: int, settings: tuple) -> _DecodeLoop:
         cache_len = max(256, 1 << (length - 1).bit_length())
         if self._cache_key != (batch, cache_len):
-            self._cache = None  # free the old one first: 40 layers of keys and values
-            self._cache = StaticCache(config=self.model.config, max_cache_len=cache_len)
+            self._loops.clear()  # their graphs point into the old cache: free both before allocating
+            self._cache = None
+            config = self.model.config
+            self._cache = StaticCache(config=config, max_cache_len=cache_len)
+            # Allocated now, outside any graph capture (it is otherwise allocated by its first update).
+            self._cache.early_initialization(batch, config.num_key_value_heads, config.head_dim, self.model.dtype, self.model.device)
             self._cache_key = (batch, cache_len)
-        self._cache.reset()
-        return self._cache
+        if settings not in self._loops:
+            self._loops[settings] = _DecodeLoop(self._forward, self.model.llm, self._cache, batch, *settings, device=self.model.device)
+        return self._loops[settings]
 
     @torch.inference_mode()
     def generate(
@@ -91,44 +165,24 @@ class FastDecoder:
         pad_token_id: int = 0,
         min_new_tokens: int = 0,
         sampling: Sampling = Sampling(),
-        generator: torch.Generator | None = None,
     ) -> torch.LongTensor:
         """New token ids (batch, n <= max_new_tokens) for equal-length prompts; after its eos a row holds pad ids."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        llm = self.model.llm
         batch, prompt_len, _ = inputs_embeds.shape
-        device = inputs_embeds.device
-        cache = self._fresh_cache(batch, prompt_len + max_new_tokens)
-        logits = llm(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-
-        out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-        positions = torch.full((batch, 1), prompt_len, dtype=torch.long, device=device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        seen = None
-        if sampling.repetition_penalty != 1.0:
-            seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            if eos_token_id is not None and step < min_new_tokens:
-                logits = logits.index_fill(-1, torch.tensor([eos_token_id], device=device), float("-inf"))
-            tokens = choose_tokens(logits, seen, sampling, generator)
-            if eos_token_id is not None:
-                tokens = tokens.masked_fill(finished, pad_token_id)
-                finished |= tokens == eos_token_id
-            out[:, step] = tokens
-            if seen is not None:
-                seen.scatter_(1, tokens[:, None], True)
-            if step + 1 == max_new_tokens:
+        loop = self._loop_for(batch, prompt_len + max_new_tokens, (sampling, eos_token_id, pad_token_id, min_new_tokens))
+        if self.on_gpu and loop.graph is None and max_new_tokens > 1:
+            loop.capture()  # compiles on first use (about a minute); a first token alone needs no graph
+        loop.start(prompt_len)
+        logits = self.model.llm(inputs_embeds=inputs_embeds, past_key_values=loop.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        loop.advance(logits)
+        for step in range(1, max_new_tokens):
+            if eos_token_id is not None and step % self.sync_every == 0 and bool(loop.finished.all()):
                 break
-            if eos_token_id is not None and (step + 1) % self.sync_every == 0 and bool(finished.all()):
-                break
-            torch.compiler.cudagraph_mark_step_begin()
-            logits = self._step(llm, cache, tokens[:, None], positions)
-            positions += 1
+            loop.run_one()
+        out = loop.out[:, :max_new_tokens].clone()
         if eos_token_id is None:
             return out
         # Like generate: stop after the column where the last row finished.
-        ended = (out == eos_token_id).cumsum(-1) > 0
-        still_running = (~ended).sum(-1)  # tokens before each row's eos
-        length = int(torch.minimum(still_running + 1, torch.tensor(max_new_tokens, device=device)).max())
-        return out[:, :length]
+        before_eos = ((out == eos_token_id).cumsum(-1) == 0).sum(-1)
+        return out[:, : int((before_eos + 1).clamp(max=max_new_tokens).max())]

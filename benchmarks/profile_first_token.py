@@ -1,0 +1,112 @@
+"""Where the first token's time goes for a 1344x896 image (real size, random bf16 weights, one GPU).
+
+Times the CPU stages (slicing and its bicubic resizes, pixels scaled on the CPU vs on the GPU, prompt
+ids), then the vision tower + resampler and the decoder prefill: wall time (synchronised) and host time
+until the call returns (dispatch), plus a torch.profiler table per stage whose footer gives the GPU
+kernel time. When dispatch is close to the wall time and the kernel time is well below it, the stage is
+bound by the host CPU launching kernels.
+
+    python benchmarks/profile_first_token.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_chat import QUESTION, picture, timed  # noqa: E402
+
+from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig, load_tokenizer  # noqa: E402
+from axolotl_minicpmv.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds, to_pixel_values  # noqa: E402
+from axolotl_minicpmv.slicing import slice_sizes  # noqa: E402
+from axolotl_minicpmv.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
+from axolotl_minicpmv.tokenization import write_tiny_tokenizer  # noqa: E402
+
+
+def ms(fn, runs: int = 7) -> float:
+    return round(timed(fn, runs) * 1000, 2)
+
+
+def dispatch_ms(fn, runs: int = 5) -> float:
+    """Median host time until `fn` returns, the GPU idle at the start of each call."""
+    fn()
+    samples = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return round(statistics.median(samples) * 1000, 2)
+
+
+def profile(name: str, fn) -> None:
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    print(f"== {name}: {launches} kernel launches", flush=True)
+    print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60), flush=True)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    config = MiniCPMVConfig(**_model_kwargs(OFFICIAL_CONFIG))
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = MiniCPMV(config).to(torch.bfloat16).eval()
+    tokenizer = load_tokenizer(write_tiny_tokenizer(tempfile.mkdtemp()))
+    processor = MiniCPMVProcessor.from_config(tokenizer, config)
+    with torch.no_grad():  # keep greedy answers inside the tiny tokenizer (see bench_chat.py)
+        model.llm.lm_head.weight[len(tokenizer) :] = 0
+    image = picture(1344, 896)
+    msgs = [{"role": "user", "content": QUESTION}]
+    source, cell, grid = slice_sizes(image.size)
+    images = processor.vision_images(image)
+    print(json.dumps({"source": source, "cell": cell, "grid": grid, "vision_images": len(images),
+                      "slice_sizes_ms": ms(lambda: slice_sizes(image.size)),
+                      "source_resize_ms": ms(lambda: image.resize(source, Image.Resampling.BICUBIC)),
+                      "refined_resize_ms": ms(lambda: image.resize((cell[0] * grid[0], cell[1] * grid[1]), Image.Resampling.BICUBIC)),
+                      "vision_images_ms": ms(lambda: processor.vision_images(image)),
+                      "to_pixels_cpu_ms": ms(lambda: [to_pixel_values(i) for i in images]),
+                      "to_pixels_gpu_ms": ms(lambda: [to_pixel_values(i, "cuda") for i in images]),
+                      "prompt_ms": ms(lambda: processor.encode_prompt(processor.chat_prompt(msgs, image)))}), flush=True)
+
+    ids = processor.encode_prompt(processor.chat_prompt(msgs, image)).unsqueeze(0).cuda()
+    groups, order = group_by_size([to_pixel_values(i, "cuda") for i in images])
+    bound = image_bounds(ids, tokenizer.im_start_id, tokenizer.im_end_id)
+    with torch.inference_mode():
+        embeds = model.embed_inputs(ids, groups, order, bound)
+
+        def vision():
+            return model.get_image_features(groups, order)
+
+        def prefill():
+            return model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+
+        def first_token():
+            return model.chat(image, msgs, tokenizer=tokenizer, sampling=False, num_beams=1, max_new_tokens=1, fast=True)
+
+        print(json.dumps({"vision_ms": ms(vision), "vision_dispatch_ms": dispatch_ms(vision),
+                          "tower_only_ms": ms(lambda: [model.vpm(g.to(torch.bfloat16)) for g in groups]),
+                          "prefill_ms": ms(prefill), "prefill_dispatch_ms": dispatch_ms(prefill),
+                          "chat_ttft_ms": ms(first_token)}), flush=True)
+        profile("vision tower + resampler", vision)
+        profile("decoder prefill", prefill)
+
+
+if __name__ == "__main__":
+    main()

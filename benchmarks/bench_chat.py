@@ -36,7 +36,8 @@ from axolotl_minicpmv.tokenization import write_tiny_tokenizer  # noqa: E402
 QUESTION = "What is shown in this picture?"
 
 
-def timed(fn, runs: int, warmup: int = 2) -> float:
+def timed(fn, runs: int, warmup: int = 2, wait: bool = True) -> float:
+    """Median seconds of `fn` from an idle GPU until its work is done (`wait`) or until it returns."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -44,8 +45,10 @@ def timed(fn, runs: int, warmup: int = 2) -> float:
         torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        if wait:
+            torch.cuda.synchronize()
         samples.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
     return statistics.median(samples)
 
 

@@ -12,10 +12,8 @@ bound by the host CPU launching kernels.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -39,15 +37,7 @@ def ms(fn, runs: int = 7) -> float:
 
 def dispatch_ms(fn, runs: int = 5) -> float:
     """Median host time until `fn` returns, the GPU idle at the start of each call."""
-    fn()
-    samples = []
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    torch.cuda.synchronize()
-    return round(statistics.median(samples) * 1000, 2)
+    return round(timed(fn, runs, warmup=1, wait=False) * 1000, 2)
 
 
 def profile(name: str, fn) -> None:

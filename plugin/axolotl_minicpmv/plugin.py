@@ -78,6 +78,7 @@ class MiniCPMVPlugin(BasePlugin):
 
         if is_deepspeed_zero3_enabled():
             _register_zero3_external_parameters(model)
+            _create_zero3_backward_counters(model)
         total, trainable = lora_targets.count_parameters(model)
         LOG.info("MiniCPM-V parameters: Total %s / Trainable %s (fully trained: %s)", f"{total:,}", f"{trainable:,}", cfg.lora_modules_to_save or "none")
 
@@ -104,6 +105,17 @@ def _register_zero3_external_parameters(model) -> None:
         if isinstance(module, torch.nn.MultiheadAttention):
             for param in module.out_proj.parameters():
                 deepspeed.zero.register_external_parameter(module, param)
+
+
+def _create_zero3_backward_counters(model) -> None:
+    """PEFT's ModulesToSaveWrapper hands unknown attributes on to its trained copy, so when DeepSpeed ZeRO-3
+    registers its hooks it finds the copy's backward-hook function on the wrapper and reuses it. The
+    wrapper's forward pre-hook then counts pending gradients on the copy before the copy's own pre-hook has
+    created the counter: "'Resampler' object has no attribute 'ds_grads_remaining'" in the first step.
+    With the counter present from the start, that extra count is harmless (the copy's own pre-hook resets
+    it and its own backward hook releases the parameters); tests/test_zero3_cpu.py trains through it."""
+    for module in model.modules():
+        module.ds_grads_remaining = 0
 
 
 def _pick_cpu_precision(cfg: dict) -> None:

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import StaticCache
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,10 @@ class _DecodeLoop:
             self.decode_one()
 
     def run_one(self) -> None:
-        self.graph.replay() if self.graph is not None else self.decode_one()
+        if self.graph is None:
+            self.decode_one()
+        else:
+            self.graph.replay()
 
 
 class FastDecoder:
@@ -135,9 +141,11 @@ class FastDecoder:
         self.model = model
         self.sync_every = sync_every
         self.on_gpu = model.device.type == "cuda"
-        # Coordinate-descent tuning lets inductor tune its batch-1 matrix-vector kernels for bandwidth.
-        compiled = torch.compile(_decode_forward, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
-        self._forward = compiled if self.on_gpu else _decode_forward
+        self._forward = _decode_forward
+        if self.on_gpu:
+            # Coordinate-descent tuning lets inductor tune its batch-1 matrix-vector kernels for bandwidth
+            # (265 -> 289 tokens/s on an H100, benchmarks/RESULTS.md).
+            self._forward = torch.compile(_decode_forward, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
         self._cache: StaticCache | None = None
         self._cache_key: tuple[int, int] | None = None
         self._loops: dict[tuple, _DecodeLoop] = {}
@@ -171,8 +179,9 @@ class FastDecoder:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         batch, prompt_len, _ = inputs_embeds.shape
         loop = self._loop_for(batch, prompt_len + max_new_tokens, (sampling, eos_token_id, pad_token_id, min_new_tokens))
-        if self.on_gpu and loop.graph is None and max_new_tokens > 1:
-            loop.capture()  # compiles on first use (about a minute); a first token alone needs no graph
+        if self.on_gpu and loop.graph is None and max_new_tokens > 1:  # a first token alone needs no graph
+            logger.warning(f"FastDecoder: compiling the decoding step for batch {batch}, cache {self._cache_key[1]} (once; about a minute)")
+            loop.capture()
         loop.start(prompt_len)
         logits = self.model.llm(inputs_embeds=inputs_embeds, past_key_values=loop.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         loop.advance(logits)

@@ -485,20 +485,19 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         generation_config.update(overrides)
         if fast:
             output = self._fast_generate(inputs_embeds, generation_config, tokenizer, max_new_tokens)
-            answer = decode_answer(output[0], tokenizer)
-            return answer, msgs + [{"role": "assistant", "content": answer}], generation_config
-        with warnings.catch_warnings():
-            # Like the official chat, the repetition penalty sees only generated tokens; that is intended.
-            warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
-            output = self.generate(
-                inputs_embeds=inputs_embeds,
-                attention_mask=torch.ones(input_ids.shape, dtype=torch.long, device=self.device),
-                pad_token_id=0,
-                eos_token_id=tokenizer.eos_token_id,
-                bos_token_id=tokenizer.bos_token_id,
-                max_new_tokens=max_new_tokens,
-                **generation_config,
-            )
+        else:
+            with warnings.catch_warnings():
+                # Like the official chat, the repetition penalty sees only generated tokens; that is intended.
+                warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
+                output = self.generate(
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=torch.ones(input_ids.shape, dtype=torch.long, device=self.device),
+                    pad_token_id=0,
+                    eos_token_id=tokenizer.eos_token_id,
+                    bos_token_id=tokenizer.bos_token_id,
+                    max_new_tokens=max_new_tokens,
+                    **generation_config,
+                )
         answer = decode_answer(output[0], tokenizer)
         return answer, msgs + [{"role": "assistant", "content": answer}], generation_config
 

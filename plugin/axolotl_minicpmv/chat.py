@@ -45,7 +45,8 @@ class MiniCPMVChat:
     def chat(self, input: dict, sampling: bool = True, **generate_kwargs) -> str:
         """`input = {"image": base64 or None, "question": JSON list of {role, content}}` -> answer.
 
-        Sampling defaults follow the seed (temperature 0.7); pass `sampling=False` for beam search.
+        Sampling defaults follow the seed (temperature 0.7); pass `sampling=False` for beam search, and
+        `fast=True` for `FastDecoder` (static KV cache, CUDA graphs; sampling or `num_beams=1`).
         """
         if not isinstance(input, dict) or "question" not in input:
             raise InvalidInputError("input must be a dict with a 'question' key (JSON list of {role, content}) and an optional 'image' key")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pydantic import BaseModel, Field, field_validator
 
 
@@ -20,3 +22,9 @@ class MiniCPMVArgs(BaseModel):
         if not 1 <= value <= 9:
             raise ValueError(f"minicpmv_max_slice_nums must be between 1 and 9, got {value}")
         return value
+
+
+def cfg_value(cfg, key: str, default=None):
+    """`cfg[key]` of an Axolotl config (DictDefault, plain dict or attribute object); `default` when unset or None."""
+    value = cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
+    return default if value is None else value

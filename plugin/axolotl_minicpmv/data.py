@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from axolotl.utils.logging import get_logger
 
+from .args import cfg_value
 from .processing_minicpmv import IMAGE_TAG, ROLE_MARKERS
 
 LOG = get_logger(__name__)
@@ -69,27 +70,22 @@ class PreparedDataset:
 # ---------------------------------------------------------------- config helpers
 
 
-def _get(obj, key, default=None):
-    value = obj.get(key, default) if isinstance(obj, Mapping) else getattr(obj, key, default)
-    return default if value is None else value
-
-
 def max_slice_nums_from_cfg(cfg) -> int:
     """`minicpmv_max_slice_nums` (default 9): the slice budget used for placeholders AND pixels."""
-    value = _get(cfg, "minicpmv_max_slice_nums", DEFAULT_MAX_SLICE_NUMS)
+    value = cfg_value(cfg, "minicpmv_max_slice_nums", DEFAULT_MAX_SLICE_NUMS)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"minicpmv_max_slice_nums must be a positive integer, got {value!r}")
     return value
 
 
 def is_minicpmv_dataset(ds_cfg) -> bool:
-    ds_type = _get(ds_cfg, "type")
+    ds_type = cfg_value(ds_cfg, "type")
     return isinstance(ds_type, str) and ds_type in (DATASET_TYPE, f"{DATASET_TYPE}.load")
 
 
 def prepared_dir(cfg) -> Path:
     """Where prepared files go: `<dataset_prepared_path or output_dir>/minicpmv_data`."""
-    base = _get(cfg, "dataset_prepared_path") or _get(cfg, "output_dir") or DEFAULT_OUTPUT_DIR
+    base = cfg_value(cfg, "dataset_prepared_path") or cfg_value(cfg, "output_dir") or DEFAULT_OUTPUT_DIR
     return Path(base) / PREPARED_DIR_NAME
 
 
@@ -103,15 +99,15 @@ def prepare_minicpmv_datasets(cfg) -> list[PreparedDataset]:
     `register` for `axolotl evaluate`). Idempotent: entries already pointing at a prepared file are
     left alone. Raises InvalidDatasetError listing every bad sample, unless `minicpmv_skip_bad_samples`.
     """
-    skip_bad = bool(_get(cfg, "minicpmv_skip_bad_samples", False))
+    skip_bad = bool(cfg_value(cfg, "minicpmv_skip_bad_samples", False))
     max_slice_nums = max_slice_nums_from_cfg(cfg)
     out_dir = prepared_dir(cfg)
     prepared = []
     for key in ("datasets", "test_datasets"):
-        for ds_cfg in _get(cfg, key, None) or []:
+        for ds_cfg in cfg_value(cfg, key, None) or []:
             if not is_minicpmv_dataset(ds_cfg):
                 continue
-            path = _get(ds_cfg, "path")
+            path = cfg_value(ds_cfg, "path")
             if not path:
                 raise InvalidDatasetError(f"{key}: an entry of type {DATASET_TYPE} has no `path`")
             if _is_prepared_file(Path(path)):

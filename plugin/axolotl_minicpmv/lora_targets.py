@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
+from .args import cfg_value
+
 # The official fine-tuning default (q|k|v of every decoder layer).
 DEFAULT_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
 
@@ -79,12 +81,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def modules_to_save(cfg) -> list[str]:
-    return [module for key, module in FULLY_TRAINED.items() if _cfg_get(cfg, key, True)]
-
-
-def _cfg_get(cfg, key, default):
-    value = cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
-    return default if value is None else value
+    return [module for key, module in FULLY_TRAINED.items() if cfg_value(cfg, key, True)]
 
 
 def merge_modules_to_save(existing: Iterable[str] | None, wanted: Iterable[str]) -> list[str]:

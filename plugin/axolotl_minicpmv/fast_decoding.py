@@ -7,7 +7,7 @@ end-of-sequence flags only every `sync_every` tokens.
 
 Greedy decoding emits the tokens of `generate(num_beams=1, do_sample=False)` (checked on the GPU by
 benchmarks/check_fast_decode.py); sampling draws from the same distribution (repetition penalty over
-generated tokens, temperature, top-k, top-p, in generate's order) with its own random stream.
+generated tokens, then generate's own temperature, top-k and top-p warpers) with its own random stream.
 """
 
 from __future__ import annotations
@@ -16,6 +16,12 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import StaticCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -35,25 +41,29 @@ class Sampling:
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
             raise ValueError(f"invalid sampling settings {self}")
 
+    def warpers(self) -> LogitsProcessorList:
+        """generate()'s temperature, top-k and top-p warpers, in its order (all fixed-shape, so they capture)."""
+        warpers = LogitsProcessorList()
+        if self.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(self.temperature))
+        if self.top_k:
+            warpers.append(TopKLogitsWarper(self.top_k))
+        if self.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(self.top_p))
+        return warpers
+
 
 def choose_tokens(logits: torch.Tensor, seen: torch.Tensor | None, sampling: Sampling, generator=None) -> torch.Tensor:
     """(batch, vocab) float logits -> (batch,) token ids, without reading anything back to the host."""
-    if seen is not None:  # generate's RepetitionPenaltyLogitsProcessor, over the tokens generated so far
+    if seen is not None:  # generate's RepetitionPenaltyLogitsProcessor, over a fixed-shape mask of generated tokens
         penalty = sampling.repetition_penalty
         logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
     if not sampling.do_sample:
         return logits.argmax(-1)
-    logits = logits / sampling.temperature
-    top_k = min(sampling.top_k, logits.shape[-1]) if sampling.top_k else logits.shape[-1]
-    values, indices = logits.topk(top_k)  # sorted, highest first
-    if sampling.top_p < 1:
-        probs = values.softmax(-1)
-        # Keep a token while the tokens ranked above it hold less than top_p of the mass (the first always).
-        values = values.masked_fill(probs.cumsum(-1) - probs >= sampling.top_p, float("-inf"))
-    probs = values.softmax(-1)
+    probs = sampling.warpers()(None, logits).softmax(-1)
     # Exponential race (Gumbel-max): argmax of p / Exp(1) is a draw from p, with no host synchronisation.
     noise = torch.empty_like(probs).exponential_(generator=generator)
-    return indices.gather(-1, (probs / noise).argmax(-1, keepdim=True)).squeeze(-1)
+    return (probs / noise).argmax(-1)
 
 
 def _decode_forward(llm, cache: StaticCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,21 @@ def timed(fn, runs: int, warmup: int = 2, wait: bool = True) -> float:
     return statistics.median(samples)
 
 
+def bench_model(attn: str = "sdpa"):
+    """(model, tokenizer, processor): real-size MiniCPM-V with seeded random bf16 weights on the GPU."""
+    torch.manual_seed(0)
+    config = MiniCPMVConfig(**_model_kwargs(OFFICIAL_CONFIG))
+    config._attn_implementation = attn
+    with torch.device("cuda"):
+        model = MiniCPMV(config).to(torch.bfloat16).eval()
+    tokenizer = load_tokenizer(write_tiny_tokenizer(tempfile.mkdtemp()))
+    # The benchmark tokenizer is the tiny one (800 pieces; the real tokenizer cannot be downloaded here):
+    # zero the lm_head rows past it so greedy answers stay decodable. Same matmul, same speed.
+    with torch.no_grad():
+        model.llm.lm_head.weight[len(tokenizer) :] = 0
+    return model, tokenizer, MiniCPMVProcessor.from_config(tokenizer, config)
+
+
 def picture(width: int, height: int) -> Image.Image:
     generator = torch.Generator().manual_seed(width * height)
     return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8).numpy())
@@ -98,17 +113,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.jsonl")))
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    config = MiniCPMVConfig(**_model_kwargs(OFFICIAL_CONFIG))
-    config._attn_implementation = args.attn
-    with torch.device("cuda"):
-        model = MiniCPMV(config).to(torch.bfloat16).eval()
-    tokenizer = load_tokenizer(write_tiny_tokenizer(tempfile.mkdtemp()))
-    processor = MiniCPMVProcessor.from_config(tokenizer, config)
-    # The benchmark tokenizer is the tiny one (800 pieces; the real tokenizer cannot be downloaded here):
-    # zero the lm_head rows past it so greedy answers stay decodable. Same matmul, same speed.
-    with torch.no_grad():
-        model.llm.lm_head.weight[len(tokenizer):] = 0
+    model, tokenizer, processor = bench_model(args.attn)
     result = {"bench": "chat", "gpu": torch.cuda.get_device_name(), "date": date.today().isoformat(), "fast": args.fast,
               "torch": torch.__version__, "transformers": __import__("transformers").__version__, "attn": args.attn,
               "command": "python " + " ".join(sys.argv)}

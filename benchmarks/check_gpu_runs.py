@@ -1,6 +1,6 @@
 """GPU check: runs through Axolotl's CLI (DeepSpeed ZeRO-2 / ZeRO-3, QLoRA) save adapters that export and reload.
 
-For each DeepSpeed config (or `none`): train the tiny generated checkpoint (or the full-size one with --full-size)
+For each DeepSpeed config (or `none`): train the tiny generated checkpoint
 for a few steps with `accelerate launch -m axolotl.cli.train`, export `adapter` and `merged`, reload
 both, and compare their logits on a fixed image prompt (fp32). Prints one JSON line per config.
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,13 +21,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_chat import QUESTION, picture, timed  # noqa: E402
+from bench_chat import QUESTION, bench_model, picture, timed  # noqa: E402
 
-from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig, load_tokenizer  # noqa: E402
-from axolotl_minicpmv.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds, to_pixel_values  # noqa: E402
+from axolotl_minicpmv.processing_minicpmv import group_by_size, image_bounds, to_pixel_values  # noqa: E402
 from axolotl_minicpmv.slicing import slice_sizes  # noqa: E402
-from axolotl_minicpmv.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
-from axolotl_minicpmv.tokenization import write_tiny_tokenizer  # noqa: E402
 
 
 def ms(fn, runs: int = 7) -> float:
@@ -53,15 +49,7 @@ def profile(name: str, fn) -> None:
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    config = MiniCPMVConfig(**_model_kwargs(OFFICIAL_CONFIG))
-    config._attn_implementation = "sdpa"
-    with torch.device("cuda"):
-        model = MiniCPMV(config).to(torch.bfloat16).eval()
-    tokenizer = load_tokenizer(write_tiny_tokenizer(tempfile.mkdtemp()))
-    processor = MiniCPMVProcessor.from_config(tokenizer, config)
-    with torch.no_grad():  # keep greedy answers inside the tiny tokenizer (see bench_chat.py)
-        model.llm.lm_head.weight[len(tokenizer) :] = 0
+    model, tokenizer, processor = bench_model()
     image = picture(1344, 896)
     msgs = [{"role": "user", "content": QUESTION}]
     source, cell, grid = slice_sizes(image.size)

@@ -35,8 +35,9 @@ class Resampler(nn.Module):
         if grid * grid != num_queries:
             raise ValueError(f"query_num={num_queries} must be a square number")
         self.embed_dim = embed_dim
-        # A parameter (frozen) rather than a buffer: the official checkpoint stores it. Filled with the
-        # 2-D sin-cos table by the model's weight init (created empty so a device context applies).
+        # A parameter (frozen) rather than a buffer: the official checkpoint stores it. Created empty so a
+        # device context applies, then filled with the 2-D sin-cos table (a standalone resampler needs it);
+        # on the meta device the model's weight init or the checkpoint fills it instead.
         self.pos_embed = nn.Parameter(torch.empty(num_queries, embed_dim), requires_grad=False)
         if not self.pos_embed.is_meta:
             with torch.no_grad():

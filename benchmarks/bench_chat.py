@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
 
 from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig, load_tokenizer  # noqa: E402
 from axolotl_minicpmv.fast_decoding import FastDecoder  # noqa: E402
-from axolotl_minicpmv.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds, to_pixel_values  # noqa: E402
+from axolotl_minicpmv.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds  # noqa: E402
 from axolotl_minicpmv.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
 from axolotl_minicpmv.tokenization import write_tiny_tokenizer  # noqa: E402
 
@@ -82,34 +82,12 @@ def prompt_embeds(model, processor, image, batch: int):
         return model.embed_inputs(ids, [p.cuda() for p in pixels], order, bound), ids.shape[1]
 
 
-def first_token_breakdown(model, processor, image, msgs, runs: int) -> dict:
-    """Median milliseconds of each stage `chat` goes through before its first token."""
-    tokenizer = processor.tokenizer
-    stages = {}
-    prompt = processor.chat_prompt(msgs, image)
-    ids = processor.encode_prompt(prompt).unsqueeze(0).cuda()
-    images = processor.vision_images(image)
-    groups, order = group_by_size([to_pixel_values(i) for i in images])
-    pixels = [p.cuda() for p in groups]
-    bound = image_bounds(ids, tokenizer.im_start_id, tokenizer.im_end_id)
-    stages["prompt_text_ms"] = lambda: processor.chat_prompt(msgs, image)
-    stages["tokenize_ms"] = lambda: processor.encode_prompt(prompt)
-    stages["slice_resize_ms"] = lambda: processor.vision_images(image)
-    stages["to_pixels_ms"] = lambda: processor.pixel_values(image)
-    with torch.inference_mode():
-        stages["vision_tower_resampler_ms"] = lambda: model.get_image_features(pixels, order)
-        embeds = model.embed_inputs(ids, pixels, order, bound)
-        stages["prefill_forward_ms"] = lambda: model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
-        return {name: round(timed(fn, runs) * 1000, 2) for name, fn in stages.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--fast", action="store_true", help="chat(fast=True) / FastDecoder: static KV cache + CUDA graphs")
     parser.add_argument("--attn", default="sdpa")
-    parser.add_argument("--breakdown", action="store_true", help="time each stage of the first token for 1344x896 and exit")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.jsonl")))
     args = parser.parse_args()
 
@@ -119,9 +97,6 @@ def main() -> None:
               "command": "python " + " ".join(sys.argv)}
 
     msgs = [{"role": "user", "content": QUESTION}]
-    if args.breakdown:
-        print(json.dumps(first_token_breakdown(model, processor, picture(1344, 896), msgs, args.runs)))
-        return
     for width, height in [(448, 448), (1344, 896)]:
         image = picture(width, height)
         ttft = timed(lambda: model.chat(image, msgs, tokenizer=tokenizer, sampling=False, num_beams=1, max_new_tokens=1, fast=args.fast), args.runs)

@@ -69,7 +69,7 @@ def test_image_paths_resolve_against_the_json_file_not_the_cwd(tmp_path, images,
     data_dir = tmp_path / "nested" / "data"
     (data_dir / "pics").mkdir(parents=True)
     (data_dir / "pics" / "a.jpg").write_bytes(images["small"].read_bytes())
-    source = write_json(
+    write_json(
         data_dir / "d.json",
         [
             {"id": "rel", "image": "pics/a.jpg", "conversations": conv("<image> what?", "a")},

@@ -173,6 +173,18 @@ def test_adapter_export_loads_both_ways_exactly(trained_run, exports, expected, 
     assert chat_answer(session) == expected.answer
 
 
+def test_fast_decoding_goes_through_the_adapter(trained_run, exports):
+    from axolotl_minicpmv import MiniCPMVChat, img2base64
+
+    question = {"image": img2base64(IMAGE), "question": json.dumps(MSGS)}
+    greedy = dict(sampling=False, num_beams=1, max_new_tokens=12)
+    tuned = MiniCPMVChat(str(trained_run.base), adapter=str(exports.adapter), device="cpu", dtype=torch.float32)
+    base = MiniCPMVChat(str(trained_run.base), device="cpu", dtype=torch.float32)
+    fast_answer = tuned.chat(question, fast=True, **greedy)
+    assert fast_answer == tuned.chat(question, **greedy)
+    assert fast_answer != base.chat(question, fast=True, **greedy)
+
+
 def test_official_lora_export_loads_the_seeds_way(trained_run, exports, expected, tokenizer):
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file

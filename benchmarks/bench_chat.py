@@ -14,7 +14,6 @@ host synchronisation) and checks that its greedy tokens equal generate()'s.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_table import record, versions  # noqa: E402
 
 from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig, load_tokenizer  # noqa: E402
 from axolotl_minicpmv.fast_decoding import FastDecoder  # noqa: E402
@@ -93,8 +95,7 @@ def main() -> None:
 
     model, tokenizer, processor = bench_model(args.attn)
     result = {"bench": "chat", "gpu": torch.cuda.get_device_name(), "date": date.today().isoformat(), "fast": args.fast,
-              "torch": torch.__version__, "transformers": __import__("transformers").__version__, "attn": args.attn,
-              "command": "python " + " ".join(sys.argv)}
+              "versions": versions("torch", "transformers", "timm"), "attn": args.attn, "command": "python " + " ".join(sys.argv)}
 
     msgs = [{"role": "user", "content": QUESTION}]
     for width, height in [(448, 448), (1344, 896)]:
@@ -134,9 +135,7 @@ def main() -> None:
         fast, plain = generate(embeds, 64, **stop), generate(embeds, 64, fast=False, **stop)
         result["fast_equals_plain_64_tokens"] = bool(torch.equal(fast, plain))
         result["fast_vs_plain_first_diff"] = None if torch.equal(fast, plain) else int((fast != plain).nonzero()[0, 1])
-    print(json.dumps(result))
-    with open(args.out, "a") as handle:
-        handle.write(json.dumps(result) + "\n")
+    record(result, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "plugin"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from results_table import record, versions  # noqa: E402
 
 WORDS = "the a photo shows red blue green car house tree sky river people street sign table book window light small large left right".split()
 
@@ -120,11 +123,10 @@ def main() -> None:
         "losses": [float(s["loss"]) for s in steps],
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": date.today().isoformat(), "overrides": args.set,
+        "versions": versions("torch", "transformers", "peft", "axolotl", "deepspeed"),
         "command": "python " + " ".join(sys.argv), "log": str(log_path),
     }
-    print(json.dumps(result))
-    with open(args.out, "a") as handle:
-        handle.write(json.dumps(result) + "\n")
+    record(result, Path(args.out))
     if rc != 0:
         print(log_path.read_text()[-6000:])
         sys.exit(rc)

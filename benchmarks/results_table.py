@@ -1,0 +1,90 @@
+"""The "Every run" table of benchmarks/RESULTS.md, rendered from benchmarks/results.jsonl.
+
+bench_chat.py and bench_train.py append one JSON line per run and re-render the table, so every number
+in it comes from a line written by the command shown beside it. Lines measured on another machine
+(`--out` elsewhere) are appended to results.jsonl by hand; then `python benchmarks/results_table.py`
+renders the table again.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS_JSONL = HERE / "results.jsonl"
+RESULTS_MD = HERE / "RESULTS.md"
+BEGIN = "<!-- every-run table: rendered by benchmarks/results_table.py from results.jsonl -->"
+END = "<!-- end of every-run table -->"
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """Installed versions of `packages` (those not installed are left out)."""
+    found = {}
+    for name in packages:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _summary(run: dict) -> str:
+    if run["bench"] == "chat":
+        parts = [
+            f"TTFT 448x448 {run['ttft_ms_448x448']} ms",
+            f"TTFT 1344x896 {run['ttft_ms_1344x896']} ms",
+            f"decode b1 {run['decode_tokens_per_s_batch1']} tok/s",
+            f"b8 total {run['total_tokens_per_s_batch8']} tok/s",
+            f"peak memory b1 {run['peak_mem_gib_batch1']} / b8 {run['peak_mem_gib_batch8']} GiB",
+        ]
+        if "fast_vs_plain_first_diff" in run:
+            diff = run["fast_vs_plain_first_diff"]
+            parts.append("fast = plain greedy tokens" if diff is None else f"fast vs plain: first differing token {diff}")
+        return "; ".join(parts)
+    if run["rc"] != 0:
+        return f"failed (exit {run['rc']}) after {run['steps_logged']} steps"
+    return (f"{run['samples_per_second_median']} samples/s; peak {run['peak_mem_allocated_gib']} GiB allocated "
+            f"({run['device_reserved_gib']} reserved); {run['steps_logged']} steps")
+
+
+def _versions_cell(run: dict) -> str:
+    if "versions" in run:
+        return ", ".join(f"{name} {version}" for name, version in run["versions"].items())
+    if "torch" in run:
+        return f"torch {run['torch']}, transformers {run['transformers']}"
+    return "not recorded"
+
+
+def render(runs: list[dict]) -> str:
+    rows = ["| date | GPU | versions | command | result |", "|---|---|---|---|---|"]
+    for run in runs:
+        what = run["bench"] + (" fast" if run.get("fast") else "") + (f" {run['deepspeed']}" if "deepspeed" in run else "")
+        rows.append(f"| {run['date']} | {run['gpu']} | {_versions_cell(run)} | `{run['command']}` | {what}: {_summary(run)} |")
+    return "\n".join(rows)
+
+
+def update(jsonl: Path = RESULTS_JSONL, markdown: Path = RESULTS_MD) -> None:
+    """Replace the table between the markers of `markdown` with one row per line of `jsonl`."""
+    runs = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    text = markdown.read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{markdown} has no every-run table markers ({BEGIN!r} ... {END!r})")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    markdown.write_text(f"{head}{BEGIN}\n{render(runs)}\n{END}{tail}")
+
+
+def record(result: dict, out: Path) -> None:
+    """Append `result` to `out`; when that is the repository's results.jsonl, re-render the table."""
+    print(json.dumps(result))
+    with open(out, "a") as handle:
+        handle.write(json.dumps(result) + "\n")
+    if Path(out).resolve() == RESULTS_JSONL:
+        update()
+
+
+if __name__ == "__main__":
+    update(*(Path(arg) for arg in sys.argv[1:3]))

@@ -100,6 +100,9 @@ def main() -> None:
     msgs = [{"role": "user", "content": QUESTION}]
     for width, height in [(448, 448), (1344, 896)]:
         image = picture(width, height)
+        start = time.perf_counter()  # the first call includes --fast's compilations (dynamic shapes: once)
+        model.chat(image, msgs, tokenizer=tokenizer, sampling=False, num_beams=1, max_new_tokens=1, fast=args.fast)
+        result[f"first_call_s_{width}x{height}"] = round(time.perf_counter() - start, 1)
         ttft = timed(lambda: model.chat(image, msgs, tokenizer=tokenizer, sampling=False, num_beams=1, max_new_tokens=1, fast=args.fast), args.runs)
         _, prompt_len = prompt_embeds(model, processor, image, 1)
         result[f"ttft_ms_{width}x{height}"] = round(ttft * 1000, 1)

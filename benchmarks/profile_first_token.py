@@ -1,10 +1,10 @@
 """Where the first token's time goes for a 1344x896 image (real size, random bf16 weights, one GPU).
 
-Times the CPU stages (slicing and its bicubic resizes, pixels scaled on the CPU vs on the GPU, prompt
-ids), then the vision tower + resampler and the decoder prefill: wall time (synchronised) and host time
-until the call returns (dispatch), plus a torch.profiler table per stage whose footer gives the GPU
-kernel time. When dispatch is close to the wall time and the kernel time is well below it, the stage is
-bound by the host CPU launching kernels.
+Times the CPU stages (slicing and its bicubic resizes, pixels, prompt ids), then the vision tower +
+resampler and the decoder prefill, each eager (`chat()`) and compiled (`chat(fast=True)`): wall time
+(synchronised) and host time until the call returns (dispatch), plus a torch.profiler table per stage
+whose footer gives the GPU kernel time. When dispatch is close to the wall time and the kernel time is
+well below it, the stage is bound by the host CPU launching kernels.
 
     python benchmarks/profile_first_token.py
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from transformers.cache_utils import StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,9 +44,9 @@ def profile(name: str, fn) -> None:
         fn()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"))
     print(f"== {name}: {launches} kernel launches", flush=True)
-    print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60), flush=True)
+    print(events.table(sort_by="self_device_time_total", row_limit=10, max_name_column_width=60), flush=True)
 
 
 def main() -> None:
@@ -57,8 +58,7 @@ def main() -> None:
     print(json.dumps({"source": source, "cell": cell, "grid": grid, "vision_images": len(images),
                       "slice_sizes_ms": ms(lambda: slice_sizes(image.size)),
                       "source_resize_ms": ms(lambda: image.resize(source, Image.Resampling.BICUBIC)),
-                      "refined_resize_ms": ms(lambda: image.resize((cell[0] * grid[0], cell[1] * grid[1]), Image.Resampling.BICUBIC)),
-                      "vision_images_ms": ms(lambda: processor.vision_images(image)),
+                      "cells_ms": ms(lambda: processor.cell_images(image)),
                       "to_pixels_cpu_ms": ms(lambda: [to_pixel_values(i) for i in images]),
                       "to_pixels_gpu_ms": ms(lambda: [to_pixel_values(i, "cuda") for i in images]),
                       "prompt_ms": ms(lambda: processor.encode_prompt(processor.chat_prompt(msgs, image)))}), flush=True)
@@ -66,24 +66,27 @@ def main() -> None:
     ids = processor.encode_prompt(processor.chat_prompt(msgs, image)).unsqueeze(0).cuda()
     groups, order = group_by_size([to_pixel_values(i, "cuda") for i in images])
     bound = image_bounds(ids, tokenizer.im_start_id, tokenizer.im_end_id)
+
+    def first_token(fast):
+        return lambda: model.chat(image, msgs, tokenizer=tokenizer, sampling=False, num_beams=1, max_new_tokens=1, fast=fast)
+
     with torch.inference_mode():
         embeds = model.embed_inputs(ids, groups, order, bound)
-
-        def vision():
-            return model.get_image_features(groups, order)
-
-        def prefill():
-            return model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
-
-        def first_token():
-            return model.chat(image, msgs, tokenizer=tokenizer, sampling=False, num_beams=1, max_new_tokens=1, fast=True)
-
-        print(json.dumps({"vision_ms": ms(vision), "vision_dispatch_ms": dispatch_ms(vision),
-                          "tower_only_ms": ms(lambda: [model.vpm(g.to(torch.bfloat16)) for g in groups]),
-                          "prefill_ms": ms(prefill), "prefill_dispatch_ms": dispatch_ms(prefill),
-                          "chat_ttft_ms": ms(first_token)}), flush=True)
-        profile("vision tower + resampler", vision)
-        profile("decoder prefill", prefill)
+        first_token(True)()  # compiles the fast path
+        cache = StaticCache(config=model.config, max_cache_len=512)
+        stages = {
+            "vision_eager": lambda: model.get_image_features(groups, order),
+            "vision_compiled": lambda: [model._fast_encode_images(g) for g in groups],
+            "prefill_eager": lambda: model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1),
+            "prefill_compiled": lambda: (cache.reset(), model._fast_decoder._prefill(model.llm, cache, embeds)),
+        }
+        row = {}
+        for name, fn in stages.items():
+            row[f"{name}_ms"], row[f"{name}_dispatch_ms"] = ms(fn), dispatch_ms(fn)
+        row["chat_ttft_ms"], row["chat_fast_ttft_ms"] = ms(first_token(False)), ms(first_token(True))
+        print(json.dumps(row), flush=True)
+        for name, fn in stages.items():
+            profile(name, fn)
 
 
 if __name__ == "__main__":

@@ -295,3 +295,16 @@ def test_image_markers_in_an_earlier_answer_stay_text(tiny_model, tiny_tokenizer
     ]
     answer, context, _ = tiny_model.chat(image=image, msgs=msgs, tokenizer=tiny_tokenizer, sampling=False, max_new_tokens=4)
     assert isinstance(answer, str) and context[:3] == msgs
+
+
+@pytest.mark.parametrize(("size", "images"), [((1344, 896), 7), ((448, 448), 1)])
+def test_chat_image_features_equal_the_batched_features(tiny_model, tiny_tokenizer, size, images):
+    """chat() resizes the source in a thread while the cells go through the tower: same features, same order."""
+    generator = torch.Generator().manual_seed(size[0])
+    image = Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
+    processor = MiniCPMVProcessor.from_config(tiny_tokenizer, tiny_model.config)
+    with torch.inference_mode():
+        overlapped = tiny_model._chat_image_features(image, processor, tiny_model.encode_images)
+        batched = tiny_model.get_image_features(*group_by_size(processor.pixel_values(image)))
+    assert overlapped.shape == (images, tiny_model.config.query_num, tiny_model.config.hidden_size)
+    assert torch.equal(overlapped, batched)

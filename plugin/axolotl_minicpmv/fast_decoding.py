@@ -66,6 +66,10 @@ def choose_tokens(logits: torch.Tensor, seen: torch.Tensor | None, sampling: Sam
     return (probs / noise).argmax(-1)
 
 
+def _prefill_forward(llm, cache: StaticCache, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    return llm(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
 def _decode_forward(llm, cache: StaticCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return llm(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
@@ -140,9 +144,9 @@ class _DecodeLoop:
 class FastDecoder:
     """Greedy or sampled decoding for `MiniCPMV` from prompt embeddings (see `MiniCPMV.embed_inputs`).
 
-    On a GPU each decoding step is one CUDA graph replay: the decoder forward is compiled (torch.compile,
-    fixed shapes) and captured together with the token choice, so the host only queues replays and reads
-    the end-of-sequence flags every `sync_every` tokens. One `StaticCache` is kept, sized to the next power
+    On a GPU the prefill is compiled with dynamic shapes, and each decoding step is one CUDA graph replay:
+    the decoder forward is compiled (torch.compile, fixed shapes) and captured together with the token
+    choice, so the host only queues replays and reads the end-of-sequence flags every `sync_every` tokens. One `StaticCache` is kept, sized to the next power
     of two (at least 256) of prompt + new tokens; a new size, batch size or set of sampling settings
     compiles/captures once more. On CPU the same loop runs eagerly. Sampling uses torch's global RNG.
     """
@@ -151,11 +155,17 @@ class FastDecoder:
         self.model = model
         self.sync_every = sync_every
         self.on_gpu = model.device.type == "cuda"
-        self._forward = _decode_forward
+        self._forward, self._prefill = _decode_forward, _prefill_forward
         if self.on_gpu:
-            # Coordinate-descent tuning lets inductor tune its batch-1 matrix-vector kernels for bandwidth
-            # (265 -> 289 tokens/s on an H100, benchmarks/RESULTS.md).
-            self._forward = torch.compile(_decode_forward, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
+            # Coordinate-descent tuning turns the batch-1 matrix-vector products into tuned Triton reductions,
+            # and freezing compiles the weights in as constants (an H100: 265 -> 278-289 -> 303 tokens/s,
+            # benchmarks/RESULTS.md). Frozen weights may be folded into the compiled step: make a new
+            # FastDecoder after changing them (merging an adapter, say).
+            options = {"coordinate_descent_tuning": True, "freezing": True}
+            self._forward = torch.compile(_decode_forward, fullgraph=True, dynamic=False, options=options)
+            # Eager, the prefill is bound by the host launching ~2,000 small kernels; compiled with dynamic
+            # shapes, one graph serves every prompt length.
+            self._prefill = torch.compile(_prefill_forward, fullgraph=True, dynamic=True)
         self._cache: StaticCache | None = None
         self._cache_key: tuple[int, int] | None = None
         self._loops: dict[tuple, _DecodeLoop] = {}
@@ -193,8 +203,7 @@ class FastDecoder:
             logger.warning(f"FastDecoder: compiling the decoding step for batch {batch}, cache {self._cache_key[1]} (once; about a minute)")
             loop.capture()
         loop.start(prompt_len)
-        logits = self.model.llm(inputs_embeds=inputs_embeds, past_key_values=loop.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        loop.advance(logits)
+        loop.advance(self._prefill(self.model.llm, loop.cache, inputs_embeds))
         for step in range(1, max_new_tokens):
             if eos_token_id is not None and step % self.sync_every == 0 and bool(loop.finished.all()):
                 break

@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import timm
 import torch
+from PIL import Image
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -31,9 +33,9 @@ from .loading import check_checkpoint_dir, raise_on_incomplete_load
 from .processing_minicpmv import (
     InvalidInputError,
     MiniCPMVProcessor,
-    group_by_size,
     image_bounds,
     load_image,
+    to_pixel_values,
     validate_messages,
 )
 from .resampler import Resampler, sincos_2d
@@ -360,24 +362,27 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         super()._set_gradient_checkpointing(enable=enable, gradient_checkpointing_func=gradient_checkpointing_func, **kwargs)
         self.vpm.set_grad_checkpointing(enable)  # timm keeps its own switch
 
+    def encode_images(self, stack: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) pixels of same-size images -> (n, query_num, hidden) resampler outputs."""
+        height, width = stack.shape[-2:]
+        patch = self.vpm.patch_embed.patch_size[0]
+        # The tower's own call (its pooling head is an identity) equals forward_features without prefix
+        # tokens, and lets DeepSpeed ZeRO-3 gather the tower's direct parameters (pos_embed) via hooks.
+        features = self.vpm(stack.to(self.vpm.pos_embed.dtype))
+        return self.resampler(features, (math.ceil(height / patch), math.ceil(width / patch)))
+
     def get_image_features(self, pixel_values: list[torch.Tensor], vision_order: torch.Tensor | None = None) -> torch.Tensor:
         """(num_images, query_num, hidden): each same-size stack goes through the tower in one call."""
-        dtype = self.vpm.pos_embed.dtype
-        patch = self.vpm.patch_embed.patch_size[0]
-        outputs = []
-        for stack in pixel_values:
-            height, width = stack.shape[-2:]
-            # The tower's own call (its pooling head is an identity) equals forward_features without prefix
-            # tokens, and lets DeepSpeed ZeRO-3 gather the tower's direct parameters (pos_embed) via hooks.
-            features = self.vpm(stack.to(dtype))
-            outputs.append(self.resampler(features, (math.ceil(height / patch), math.ceil(width / patch))))
-        features = torch.cat(outputs)
+        features = torch.cat([self.encode_images(stack) for stack in pixel_values])
         return features if vision_order is None else features[vision_order.to(features.device)]
+
+    def embed_text(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return self.get_input_embeddings()(input_ids) * self.config.scale_emb
 
     def embed_inputs(self, input_ids, pixel_values=None, vision_order=None, image_bound=None) -> torch.Tensor:
         """Token embeddings times scale_emb, with the resampler outputs written over the image slots."""
-        embeds = self.get_input_embeddings()(input_ids) * self.config.scale_emb
         if pixel_values is None or len(pixel_values) == 0:
+            embeds = self.embed_text(input_ids)
             if self.training and any(p.requires_grad for p in self.vpm.parameters()):
                 # Keep the vision tower in the graph on image-free batches so distributed gradient
                 # reduction sees every trained parameter (as the official trainer does).
@@ -386,7 +391,11 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
             return embeds
         if image_bound is None:
             raise InvalidInputError("pixel_values were given without image_bound")
-        features = self.get_image_features(pixel_values, vision_order)
+        return self.place_image_features(input_ids, self.get_image_features(pixel_values, vision_order), image_bound)
+
+    def place_image_features(self, input_ids, features: torch.Tensor, image_bound: torch.Tensor) -> torch.Tensor:
+        """Token embeddings times scale_emb with `features[i]` written over the slots of `image_bound[i]`."""
+        embeds = self.embed_text(input_ids)
         if len(image_bound) != len(features):
             raise InvalidInputError(f"{len(features)} images were given but the prompt has {len(image_bound)} image placeholders")
         bound = image_bound.to(embeds.device)
@@ -396,6 +405,16 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         slots = bound[:, 1:2] + torch.arange(self.config.query_num, device=embeds.device)
         rows = bound[:, :1].expand_as(slots)
         return embeds.index_put((rows.reshape(-1), slots.reshape(-1)), features.reshape(-1, features.shape[-1]).to(embeds.dtype))
+
+    def _chat_image_features(self, image: Image.Image, processor: MiniCPMVProcessor, encode) -> torch.Tensor:
+        """Features of the source image then the cells, as `get_image_features` gives them, with the source's
+        bicubic resize (PIL releases the GIL) running in a thread while the cells go through the tower."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            source = pool.submit(processor.source_image, image)
+            cells = processor.cell_images(image)
+            cell_features = [encode(torch.stack([to_pixel_values(cell, self.device) for cell in cells]))] if cells else []
+            source_features = encode(to_pixel_values(source.result(), self.device)[None])
+        return torch.cat([source_features, *cell_features])
 
     # forward / generation ---------------------------------------------
 
@@ -461,7 +480,8 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         """Answer the last user turn of `msgs` (list or JSON string) about `image` (PIL, path, base64 or None).
 
         `fast=True` decodes with `FastDecoder` (static KV cache, CUDA graphs on a GPU; greedy or sampled,
-        so not with beam search: pass `num_beams=1` with `sampling=False`).
+        so not with beam search: pass `num_beams=1` with `sampling=False`), and on a GPU runs the vision
+        tower, resampler and prefill compiled (the first call compiles them: a few minutes).
         Returns `(answer, msgs + [assistant answer], generation_config)`; `msgs` is not modified.
         """
         if tokenizer is None:
@@ -470,12 +490,14 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         image = None if image is None else load_image(image)
         msgs = [dict(m) for m in validate_messages(msgs)]
         input_ids = processor.encode_prompt(processor.chat_prompt(msgs, image), max_inp_length).unsqueeze(0).to(self.device)
-        pixel_values, vision_order, image_bound = None, None, None
-        if image is not None:
-            pixels = processor.pixel_values(image, device=self.device)
-            pixel_values, vision_order = group_by_size(pixels)
-            image_bound = image_bounds(input_ids, tokenizer.im_start_id, tokenizer.im_end_id, count=len(pixels))
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values, vision_order, image_bound)
+        if fast:
+            self._init_fast_path()
+        if image is None:
+            inputs_embeds = self.embed_text(input_ids)
+        else:
+            features = self._chat_image_features(image, processor, self._fast_encode_images if fast else self.encode_images)
+            bound = image_bounds(input_ids, tokenizer.im_start_id, tokenizer.im_end_id, count=len(features))
+            inputs_embeds = self.place_image_features(input_ids, features, bound)
 
         generation_config = dict(GENERATION_DEFAULTS[bool(sampling)])
         overrides = {k: kwargs[k] for k in generation_config.keys() & kwargs.keys()}
@@ -501,11 +523,18 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         answer = decode_answer(output[0], tokenizer)
         return answer, msgs + [{"role": "assistant", "content": answer}], generation_config
 
+    def _init_fast_path(self) -> None:
+        """`FastDecoder` and, on a GPU, a compiled `encode_images` (dynamic shapes: one compilation serves
+        every image size). Plain attributes, not submodules: never saved."""
+        if getattr(self, "_fast_decoder", None) is None:
+            self._fast_decoder = FastDecoder(self)
+            self._fast_encode_images = self.encode_images
+            if self.device.type == "cuda":
+                self._fast_encode_images = torch.compile(self.encode_images, dynamic=True)
+
     def _fast_generate(self, inputs_embeds, generation_config: dict, tokenizer, max_new_tokens: int) -> torch.Tensor:
         if generation_config.get("num_beams", 1) != 1:
             raise ValueError("fast decoding is greedy or sampled, not beam search: pass num_beams=1 (or sampling=True)")
-        if getattr(self, "_fast_decoder", None) is None:
-            self._fast_decoder = FastDecoder(self)  # a plain attribute: not a submodule, never saved
         fields = Sampling.__dataclass_fields__.keys()
         sampling = Sampling(**{k: v for k, v in generation_config.items() if k in fields})
         return self._fast_decoder.generate(inputs_embeds, max_new_tokens, eos_token_id=tokenizer.eos_token_id, sampling=sampling)

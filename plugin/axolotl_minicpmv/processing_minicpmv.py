@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .slicing import slice_image, slice_sizes
+from .slicing import cell_images, slice_sizes, source_image
 
 USER_MARKER = "<用户>"
 ASSISTANT_MARKER = "<AI>"
@@ -132,10 +132,16 @@ class MiniCPMVProcessor:
         cols, rows = grid
         return one + self.tokenizer.slice_start + "\n".join([one * cols] * rows) + self.tokenizer.slice_end
 
+    def source_image(self, image: Image.Image) -> Image.Image:
+        return source_image(image, self.max_slice_nums, self.scale_resolution, self.patch_size)
+
+    def cell_images(self, image: Image.Image) -> list[Image.Image]:
+        """The slice grid's cells row by row (empty when the image is not sliced); all of one size."""
+        return [cell for row in cell_images(image, self.max_slice_nums, self.scale_resolution, self.patch_size) for cell in row]
+
     def vision_images(self, image: Image.Image) -> list[Image.Image]:
         """The images the vision tower encodes for one picture: the source, then the cells row by row."""
-        source, patches, _ = slice_image(image, self.max_slice_nums, self.scale_resolution, self.patch_size)
-        return [source] + [cell for row in patches for cell in row]
+        return [self.source_image(image)] + self.cell_images(image)
 
     def pixel_values(self, image: Image.Image, device: torch.device | str | None = None) -> list[torch.Tensor]:
         return [to_pixel_values(im, device) for im in self.vision_images(image)]

@@ -11,7 +11,7 @@ import math
 
 from PIL import Image
 
-__all__ = ["slice_image", "best_grid_for", "slice_sizes"]
+__all__ = ["slice_image", "source_image", "cell_images", "best_grid_for", "slice_sizes"]
 
 
 def _snap(length: float, multiple: int) -> int:
@@ -67,21 +67,30 @@ def slice_sizes(size: tuple[int, int], max_slice_nums: int = 9, scale_resolution
     return source, (refined[0] // grid[0], refined[1] // grid[1]), grid
 
 
+def source_image(image: Image.Image, max_slice_nums: int = 9, scale_resolution: int = 448, patch_size: int = 14) -> Image.Image:
+    """The whole picture, resized to about scale_resolution**2 (the first image the vision tower sees)."""
+    source_size, _, _ = slice_sizes(image.size, max_slice_nums, scale_resolution, patch_size)
+    return image.resize(source_size, Image.Resampling.BICUBIC)
+
+
+def cell_images(image: Image.Image, max_slice_nums: int = 9, scale_resolution: int = 448, patch_size: int = 14):
+    """The grid's cells as a list of rows of PIL images (empty when the image is not sliced)."""
+    _, cell_size, grid = slice_sizes(image.size, max_slice_nums, scale_resolution, patch_size)
+    if grid is None:
+        return []
+    cols, rows = grid
+    cell_w, cell_h = cell_size
+    refined = image.resize((cell_w * cols, cell_h * rows), Image.Resampling.BICUBIC)
+    return [[refined.crop((c * cell_w, r * cell_h, (c + 1) * cell_w, (r + 1) * cell_h)) for c in range(cols)] for r in range(rows)]
+
+
 def slice_image(image: Image.Image, max_slice_nums: int = 9, scale_resolution: int = 448, patch_size: int = 14):
     """Return `(source_image, patches, best_grid)` exactly as MiniCPM-V 2.0 does.
 
     `patches` is a list of rows, each a list of PIL cells (empty when the image is not sliced);
     `best_grid` is `[cols, rows]` or None.
     """
-    source_size, cell_size, grid = slice_sizes(image.size, max_slice_nums, scale_resolution, patch_size)
-    source = image.resize(source_size, Image.Resampling.BICUBIC)
-    if grid is None:
-        return source, [], None
-    cols, rows = grid
-    refined = image.resize((cell_size[0] * cols, cell_size[1] * rows), Image.Resampling.BICUBIC)
-    cell_w, cell_h = cell_size
-    patches = [
-        [refined.crop((c * cell_w, r * cell_h, (c + 1) * cell_w, (r + 1) * cell_h)) for c in range(cols)]
-        for r in range(rows)
-    ]
-    return source, patches, [cols, rows]
+    sizes = (max_slice_nums, scale_resolution, patch_size)
+    patches = cell_images(image, *sizes)
+    grid = [len(patches[0]), len(patches)] if patches else None
+    return source_image(image, *sizes), patches, grid

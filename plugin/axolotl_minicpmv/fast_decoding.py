@@ -163,9 +163,9 @@ class FastDecoder:
             # FastDecoder after changing them (merging an adapter, say).
             options = {"coordinate_descent_tuning": True, "freezing": True}
             self._forward = torch.compile(_decode_forward, fullgraph=True, dynamic=False, options=options)
-            # Eager, the prefill is bound by the host launching ~2,000 small kernels; compiled with dynamic
-            # shapes, one graph serves every prompt length.
-            self._prefill = torch.compile(_prefill_forward, fullgraph=True, dynamic=True)
+            # Eager, the prefill is bound by the host launching ~2,000 small kernels. Compiled with a dynamic
+            # sequence length (marked in generate), one graph serves every prompt length.
+            self._prefill = torch.compile(_prefill_forward, fullgraph=True)
         self._cache: StaticCache | None = None
         self._cache_key: tuple[int, int] | None = None
         self._loops: dict[tuple, _DecodeLoop] = {}
@@ -203,6 +203,8 @@ class FastDecoder:
             logger.warning(f"FastDecoder: compiling the decoding step for batch {batch}, cache {self._cache_key[1]} (once; about a minute)")
             loop.capture()
         loop.start(prompt_len)
+        if self.on_gpu:
+            torch._dynamo.mark_dynamic(inputs_embeds, 1)
         loop.advance(self._prefill(self.model.llm, loop.cache, inputs_embeds))
         for step in range(1, max_new_tokens):
             if eos_token_id is not None and step % self.sync_every == 0 and bool(loop.finished.all()):

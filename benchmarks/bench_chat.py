@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--fast", action="store_true", help="chat(fast=True) / FastDecoder: static KV cache + CUDA graphs")
     parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--sizes", nargs="+", default=["448x448", "1344x896"], help="images for time to first token, WxH")
+    parser.add_argument("--ttft-only", action="store_true", help="skip the decode and memory measurements")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.jsonl")))
     args = parser.parse_args()
 
@@ -98,7 +100,7 @@ def main() -> None:
               "versions": versions("torch", "transformers", "timm"), "attn": args.attn, "command": "python " + " ".join(sys.argv)}
 
     msgs = [{"role": "user", "content": QUESTION}]
-    for width, height in [(448, 448), (1344, 896)]:
+    for width, height in (tuple(int(v) for v in size.split("x")) for size in args.sizes):
         image = picture(width, height)
         start = time.perf_counter()  # the first call includes --fast's compilations (dynamic shapes: once)
         model.chat(image, msgs, tokenizer=tokenizer, sampling=False, num_beams=1, max_new_tokens=1, fast=args.fast)
@@ -109,6 +111,9 @@ def main() -> None:
         result[f"prompt_tokens_{width}x{height}"] = prompt_len
         result[f"vision_images_{width}x{height}"] = len(processor.vision_images(image))
 
+    if args.ttft_only:
+        record(result, Path(args.out))
+        return
     decoder = FastDecoder(model)
 
     def generate(embeds, new_tokens, fast=args.fast, **kwargs):

@@ -1,7 +1,7 @@
 """Where the first token's time goes for a 1344x896 image (real size, random bf16 weights, one GPU).
 
 Times the CPU stages (slicing and its bicubic resizes, pixels, prompt ids), then the vision tower +
-resampler, and the decoder prefill eager (`chat()`) and compiled (`chat(fast=True)`): wall time
+resampler and the decoder prefill, each eager (`chat()`) and compiled (`chat(fast=True)`): wall time
 (synchronised) and host time until the call returns (dispatch), plus a torch.profiler table per stage
 whose footer gives the GPU kernel time. When dispatch is close to the wall time and the kernel time is
 well below it, the stage is bound by the host CPU launching kernels.
@@ -72,10 +72,11 @@ def main() -> None:
 
     with torch.inference_mode():
         embeds = model.embed_inputs(ids, groups, order, bound)
-        first_token(True)()  # compiles the fast path's prefill
+        first_token(True)()  # compiles the fast path
         cache = StaticCache(config=model.config, max_cache_len=512)
         stages = {
-            "vision": lambda: model.get_image_features(groups, order),
+            "vision_eager": lambda: model.get_image_features(groups, order),
+            "vision_compiled": lambda: [model._fast_encode_images(g) for g in groups],
             "prefill_eager": lambda: model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1),
             "prefill_compiled": lambda: (cache.reset(), model._fast_decoder._prefill(model.llm, cache, embeds)),
         }

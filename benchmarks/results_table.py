@@ -31,18 +31,25 @@ def versions(*packages: str) -> dict[str, str]:
     return found
 
 
+CHAT_FIELDS = [  # (key, label) in the order shown; runs may lack some (e.g. --ttft-only)
+    ("ttft_ms_448x448", "TTFT 448x448 {} ms"),
+    ("ttft_ms_1344x896", "TTFT 1344x896 {} ms"),
+    ("first_call_s_1344x896", "first 1344x896 call {} s"),
+    ("decode_tokens_per_s_batch1", "decode b1 {} tok/s"),
+    ("total_tokens_per_s_batch8", "b8 total {} tok/s"),
+    ("peak_mem_gib_batch1", "peak memory b1 {} GiB"),
+    ("peak_mem_gib_batch8", "b8 {} GiB"),
+]
+
+
 def _summary(run: dict) -> str:
     if run["bench"] == "chat":
-        parts = [
-            f"TTFT 448x448 {run['ttft_ms_448x448']} ms",
-            f"TTFT 1344x896 {run['ttft_ms_1344x896']} ms",
-            f"decode b1 {run['decode_tokens_per_s_batch1']} tok/s",
-            f"b8 total {run['total_tokens_per_s_batch8']} tok/s",
-            f"peak memory b1 {run['peak_mem_gib_batch1']} / b8 {run['peak_mem_gib_batch8']} GiB",
-        ]
+        parts = [label.format(run[key]) for key, label in CHAT_FIELDS if key in run]
         if "fast_vs_plain_first_diff" in run:
             diff = run["fast_vs_plain_first_diff"]
             parts.append("fast = plain greedy tokens" if diff is None else f"fast vs plain: first differing token {diff}")
+        if "note" in run:
+            parts.append(run["note"])
         return "; ".join(parts)
     if run["rc"] != 0:
         return f"failed (exit {run['rc']}) after {run['steps_logged']} steps"

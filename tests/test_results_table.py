@@ -68,3 +68,12 @@ def test_the_committed_table_is_rendered_from_the_committed_results(tmp_path):
     rendered.write_text(results_table.RESULTS_MD.read_text())
     results_table.update(results_table.RESULTS_JSONL, rendered)
     assert rendered.read_text() == results_table.RESULTS_MD.read_text()
+
+
+def test_a_run_with_fewer_measurements_shows_those_it_has(tmp_path):
+    skipped = ("ttft_ms_448x448", "decode", "total", "peak", "fast_vs")
+    ttft_only = {k: v for k, v in CHAT.items() if not k.startswith(skipped)} | {"first_call_s_1344x896": 107.7, "note": "vision eager"}
+    jsonl, md = write_pair(tmp_path, [ttft_only])
+    results_table.update(jsonl, md)
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| 2026-"))
+    assert row.endswith("| chat fast: TTFT 1344x896 77.0 ms; first 1344x896 call 107.7 s; vision eager |"), row

@@ -29,6 +29,7 @@ from transformers.utils import logging
 
 from .configuration_minicpmv import MiniCPMVConfig
 from .fast_decoding import FastDecoder, Sampling
+from .fast_vision import image_encoder
 from .loading import check_checkpoint_dir, raise_on_incomplete_load
 from .processing_minicpmv import (
     InvalidInputError,
@@ -406,14 +407,14 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         rows = bound[:, :1].expand_as(slots)
         return embeds.index_put((rows.reshape(-1), slots.reshape(-1)), features.reshape(-1, features.shape[-1]).to(embeds.dtype))
 
-    def _chat_image_features(self, image: Image.Image, processor: MiniCPMVProcessor) -> torch.Tensor:
+    def _chat_image_features(self, image: Image.Image, processor: MiniCPMVProcessor, encode) -> torch.Tensor:
         """Features of the source image then the cells, as `get_image_features` gives them, with the source's
         bicubic resize (PIL releases the GIL) running in a thread while the cells go through the tower."""
         with ThreadPoolExecutor(max_workers=1) as pool:
             source = pool.submit(processor.source_image, image)
             cells = processor.cell_images(image)
-            cell_features = [self.encode_images(torch.stack([to_pixel_values(cell, self.device) for cell in cells]))] if cells else []
-            source_features = self.encode_images(to_pixel_values(source.result(), self.device)[None])
+            cell_features = [encode(torch.stack([to_pixel_values(cell, self.device) for cell in cells]))] if cells else []
+            source_features = encode(to_pixel_values(source.result(), self.device)[None])
         return torch.cat([source_features, *cell_features])
 
     # forward / generation ---------------------------------------------
@@ -480,8 +481,9 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         """Answer the last user turn of `msgs` (list or JSON string) about `image` (PIL, path, base64 or None).
 
         `fast=True` decodes with `FastDecoder` (static KV cache, CUDA graphs on a GPU; greedy or sampled,
-        so not with beam search: pass `num_beams=1` with `sampling=False`) and a compiled prefill (the
-        first call on a GPU compiles: about a minute for the prefill, as much per decoding-step shape).
+        so not with beam search: pass `num_beams=1` with `sampling=False`); on a GPU the prefill and the
+        vision tower's blocks are compiled too (the first call compiles: about two minutes, and about a
+        minute for each new decoding-step shape).
         Returns `(answer, msgs + [assistant answer], generation_config)`; `msgs` is not modified.
         """
         if tokenizer is None:
@@ -490,10 +492,12 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         image = None if image is None else load_image(image)
         msgs = [dict(m) for m in validate_messages(msgs)]
         input_ids = processor.encode_prompt(processor.chat_prompt(msgs, image), max_inp_length).unsqueeze(0).to(self.device)
+        if fast:
+            self._init_fast_path()
         if image is None:
             inputs_embeds = self.embed_text(input_ids)
         else:
-            features = self._chat_image_features(image, processor)
+            features = self._chat_image_features(image, processor, self._fast_encode_images if fast else self.encode_images)
             bound = image_bounds(input_ids, tokenizer.im_start_id, tokenizer.im_end_id, count=len(features))
             inputs_embeds = self.place_image_features(input_ids, features, bound)
 
@@ -521,11 +525,16 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         answer = decode_answer(output[0], tokenizer)
         return answer, msgs + [{"role": "assistant", "content": answer}], generation_config
 
+    def _init_fast_path(self) -> None:
+        """`FastDecoder` and an image encoder whose tower blocks are compiled on a GPU (`fast_vision`).
+        Plain attributes, not submodules: never saved."""
+        if getattr(self, "_fast_decoder", None) is None:
+            self._fast_decoder = FastDecoder(self)
+            self._fast_encode_images = image_encoder(self, compile_blocks=self.device.type == "cuda")
+
     def _fast_generate(self, inputs_embeds, generation_config: dict, tokenizer, max_new_tokens: int) -> torch.Tensor:
         if generation_config.get("num_beams", 1) != 1:
             raise ValueError("fast decoding is greedy or sampled, not beam search: pass num_beams=1 (or sampling=True)")
-        if getattr(self, "_fast_decoder", None) is None:
-            self._fast_decoder = FastDecoder(self)  # a plain attribute: not a submodule, never saved
         fields = Sampling.__dataclass_fields__.keys()
         sampling = Sampling(**{k: v for k, v in generation_config.items() if k in fields})
         return self._fast_decoder.generate(inputs_embeds, max_new_tokens, eos_token_id=tokenizer.eos_token_id, sampling=sampling)

@@ -5,8 +5,8 @@ Python work costs more than the GPU's. Here a whole decoding step (compiled deco
 transformers `StaticCache`, token choice, bookkeeping) is one CUDA graph, and the host reads the
 end-of-sequence flags only every `sync_every` tokens.
 
-Greedy decoding emits the tokens of `generate(num_beams=1, do_sample=False)` (checked on the GPU by
-benchmarks/check_fast_decode.py); sampling draws from the same distribution (repetition penalty over
+Greedy decoding emits the tokens of `generate(num_beams=1, do_sample=False)` (in float32; on the GPU
+benchmarks/check_fast_decode.py compares them); sampling draws from the same distribution (repetition penalty over
 generated tokens, then generate's own temperature, top-k and top-p warpers) with its own random stream.
 """
 

@@ -6,8 +6,9 @@ transformers `StaticCache`, token choice, bookkeeping) is one CUDA graph, and th
 end-of-sequence flags only every `sync_every` tokens.
 
 Greedy decoding emits the tokens of `generate(num_beams=1, do_sample=False)` (in float32; on the GPU
-benchmarks/check_fast_decode.py compares them); sampling draws from the same distribution (repetition penalty over
-generated tokens, then generate's own temperature, top-k and top-p warpers) with its own random stream.
+benchmarks/check_fast_decode.py compares them); sampling draws from the same distribution (repetition
+penalty over generated tokens, then generate's own temperature, top-k and top-p warpers) with its own
+random stream.
 """
 
 from __future__ import annotations
@@ -144,11 +145,12 @@ class _DecodeLoop:
 class FastDecoder:
     """Greedy or sampled decoding for `MiniCPMV` from prompt embeddings (see `MiniCPMV.embed_inputs`).
 
-    On a GPU the prefill is compiled with dynamic shapes, and each decoding step is one CUDA graph replay:
-    the decoder forward is compiled (torch.compile, fixed shapes) and captured together with the token
-    choice, so the host only queues replays and reads the end-of-sequence flags every `sync_every` tokens. One `StaticCache` is kept, sized to the next power
-    of two (at least 256) of prompt + new tokens; a new size, batch size or set of sampling settings
-    compiles/captures once more. On CPU the same loop runs eagerly. Sampling uses torch's global RNG.
+    On a GPU the prefill is compiled for any prompt length, and each decoding step is one CUDA graph
+    replay: the decoder forward is compiled (torch.compile, fixed shapes) and captured together with the
+    token choice, so the host only queues replays and reads the end-of-sequence flags every `sync_every`
+    tokens. One `StaticCache` is kept, sized to the next power of two (at least 256) of prompt + new
+    tokens; a new size, batch size or set of sampling settings compiles/captures once more. On CPU the
+    same loop runs eagerly. Sampling uses torch's global RNG.
     """
 
     def __init__(self, model, sync_every: int = 16):
@@ -158,9 +160,9 @@ class FastDecoder:
         self._forward, self._prefill = _decode_forward, _prefill_forward
         if self.on_gpu:
             # Coordinate-descent tuning turns the batch-1 matrix-vector products into tuned Triton reductions,
-            # and freezing compiles the weights in as constants (an H100: 265 -> 278-289 -> 303 tokens/s,
-            # benchmarks/RESULTS.md). Frozen weights may be folded into the compiled step: make a new
-            # FastDecoder after changing them (merging an adapter, say).
+            # and freezing compiles the weights in as constants (on an H100: 265 tokens/s without either,
+            # 278-289 with the first, 303 with both; benchmarks/RESULTS.md). Frozen weights may be folded
+            # into the compiled step: make a new FastDecoder after changing them (merging an adapter, say).
             options = {"coordinate_descent_tuning": True, "freezing": True}
             self._forward = torch.compile(_decode_forward, fullgraph=True, dynamic=False, options=options)
             # Eager, the prefill is bound by the host launching ~2,000 small kernels. Compiled with a dynamic

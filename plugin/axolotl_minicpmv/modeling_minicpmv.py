@@ -482,7 +482,7 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
 
         `fast=True` decodes with `FastDecoder` (static KV cache, CUDA graphs on a GPU; greedy or sampled,
         so not with beam search: pass `num_beams=1` with `sampling=False`); on a GPU the prefill and the
-        vision tower's blocks are compiled too (the first call compiles: about two minutes, and about a
+        vision tower's blocks are compiled too (the first call compiles: 1.5-2 minutes, and about a
         minute for each new decoding-step shape).
         Returns `(answer, msgs + [assistant answer], generation_config)`; `msgs` is not modified.
         """

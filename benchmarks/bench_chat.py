@@ -90,7 +90,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--fast", action="store_true", help="chat(fast=True) / FastDecoder: static KV cache + CUDA graphs")
     parser.add_argument("--attn", default="sdpa")
-    parser.add_argument("--sizes", nargs="+", default=["448x448", "1344x896"], help="images for time to first token, WxH")
+    parser.add_argument("--sizes", nargs="*", default=["448x448", "1344x896"],
+                        help="images for time to first token, WxH; none (a bare --sizes) measures decoding only")
     parser.add_argument("--ttft-only", action="store_true", help="skip the decode and memory measurements")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.jsonl")))
     args = parser.parse_args()

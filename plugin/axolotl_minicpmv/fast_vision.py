@@ -9,7 +9,6 @@ final norm and the resampler stay eager.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -23,16 +22,14 @@ def _run_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 def image_encoder(model, compile_blocks: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function equal to `model.encode_images` ((n, 3, H, W) same-size pixels -> resampler outputs)."""
     run_block = torch.compile(_run_block, dynamic=True) if compile_blocks else _run_block
-    tower, patch = model.vpm, model.vpm.patch_embed.patch_size[0]
+    tower = model.vpm
 
     def encode(stack: torch.Tensor) -> torch.Tensor:
-        height, width = stack.shape[-2:]
         # timm's VisionTransformer.forward_features / forward_head, with the blocks called one by one.
         hidden = tower.patch_embed(stack.to(tower.pos_embed.dtype))
         hidden = tower.norm_pre(tower.patch_drop(tower._pos_embed(hidden)))
         for block in tower.blocks:
             hidden = run_block(block, hidden)
-        features = tower.forward_head(tower.norm(hidden))
-        return model.resampler(features, (math.ceil(height / patch), math.ceil(width / patch)))
+        return model.resample(tower.forward_head(tower.norm(hidden)), stack.shape[-2:])
 
     return encode

@@ -365,11 +365,14 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
 
     def encode_images(self, stack: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) pixels of same-size images -> (n, query_num, hidden) resampler outputs."""
-        height, width = stack.shape[-2:]
-        patch = self.vpm.patch_embed.patch_size[0]
         # The tower's own call (its pooling head is an identity) equals forward_features without prefix
         # tokens, and lets DeepSpeed ZeRO-3 gather the tower's direct parameters (pos_embed) via hooks.
-        features = self.vpm(stack.to(self.vpm.pos_embed.dtype))
+        return self.resample(self.vpm(stack.to(self.vpm.pos_embed.dtype)), stack.shape[-2:])
+
+    def resample(self, features: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """Tower features of images of `image_size` (height, width) pixels -> query_num resampler outputs each."""
+        patch = self.vpm.patch_embed.patch_size[0]
+        height, width = image_size
         return self.resampler(features, (math.ceil(height / patch), math.ceil(width / patch)))
 
     def get_image_features(self, pixel_values: list[torch.Tensor], vision_order: torch.Tensor | None = None) -> torch.Tensor:

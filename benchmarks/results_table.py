@@ -53,8 +53,10 @@ def _summary(run: dict) -> str:
         return "; ".join(parts)
     if run["rc"] != 0:
         return f"failed (exit {run['rc']}) after {run['steps_logged']} steps"
-    return (f"{run['samples_per_second_median']} samples/s; peak {run['peak_mem_allocated_gib']} GiB allocated "
-            f"({run['device_reserved_gib']} reserved); {run['steps_logged']} steps")
+    rate = f"{run['samples_per_second_median']} samples/s (median step)"
+    if "samples_per_second_overall" in run:  # recorded since 2026-11-27
+        rate += f", {run['samples_per_second_overall']} overall"
+    return f"{rate}; peak {run['peak_mem_allocated_gib']} GiB allocated ({run['device_reserved_gib']} reserved); {run['steps_logged']} steps"
 
 
 def _versions_cell(run: dict) -> str:

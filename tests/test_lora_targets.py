@@ -94,6 +94,8 @@ def test_plugin_register_fills_in_the_recipe(tmp_path):
     [
         ({"sample_packing": True}, "sample_packing"),
         ({"lora_target_linear": True}, "lora_target_linear"),
+        ({"torch_compile": True}, "minicpmv_compile_layers"),
+        ({"torch_compile": "auto"}, "minicpmv_compile_layers"),
     ],
 )
 def test_plugin_register_refuses_settings_that_cannot_work(cfg, message):

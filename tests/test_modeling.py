@@ -492,6 +492,17 @@ def test_forward_with_labels_gives_the_shifted_cross_entropy_and_backward_works(
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
+def test_a_training_forward_builds_no_key_value_cache(fresh_model, tiny_tokenizer, processor):
+    # A cache costs memory in every training step, and compiled decoder layers would specialise on it.
+    ids, pixels, order, bound = _image_inputs(processor, tiny_tokenizer, Image.open(EXAMPLES / "images" / "clock.jpg"))
+    inputs = dict(input_ids=ids, pixel_values=pixels, vision_order=order, image_bound=bound)
+    fresh_model.train()
+    assert fresh_model.config.use_cache and fresh_model(**inputs, labels=ids).past_key_values is None
+    fresh_model.eval()
+    with torch.no_grad():
+        assert fresh_model(**inputs).past_key_values.get_seq_length() == ids.shape[1]
+
+
 def test_gradient_checkpointing_toggles_decoder_and_timm_tower(fresh_model, tiny_tokenizer, processor):
     model = fresh_model
     assert not model.vpm.grad_checkpointing

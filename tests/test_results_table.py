@@ -31,17 +31,19 @@ def write_pair(tmp_path, runs):
 
 def test_update_writes_one_row_per_run_between_the_markers(tmp_path):
     failed = dict(TRAIN, rc=1, steps_logged=0, date="2026-01-04")
-    jsonl, md = write_pair(tmp_path, [CHAT, TRAIN, failed])
+    with_overall = dict(TRAIN, samples_per_second_overall=2.9, date="2026-01-05")
+    jsonl, md = write_pair(tmp_path, [CHAT, TRAIN, failed, with_overall])
     results_table.update(jsonl, md)
     text = md.read_text()
     assert text.startswith("# Results\nprose above\n\n") and text.endswith("\n\nprose below\n")
     assert "stale row" not in text
     rows = [line for line in text.splitlines() if line.startswith("| 2026-")]
-    assert len(rows) == 3
+    assert len(rows) == 4
     assert "torch 9.9, transformers 8.8" in rows[0] and "`python benchmarks/bench_chat.py --fast`" in rows[0]
     assert "decode b1 301.2 tok/s" in rows[0] and "TTFT 1344x896 77.0 ms" in rows[0] and "fast = plain greedy tokens" in rows[0]
-    assert "train zero2: 3.3 samples/s; peak 30.1 GiB allocated (33.0 reserved)" in rows[1] and "not recorded" in rows[1]
+    assert "train zero2: 3.3 samples/s (median step); peak 30.1 GiB allocated (33.0 reserved)" in rows[1] and "not recorded" in rows[1]
     assert "failed (exit 1) after 0 steps" in rows[2]
+    assert "3.3 samples/s (median step), 2.9 overall; peak" in rows[3]
     results_table.update(jsonl, md)  # rendering again changes nothing
     assert md.read_text() == text
 

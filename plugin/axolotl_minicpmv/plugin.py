@@ -50,6 +50,11 @@ class MiniCPMVPlugin(BasePlugin):
         refuse_axolotl_merge_lora(cfg)  # `axolotl merge-lora` would drop trained tensors: stop it, name the fix
         if cfg.get("sample_packing"):
             raise ValueError("sample_packing: true is not supported with MiniCPM-V (image slots cannot be packed); set it to false")
+        if cfg.get("torch_compile") in (True, "auto"):
+            raise ValueError(
+                "torch_compile: true (or auto) would compile the whole model, whose image placement depends on the data; "
+                "set minicpmv_compile_layers: true instead (compiles the decoder layers in place)"
+            )
         if cfg.get("lora_target_linear"):
             raise ValueError(
                 "lora_target_linear: true would put LoRA on the vision tower and resampler too; "
@@ -79,6 +84,13 @@ class MiniCPMVPlugin(BasePlugin):
         if is_deepspeed_zero3_enabled():
             _register_zero3_external_parameters(model)
             _create_zero3_backward_counters(model)
+        if cfg.minicpmv_compile_layers:
+            from .compiled_layers import compile_decoder_layers
+
+            LOG.info("MiniCPM-V: compiling %d decoder layers in place (the first steps run the compilation)", compile_decoder_layers(model))
+            if cfg.gradient_checkpointing:
+                LOG.warning("MiniCPM-V: with gradient checkpointing the compiled layers measured slower than eager ones; "
+                            "compile without checkpointing, or leave minicpmv_compile_layers off")
         total, trainable = lora_targets.count_parameters(model)
         LOG.info("MiniCPM-V parameters: Total %s / Trainable %s (fully trained: %s)", f"{total:,}", f"{trainable:,}", cfg.lora_modules_to_save or "none")
 

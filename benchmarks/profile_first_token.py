@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_chat import QUESTION, bench_model, picture, timed  # noqa: E402
+from profiler_counts import kernel_launches  # noqa: E402
 
 from axolotl_minicpmv.processing_minicpmv import group_by_size, image_bounds, to_pixel_values  # noqa: E402
 from axolotl_minicpmv.slicing import slice_sizes  # noqa: E402
@@ -44,8 +45,7 @@ def profile(name: str, fn) -> None:
         fn()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"))
-    print(f"== {name}: {launches} kernel launches", flush=True)
+    print(f"== {name}: {kernel_launches(events)} kernel launches", flush=True)
     print(events.table(sort_by="self_device_time_total", row_limit=10, max_name_column_width=60), flush=True)
 
 

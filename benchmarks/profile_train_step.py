@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import make_dataset  # noqa: E402
+from profiler_counts import kernel_launches, kernel_ms  # noqa: E402
 
 from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig, load_tokenizer  # noqa: E402
 from axolotl_minicpmv.collator import MiniCPMVDataCollator  # noqa: E402
@@ -108,10 +109,9 @@ def time_fwd_bwd(model, batches, tag: str, result: dict) -> None:
             step()
             torch.cuda.synchronize()
         events = prof.key_averages()
-        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
-        result[f"kernel_ms_{name}"] = round(sum(e.self_device_time_total for e in kernels) / 1e3, 1)
+        result[f"kernel_ms_{name}"] = round(kernel_ms(events), 1)
         result[f"host_ms_{name}"] = round(sum(e.self_cpu_time_total for e in events) / 1e3, 1)
-        result[f"kernel_launches_{name}"] = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+        result[f"kernel_launches_{name}"] = kernel_launches(events)
         print(f"== {name}\n" + events.table(sort_by="self_device_time_total", row_limit=14), flush=True)
         print(json.dumps(result), flush=True)
     model.zero_grad(set_to_none=True)

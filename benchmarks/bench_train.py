@@ -34,6 +34,9 @@ from results_table import record, versions  # noqa: E402
 WORDS = "the a photo shows red blue green car house tree sky river people street sign table book window light small large left right".split()
 
 
+ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
 def sentence(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
 
@@ -127,7 +130,9 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": date.today().isoformat(), "overrides": args.set,
         "versions": versions("torch", "transformers", "peft", "axolotl", "deepspeed"),
-        "command": "python " + " ".join(sys.argv), "log": str(log_path),
+        # the CUDA allocator setting changes the speed (`axolotl train` sets expandable segments itself)
+        "command": "".join(f"{k}={os.environ[k]} " for k in ALLOCATOR_ENV if k in os.environ) + "python " + " ".join(sys.argv),
+        "log": str(log_path),
     }
     record(result, Path(args.out))
     if rc != 0:

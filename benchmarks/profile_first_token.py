@@ -4,7 +4,8 @@ Times the CPU stages (slicing and its bicubic resizes, pixels, prompt ids), then
 resampler and the decoder prefill, each eager (`chat()`) and compiled (`chat(fast=True)`): wall time
 (synchronised) and host time until the call returns (dispatch), plus a torch.profiler table per stage
 whose footer gives the GPU kernel time. When dispatch is close to the wall time and the kernel time is
-well below it, the stage is bound by the host CPU launching kernels.
+well below it, the stage is bound by the host CPU launching kernels. Last, where `chat(fast=True)` makes the
+host wait for the GPU.
 
     python benchmarks/profile_first_token.py
 """
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_chat import QUESTION, bench_model, picture, timed  # noqa: E402
-from profiler_counts import kernel_launches  # noqa: E402
+from profiler_counts import kernel_launches, sync_points  # noqa: E402
 
 from axolotl_minicpmv.processing_minicpmv import group_by_size, image_bounds, to_pixel_values  # noqa: E402
 from axolotl_minicpmv.slicing import slice_sizes  # noqa: E402
@@ -84,6 +85,7 @@ def main() -> None:
         for name, fn in stages.items():
             row[f"{name}_ms"], row[f"{name}_dispatch_ms"] = ms(fn), dispatch_ms(fn)
         row["chat_ttft_ms"], row["chat_fast_ttft_ms"] = ms(first_token(False)), ms(first_token(True))
+        row["chat_fast_sync_points"] = sync_points(first_token(True))
         print(json.dumps(row), flush=True)
         for name, fn in stages.items():
             profile(name, fn)

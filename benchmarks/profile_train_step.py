@@ -6,7 +6,8 @@ embeddings trained in full) and times forward+backward with and without gradient
 the vision part alone, with a profiler table of each step. `--compile` repeats the timings with the
 decoder layers compiled in place (`minicpmv_compile_layers`); `--deepspeed CONFIG`
 then drives a real DeepSpeed engine on a fresh eager model (no gradient checkpointing, fused AdamW)
-and times its forward, backward and optimizer step apart, and whole steps without synchronisation.
+and times its forward, backward and optimizer step apart, and whole steps without synchronisation, and
+lists where such a step makes the host wait for the GPU.
 
     python benchmarks/profile_train_step.py --compile --deepspeed configs/deepspeed/zero2.json
 """
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import make_dataset  # noqa: E402
-from profiler_counts import kernel_launches, kernel_ms  # noqa: E402
+from profiler_counts import kernel_launches, kernel_ms, sync_points  # noqa: E402
 
 from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig, load_tokenizer  # noqa: E402
 from axolotl_minicpmv.collator import MiniCPMVDataCollator  # noqa: E402
@@ -154,6 +155,7 @@ def deepspeed_breakdown(model, batches, config_path: str, result: dict, steps: i
         engine.step()
 
     result["ds_step_unsynced_s"] = round(cuda_time(lambda: whole_step(batches[0]), runs=6), 3)
+    result["ds_step_sync_points"] = sync_points(lambda: whole_step(batches[1]))
     result["ds_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(result), flush=True)
 

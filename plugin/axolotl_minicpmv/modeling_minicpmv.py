@@ -402,10 +402,13 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         embeds = self.embed_text(input_ids)
         if len(image_bound) != len(features):
             raise InvalidInputError(f"{len(features)} images were given but the prompt has {len(image_bound)} image placeholders")
+        if image_bound.device.type == "cpu":
+            # Bounds already on the GPU come from the collator, which checked them on the host; reading
+            # them back here would make the host wait for the vision tower in every training step.
+            lengths = image_bound[:, 2] - image_bound[:, 1]
+            if bool((lengths != self.config.query_num).any()):
+                raise InvalidInputError(f"every image placeholder must hold {self.config.query_num} slots, found {lengths.tolist()}")
         bound = image_bound.to(embeds.device)
-        lengths = bound[:, 2] - bound[:, 1]
-        if bool((lengths != self.config.query_num).any()):
-            raise InvalidInputError(f"every image placeholder must hold {self.config.query_num} slots, found {lengths.tolist()}")
         slots = bound[:, 1:2] + torch.arange(self.config.query_num, device=embeds.device)
         rows = bound[:, :1].expand_as(slots)
         return embeds.index_put((rows.reshape(-1), slots.reshape(-1)), features.reshape(-1, features.shape[-1]).to(embeds.dtype))
@@ -494,14 +497,15 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         processor = MiniCPMVProcessor.from_config(tokenizer, self.config)
         image = None if image is None else load_image(image)
         msgs = [dict(m) for m in validate_messages(msgs)]
-        input_ids = processor.encode_prompt(processor.chat_prompt(msgs, image), max_inp_length).unsqueeze(0).to(self.device)
+        prompt_ids = processor.encode_prompt(processor.chat_prompt(msgs, image), max_inp_length).unsqueeze(0)
+        input_ids = prompt_ids.to(self.device)
         if fast:
             self._init_fast_path()
         if image is None:
             inputs_embeds = self.embed_text(input_ids)
         else:
             features = self._chat_image_features(image, processor, self._fast_encode_images if fast else self.encode_images)
-            bound = image_bounds(input_ids, tokenizer.im_start_id, tokenizer.im_end_id, count=len(features))
+            bound = image_bounds(prompt_ids, tokenizer.im_start_id, tokenizer.im_end_id, count=len(features))  # on the host: no GPU wait
             inputs_embeds = self.place_image_features(input_ids, features, bound)
 
         generation_config = dict(GENERATION_DEFAULTS[bool(sampling)])

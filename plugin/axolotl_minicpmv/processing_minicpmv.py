@@ -71,9 +71,14 @@ def to_pixel_values(image: Image.Image, device: torch.device | str | None = None
     """RGB image -> float tensor (3, H, W) in [-1, 1] (scaled to [0, 1], then mean = std = 0.5).
 
     With `device`, the bytes are moved first and scaled there (same float32 operations, same values).
+    A GPU gets them from pinned memory without blocking: a plain copy would wait for the GPU's queued work
+    (the previous image's vision tower) before the host could go on.
     """
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).to(device)
-    return array.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+    pixels = np.asarray(image, dtype=np.uint8)
+    to_gpu = device is not None and torch.device(device).type == "cuda"
+    array = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=to_gpu)
+    array.numpy()[...] = pixels
+    return array.to(device, non_blocking=True).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
 
 
 def group_by_size(pixel_values: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:

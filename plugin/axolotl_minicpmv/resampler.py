@@ -28,6 +28,19 @@ def sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(table).float()
 
 
+@lru_cache(maxsize=64)
+def _pinned_sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
+    return sincos_2d(dim, height, width).pin_memory()
+
+
+def key_positions(dim: int, grid_size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`sincos_2d` on `device`. A GPU gets it from pinned memory without blocking: a plain host-to-device
+    copy waits for all queued GPU work, which in training stalled the host once per image size."""
+    if device.type != "cuda":
+        return sincos_2d(dim, *grid_size).to(device=device, dtype=dtype)
+    return _pinned_sincos_2d(dim, *grid_size).to(device=device, non_blocking=True).to(dtype)
+
+
 class Resampler(nn.Module):
     def __init__(self, num_queries: int, embed_dim: int, num_heads: int, kv_dim: int):
         super().__init__()
@@ -52,7 +65,7 @@ class Resampler(nn.Module):
 
     def forward(self, features: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         """features: (N, H*W, kv_dim) of N images sharing the patch grid (H, W) -> (N, num_queries, embed_dim)."""
-        key_pos = sincos_2d(self.embed_dim, *grid_size).to(device=features.device, dtype=features.dtype)
+        key_pos = key_positions(self.embed_dim, grid_size, features.device, features.dtype)
         kv = self.ln_kv(self.kv_proj(features))
         queries = (self.ln_q(self.query) + self.pos_embed).unsqueeze(0).expand(kv.shape[0], -1, -1)
         # need_weights=True (the default) keeps the plain matmul+softmax path the release runs: the fused

@@ -121,6 +121,7 @@ def main() -> None:
     result = {
         "bench": "train", "deepspeed": tag, "rc": rc, "steps_logged": len(steps),
         "samples_per_second_median": statistics.median(steady) if steady else None,
+        "samples_per_second_by_step": [float(s["minicpmv/samples_per_second"]) for s in steps],
         # all steady-state samples over the time they took (each logged rate covers one logged step)
         "samples_per_second_overall": round(len(steady) * samples_per_step / sum(samples_per_step / r for r in steady), 3) if steady else None,
         "peak_mem_allocated_gib": max((float(s.get("memory/max_allocated (GiB)", 0)) for s in steps), default=None),

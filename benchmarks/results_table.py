@@ -53,7 +53,7 @@ def _summary(run: dict) -> str:
         return "; ".join(parts)
     if run["rc"] != 0:
         return f"failed (exit {run['rc']}) after {run['steps_logged']} steps"
-    rate = f"{run['samples_per_second_median']} samples/s (median step)"
+    rate = f"{round(float(run['samples_per_second_median']), 3)} samples/s (median step)"
     if "samples_per_second_overall" in run:  # recorded since 2026-11-27
         rate += f", {run['samples_per_second_overall']} overall"
     return f"{rate}; peak {run['peak_mem_allocated_gib']} GiB allocated ({run['device_reserved_gib']} reserved); {run['steps_logged']} steps"

@@ -267,9 +267,9 @@ class MiniCPMForCausalLM(MiniCPMPreTrainedModel):
         """Next-token cross-entropy over supervised positions only, in chunks whose logits are recomputed in
         backward: the same value as cross-entropy on full float32 logits, at a fraction of the memory."""
         targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).to(hidden.device)
-        supervised = targets != -100
-        rows = hidden.reshape(-1, hidden.shape[-1])[supervised]
-        targets = targets[supervised]
+        supervised = (targets != -100).nonzero().squeeze(1)  # one host wait for the count, not one per selection
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, supervised)
+        targets = targets.index_select(0, supervised)
         total = hidden.sum() * 0.0  # keeps the graph connected when nothing is supervised
         # Under ZeRO-3 lm_head's weight is partitioned again by the time a recompute would run, so the
         # chunks keep their logits there (still only supervised rows, never the full sequence).
@@ -280,7 +280,7 @@ class MiniCPMForCausalLM(MiniCPMPreTrainedModel):
                 total = total + torch.utils.checkpoint.checkpoint(self._chunk_cross_entropy, *chunk, use_reentrant=False)
             else:
                 total = total + self._chunk_cross_entropy(*chunk)
-        count = num_items_in_batch if num_items_in_batch is not None else supervised.sum().clamp(min=1)
+        count = num_items_in_batch if num_items_in_batch is not None else max(len(supervised), 1)
         if torch.is_tensor(count):
             count = count.to(total.device)
         return total / count

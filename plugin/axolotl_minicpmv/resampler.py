@@ -30,7 +30,7 @@ def sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
 
 @lru_cache(maxsize=64)
 def _pinned_sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
-    return sincos_2d(dim, height, width).pin_memory()
+    return sincos_2d.__wrapped__(dim, height, width).pin_memory()  # not also kept in sincos_2d's cache
 
 
 def key_positions(dim: int, grid_size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -113,17 +113,17 @@ def main() -> None:
         rc = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     steps = [ast.literal_eval(line[line.index("{"):].strip()) for line in log_path.read_text().splitlines()
              if "'minicpmv/samples_per_second'" in line and "{" in line]
-    steady = [float(s["minicpmv/samples_per_second"]) for s in steps[args.warmup_steps:]]
-    samples_per_step = cfg["micro_batch_size"] * cfg.get("gradient_accumulation_steps", 1)
+    rates = [float(s["minicpmv/samples_per_second"]) for s in steps]
+    steady = rates[args.warmup_steps:]
 
     import torch
 
     result = {
         "bench": "train", "deepspeed": tag, "rc": rc, "steps_logged": len(steps),
         "samples_per_second_median": statistics.median(steady) if steady else None,
-        "samples_per_second_by_step": [float(s["minicpmv/samples_per_second"]) for s in steps],
-        # all steady-state samples over the time they took (each logged rate covers one logged step)
-        "samples_per_second_overall": round(len(steady) * samples_per_step / sum(samples_per_step / r for r in steady), 3) if steady else None,
+        "samples_per_second_by_step": rates,
+        # all steady-state samples over the time they took: each rate covers one step of the same samples
+        "samples_per_second_overall": round(statistics.harmonic_mean(steady), 3) if steady else None,
         "peak_mem_allocated_gib": max((float(s.get("memory/max_allocated (GiB)", 0)) for s in steps), default=None),
         "peak_mem_active_gib": max((float(s.get("memory/max_active (GiB)", 0)) for s in steps), default=None),
         "device_reserved_gib": max((float(s.get("memory/device_reserved (GiB)", 0)) for s in steps), default=None),

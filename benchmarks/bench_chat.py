@@ -129,21 +129,20 @@ def main() -> None:
     for batch in (1, 8):
         embeds, _ = prompt_embeds(model, processor, image, batch)
         torch.cuda.reset_peak_memory_stats()
-        first = timed(lambda: generate(embeds, 1), args.runs)
+        # The full request first: FastDecoder then sizes its cache (and compiles) once for both timings.
         full = timed(lambda: generate(embeds, args.new_tokens), args.runs)
+        first = timed(lambda: generate(embeds, 1), args.runs)
         out = generate(embeds, args.new_tokens)
         assert out.shape == (batch, args.new_tokens), out.shape
         decode = full - first
         key = "decode_tokens_per_s_batch1" if batch == 1 else "total_tokens_per_s_batch8"
         result[key] = round(batch * (args.new_tokens - 1) / decode, 1)
         result[f"peak_mem_gib_batch{batch}"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-
-    if args.fast:  # the fast decode path must emit the plain path's greedy tokens
-        embeds, _ = prompt_embeds(model, processor, image, 1)
-        stop = {"eos_token_id": tokenizer.eos_token_id, "min_new_tokens": 64}
-        fast, plain = generate(embeds, 64, **stop), generate(embeds, 64, fast=False, **stop)
-        result["fast_equals_plain_64_tokens"] = bool(torch.equal(fast, plain))
-        result["fast_vs_plain_first_diff"] = None if torch.equal(fast, plain) else int((fast != plain).nonzero()[0, 1])
+        if args.fast and batch == 1:  # the fast decode path must emit the plain path's greedy tokens
+            stop = {"eos_token_id": tokenizer.eos_token_id, "min_new_tokens": 64}
+            fast, plain = generate(embeds, 64, **stop), generate(embeds, 64, fast=False, **stop)
+            result["fast_equals_plain_64_tokens"] = bool(torch.equal(fast, plain))
+            result["fast_vs_plain_first_diff"] = None if torch.equal(fast, plain) else int((fast != plain).nonzero()[0, 1])
     record(result, Path(args.out))
 
 

@@ -1,11 +1,12 @@
 """Where the first token's time goes for a 1344x896 image (real size, random bf16 weights, one GPU).
 
 Times the CPU stages (slicing and its bicubic resizes, pixels, prompt ids), then the vision tower +
-resampler and the decoder prefill, each eager (`chat()`) and compiled (`chat(fast=True)`): wall time
-(synchronised) and host time until the call returns (dispatch), plus a torch.profiler table per stage
-whose footer gives the GPU kernel time. When dispatch is close to the wall time and the kernel time is
-well below it, the stage is bound by the host CPU launching kernels. Last, where `chat(fast=True)` makes the
-host wait for the GPU.
+resampler eager, with compiled blocks, and with compiled blocks replayed from CUDA graphs (what
+`chat(fast=True)` runs), and the decoder prefill eager and compiled: wall time (synchronised), host time
+until the call returns (dispatch), and how far each result is from the eager one. When dispatch is close
+to the wall time and the kernel time (the footer of each stage's torch.profiler table) is well below it,
+the stage is bound by the host CPU launching kernels. Then `chat()` and `chat(fast=True)` time to first
+token in this one process (so on one host), and where `chat(fast=True)` makes the host wait for the GPU.
 
     python benchmarks/profile_first_token.py
 """
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_chat import QUESTION, bench_model, picture, timed  # noqa: E402
 from profiler_counts import kernel_launches, sync_points  # noqa: E402
 
+from axolotl_minicpmv.fast_vision import image_encoder  # noqa: E402
 from axolotl_minicpmv.processing_minicpmv import group_by_size, image_bounds, to_pixel_values  # noqa: E402
 from axolotl_minicpmv.slicing import slice_sizes  # noqa: E402
 
@@ -74,10 +76,25 @@ def main() -> None:
     with torch.inference_mode():
         embeds = model.embed_inputs(ids, groups, order, bound)
         first_token(True)()  # compiles the fast path
+        compiled_blocks = image_encoder(model, compile_blocks=True)
+        eager_features = [model.encode_images(g) for g in groups]
+        compiled_features = [compiled_blocks(g) for g in groups]
+        graphed_features = [model._fast_encode_images(g) for g in groups]
         cache = StaticCache(config=model.config, max_cache_len=512)
+        eager_logits = model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1).logits[:, -1]
+        cache.reset()
+        compiled_logits = model._fast_decoder._prefill(model.llm, cache, embeds)
+        print(json.dumps({
+            "vision_compiled_max_abs_diff": max(float((c - e).abs().max()) for c, e in zip(compiled_features, eager_features)),
+            "vision_eager_max_abs": max(float(e.abs().max()) for e in eager_features),
+            "vision_graphed_equals_compiled": all(torch.equal(g, c) for g, c in zip(graphed_features, compiled_features)),
+            "prefill_compiled_max_abs_logit_diff": float((compiled_logits - eager_logits).abs().max()),
+            "prefill_argmax_equal": bool(torch.equal(compiled_logits.argmax(-1), eager_logits.argmax(-1))),
+        }), flush=True)
         stages = {
             "vision_eager": lambda: model.get_image_features(groups, order),
-            "vision_compiled": lambda: [model._fast_encode_images(g) for g in groups],
+            "vision_compiled": lambda: [compiled_blocks(g) for g in groups],
+            "vision_graphed": lambda: [model._fast_encode_images(g) for g in groups],
             "prefill_eager": lambda: model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1),
             "prefill_compiled": lambda: (cache.reset(), model._fast_decoder._prefill(model.llm, cache, embeds)),
         }

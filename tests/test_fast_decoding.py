@@ -51,6 +51,18 @@ def test_greedy_tokens_equal_generate(tiny_model, prompt, repetition_penalty):
     assert torch.equal(decoder.generate(prompt, 24, sampling=Sampling(repetition_penalty=repetition_penalty)), ours)
 
 
+def test_a_shorter_request_reuses_the_longer_cache(tiny_model, prompt):
+    decoder = FastDecoder(tiny_model)
+    decoder.generate(prompt, 300)  # prompt + 300 tokens: a 512-position cache
+    cache = decoder._cache
+    assert cache.get_max_length() == 512
+    ours = decoder.generate(prompt, 12)
+    assert decoder._cache is cache
+    assert torch.equal(ours, _generate(tiny_model, prompt, max_new_tokens=12, min_new_tokens=12, eos_token_id=None))
+    decoder.generate(prompt[:1], 12)  # another batch size gets its own cache
+    assert decoder._cache is not cache and decoder._cache.get_max_length() == 256
+
+
 @pytest.mark.parametrize("sync_every", [1, 4, 64])
 def test_stops_after_eos_like_generate(tiny_model, prompt, sync_every):
     free = FastDecoder(tiny_model).generate(prompt[:1], 20)[0].tolist()

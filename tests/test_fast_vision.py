@@ -34,3 +34,16 @@ def test_compiled_blocks_serve_every_image_size(tiny_model):
             graphs.append(counters["stats"]["unique_graphs"] - before)
     # One graph for a single image, one more once the batch varies; later sizes and all blocks reuse them.
     assert graphs == [1, 1, 0, 0], graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")
+def test_graphed_encoder_replays_encode_images(tiny_model):
+    model = tiny_model.to("cuda")
+    try:
+        encode = image_encoder(model, compile_blocks=False, cuda_graphs=True)
+        with torch.inference_mode():
+            for size in SIZES + SIZES[:2]:  # the repeats replay their recorded graphs
+                pixels = _pixels(*size).cuda()
+                assert torch.equal(encode(pixels), model.encode_images(pixels))
+    finally:
+        tiny_model.to("cpu")

@@ -149,8 +149,9 @@ class FastDecoder:
     replay: the decoder forward is compiled (torch.compile, fixed shapes) and captured together with the
     token choice, so the host only queues replays and reads the end-of-sequence flags every `sync_every`
     tokens. One `StaticCache` is kept, sized to the next power of two (at least 256) of prompt + new
-    tokens; a new size, batch size or set of sampling settings compiles/captures once more. On CPU the
-    same loop runs eagerly. Sampling uses torch's global RNG.
+    tokens and reused while requests of its batch size fit; a longer request or another batch size compiles
+    once more, another set of sampling settings captures one more graph. On CPU the same loop runs
+    eagerly. Sampling uses torch's global RNG.
     """
 
     def __init__(self, model, sync_every: int = 16):
@@ -173,7 +174,12 @@ class FastDecoder:
         self._loops: dict[tuple, _DecodeLoop] = {}
 
     def _loop_for(self, batch: int, length: int, settings: tuple) -> _DecodeLoop:
-        cache_len = max(256, 1 << (length - 1).bit_length())
+        # A kept cache that is long enough serves shorter requests too: attending over its unused tail
+        # costs a little bandwidth per token, a new cache size costs a compilation (about a minute).
+        if self._cache_key is not None and self._cache_key[0] == batch and self._cache_key[1] >= length:
+            cache_len = self._cache_key[1]
+        else:
+            cache_len = max(256, 1 << (length - 1).bit_length())
         if self._cache_key != (batch, cache_len):
             self._loops.clear()  # their graphs point into the old cache: free both before allocating
             self._cache = None

@@ -1,14 +1,16 @@
-"""The vision tower for `chat(fast=True)`: its transformer blocks run through one compiled function.
+"""The vision tower for `chat(fast=True)`: compiled blocks, replayed from one CUDA graph per input shape.
 
-Eager, each block is a dozen small kernels launched from Python, so on a slow host the tower waits on
-the CPU. Compiling the whole tower for dynamic image sizes took minutes on the H100 machine (symbolic
-position-embedding interpolation); compiling one block with a dynamic batch and sequence length takes
-seconds (20 s there) and serves all 26 blocks and every image size. Patch and position embedding, the
-final norm and the resampler stay eager.
+Eager, each block is a dozen small kernels launched from Python, and on the H100 machine's host the
+tower took as long to launch as to run (1344x896, 7 images: 27 ms either way). Compiling the whole
+tower for dynamic image sizes took minutes (symbolic position-embedding interpolation); compiling one
+block with a dynamic batch and sequence length takes seconds and serves all 26 blocks and every image
+size. Patch and position embedding, the final norm and the resampler stay eager. `GraphedEncoder` then
+records the tower once per stack shape, so a request launches one graph instead of ~700 kernels.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -19,17 +21,67 @@ def _run_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return block(hidden)
 
 
-def image_encoder(model, compile_blocks: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function equal to `model.encode_images` ((n, 3, H, W) same-size pixels -> resampler outputs)."""
+def image_encoder(model, compile_blocks: bool, cuda_graphs: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function equal to `model.encode_images` ((n, 3, H, W) same-size pixels -> resampler outputs).
+
+    With `cuda_graphs` the tower runs from a `GraphedEncoder`; the resampler stays outside the graphs:
+    it copies its position table from pinned host memory that a graph could outlive.
+    """
     run_block = torch.compile(_run_block, dynamic=True) if compile_blocks else _run_block
     tower = model.vpm
 
-    def encode(stack: torch.Tensor) -> torch.Tensor:
+    def features(stack: torch.Tensor) -> torch.Tensor:
         # timm's VisionTransformer.forward_features / forward_head, with the blocks called one by one.
         hidden = tower.patch_embed(stack.to(tower.pos_embed.dtype))
         hidden = tower.norm_pre(tower.patch_drop(tower._pos_embed(hidden)))
         for block in tower.blocks:
             hidden = run_block(block, hidden)
-        return model.resample(tower.forward_head(tower.norm(hidden)), stack.shape[-2:])
+        return tower.forward_head(tower.norm(hidden))
+
+    if cuda_graphs:
+        features = GraphedEncoder(features)
+
+    def encode(stack: torch.Tensor) -> torch.Tensor:
+        return model.resample(features(stack), stack.shape[-2:])
 
     return encode
+
+
+class GraphedEncoder:
+    """`encode` (a GPU function of one tensor) replayed from a CUDA graph recorded per input shape.
+
+    A new shape runs `encode` twice on a side stream (compilation, cuBLAS set-up), then records it; the
+    last `max_graphs` shapes are kept. All graphs share one memory pool, which is safe because they
+    replay one at a time on one stream and each result is copied out before the next replay.
+    """
+
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], max_graphs: int = 16):
+        self.encode = encode
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def _record(self, example: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        static_input = example.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.encode(static_input)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static_output = self.encode(static_input)
+        return graph, static_input, static_output
+
+    def __call__(self, stack: torch.Tensor) -> torch.Tensor:
+        key = (tuple(stack.shape), stack.dtype, stack.device)
+        if key not in self._graphs:
+            self._graphs[key] = self._record(stack)
+            if len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        graph, static_input, static_output = self._graphs[key]
+        static_input.copy_(stack)
+        graph.replay()
+        return static_output.clone()  # the next replay of any graph may overwrite it (shared pool)

@@ -533,14 +533,14 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         return answer, msgs + [{"role": "assistant", "content": answer}], generation_config
 
     def _init_fast_path(self) -> None:
-        """`FastDecoder` and an image encoder whose tower blocks are compiled on a GPU (`fast_vision`).
-        Plain attributes, not submodules: never saved."""
+        """`FastDecoder` and an image encoder whose tower blocks are compiled and replayed from CUDA graphs
+        on a GPU (`fast_vision`). Plain attributes, not submodules: never saved."""
         if getattr(self, "_fast_decoder", None) is None:
             on_gpu = self.device.type == "cuda"
             if on_gpu:
                 logger.warning("chat(fast=True): the first request compiles the prefill and the vision blocks (once; 1.5-2 minutes)")
             self._fast_decoder = FastDecoder(self)
-            self._fast_encode_images = image_encoder(self, compile_blocks=on_gpu)
+            self._fast_encode_images = image_encoder(self, compile_blocks=on_gpu, cuda_graphs=on_gpu)
 
     def _fast_generate(self, inputs_embeds, generation_config: dict, tokenizer, max_new_tokens: int) -> torch.Tensor:
         if generation_config.get("num_beams", 1) != 1:

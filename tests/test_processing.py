@@ -342,3 +342,13 @@ def test_load_image_unreadable_files(tmp_path, jpeg_path):
 def test_load_image_wrong_type():
     with pytest.raises(InvalidInputError, match="expected a PIL image, a path, bytes or base64, got int"):
         load_image(42)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
+def test_to_device_copies_to_the_gpu_and_passes_gpu_tensors_through():
+    from axolotl_minicpmv.processing_minicpmv import to_device
+
+    host = torch.arange(12).reshape(3, 4)
+    on_gpu = to_device(host, "cuda")
+    assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), host)
+    assert to_device(on_gpu, "cuda") is on_gpu

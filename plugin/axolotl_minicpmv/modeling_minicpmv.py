@@ -36,6 +36,7 @@ from .processing_minicpmv import (
     MiniCPMVProcessor,
     image_bounds,
     load_image,
+    to_device,
     to_pixel_values,
     validate_messages,
 )
@@ -408,7 +409,7 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
             lengths = image_bound[:, 2] - image_bound[:, 1]
             if bool((lengths != self.config.query_num).any()):
                 raise InvalidInputError(f"every image placeholder must hold {self.config.query_num} slots, found {lengths.tolist()}")
-        bound = image_bound.to(embeds.device)
+        bound = to_device(image_bound, embeds.device)
         slots = bound[:, 1:2] + torch.arange(self.config.query_num, device=embeds.device)
         rows = bound[:, :1].expand_as(slots)
         return embeds.index_put((rows.reshape(-1), slots.reshape(-1)), features.reshape(-1, features.shape[-1]).to(embeds.dtype))
@@ -498,7 +499,7 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         image = None if image is None else load_image(image)
         msgs = [dict(m) for m in validate_messages(msgs)]
         prompt_ids = processor.encode_prompt(processor.chat_prompt(msgs, image), max_inp_length).unsqueeze(0)
-        input_ids = prompt_ids.to(self.device)
+        input_ids = to_device(prompt_ids, self.device)
         if fast:
             self._init_fast_path()
         if image is None:
@@ -563,9 +564,9 @@ def _keep_vision_unquantized(quantization_config) -> None:
 
 def decode_answer(ids: torch.Tensor, tokenizer) -> str:
     """Drop pad/unk ids (0), one leading bos and one trailing eos; decode the rest as text."""
-    ids = ids[ids != 0]
-    if len(ids) and ids[0] == tokenizer.bos_token_id:
+    ids = [i for i in ids.tolist() if i != 0]  # one read from the GPU
+    if ids and ids[0] == tokenizer.bos_token_id:
         ids = ids[1:]
-    if len(ids) and ids[-1] == tokenizer.eos_token_id:
+    if ids and ids[-1] == tokenizer.eos_token_id:
         ids = ids[:-1]
-    return tokenizer.decode(ids.tolist()).strip()
+    return tokenizer.decode(ids).strip()

@@ -81,6 +81,14 @@ def to_pixel_values(image: Image.Image, device: torch.device | str | None = None
     return array.to(device, non_blocking=True).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor.to(device)`; to a GPU through pinned memory without blocking, so that the host does not wait
+    for the GPU's queued work (in chat: the vision tower) before it goes on launching the next kernels."""
+    if tensor.device.type != "cpu" or torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def group_by_size(pixel_values: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Stack equal-sized images so the vision tower sees each size once.
 

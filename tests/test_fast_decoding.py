@@ -169,3 +169,19 @@ def test_repetition_penalty_applies_to_seen_tokens_only():
 def test_bad_sampling_settings_are_refused(bad):
     with pytest.raises(ValueError, match="invalid sampling"):
         Sampling(**bad)
+
+
+def test_fast_chat_works_after_the_model_changes_dtype(tiny_checkpoint_fp32, tiny_tokenizer):
+    from axolotl_minicpmv import MiniCPMV
+
+    model = MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32).eval()
+    kwargs = {"tokenizer": tiny_tokenizer, "sampling": False, "num_beams": 1, "max_new_tokens": 6, "fast": True}
+    model.chat(None, MSGS, **kwargs)
+    decoder = model._fast_decoder
+    model.chat(None, MSGS, **kwargs)
+    assert model._fast_decoder is decoder  # kept between requests
+    model.to(torch.bfloat16)
+    # The kept decoder's float32 cache cannot take bfloat16 keys: the fast path must be rebuilt.
+    answer, _, _ = model.chat(None, MSGS, **kwargs)
+    assert model._fast_decoder is not decoder and model._fast_decoder._cache.layers[0].keys.dtype == torch.bfloat16
+    assert isinstance(answer, str)

@@ -535,8 +535,10 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
 
     def _init_fast_path(self) -> None:
         """`FastDecoder` and an image encoder whose tower blocks are compiled and replayed from CUDA graphs
-        on a GPU (`fast_vision`). Plain attributes, not submodules: never saved."""
-        if getattr(self, "_fast_decoder", None) is None:
+        on a GPU (`fast_vision`). Plain attributes, not submodules: never saved. Rebuilt when the model moved
+        to another device or dtype: graphs and compiled steps point at the old weights."""
+        if getattr(self, "_fast_path_for", None) != (self.device, self.dtype):
+            self._fast_path_for = (self.device, self.dtype)
             on_gpu = self.device.type == "cuda"
             if on_gpu:
                 logger.warning("chat(fast=True): the first request compiles the prefill and the vision blocks (once; 1.5-2 minutes)")

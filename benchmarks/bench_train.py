@@ -8,6 +8,9 @@ the given DeepSpeed config. Reports samples/s over steady-state steps (the plugi
 `minicpmv/samples_per_second` per step) and peak GPU memory (Axolotl's `memory/max_allocated`).
 
     python benchmarks/bench_train.py --deepspeed configs/deepspeed/zero2_offload.json --steps 20
+
+`--num-processes N` trains on N GPUs of one host (data parallel); the logged rate counts all ranks'
+samples, the memory figures are rank 0's GPU.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the steady-state median")
     parser.add_argument("--samples", type=int, default=96)
+    parser.add_argument("--num-processes", type=int, default=1, help="GPUs of this host to train on")
     parser.add_argument("--workdir", default="/tmp/minicpmv-bench")
     parser.add_argument("--config", default=str(REPO / "configs" / "minicpmv_lora.yml"))
     parser.add_argument("--set", nargs="*", default=[], help="extra YAML overrides key=value (YAML-parsed values)")
@@ -106,7 +110,7 @@ def main() -> None:
     config_path = work / f"bench-{tag}.yml"
     config_path.write_text(yaml.safe_dump(cfg))
 
-    command = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+    command = ["accelerate", "launch", "--num_processes", str(args.num_processes), "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "-m", "axolotl.cli.train", str(config_path)]
     log_path = work / f"train-{tag}.log"
     with open(log_path, "w") as log:
@@ -119,7 +123,7 @@ def main() -> None:
     import torch
 
     result = {
-        "bench": "train", "deepspeed": tag, "rc": rc, "steps_logged": len(steps),
+        "bench": "train", "deepspeed": tag, "processes": args.num_processes, "rc": rc, "steps_logged": len(steps),
         "samples_per_second_median": statistics.median(steady) if steady else None,
         "samples_per_second_by_step": rates,
         # all steady-state samples over the time they took: each rate covers one step of the same samples

@@ -56,7 +56,10 @@ def _summary(run: dict) -> str:
     rate = f"{round(float(run['samples_per_second_median']), 3)} samples/s (median step)"
     if "samples_per_second_overall" in run:  # recorded since 2026-11-27
         rate += f", {run['samples_per_second_overall']} overall"
-    return f"{rate}; peak {run['peak_mem_allocated_gib']} GiB allocated ({run['device_reserved_gib']} reserved); {run['steps_logged']} steps"
+    memory = f"peak {run['peak_mem_allocated_gib']} GiB allocated ({run['device_reserved_gib']} reserved)"
+    if run.get("processes", 1) > 1:
+        rate, memory = f"{rate} on {run['processes']} GPUs", f"{memory} on rank 0's GPU"
+    return f"{rate}; {memory}; {run['steps_logged']} steps"
 
 
 def _versions_cell(run: dict) -> str:

@@ -32,18 +32,20 @@ def write_pair(tmp_path, runs):
 def test_update_writes_one_row_per_run_between_the_markers(tmp_path):
     failed = dict(TRAIN, rc=1, steps_logged=0, date="2026-01-04")
     with_overall = dict(TRAIN, samples_per_second_median=3.0860000000000003, samples_per_second_overall=2.9, date="2026-01-05")
-    jsonl, md = write_pair(tmp_path, [CHAT, TRAIN, failed, with_overall])
+    two_gpus = dict(TRAIN, processes=2, samples_per_second_median=6.5, date="2026-01-06")
+    jsonl, md = write_pair(tmp_path, [CHAT, TRAIN, failed, with_overall, two_gpus])
     results_table.update(jsonl, md)
     text = md.read_text()
     assert text.startswith("# Results\nprose above\n\n") and text.endswith("\n\nprose below\n")
     assert "stale row" not in text
     rows = [line for line in text.splitlines() if line.startswith("| 2026-")]
-    assert len(rows) == 4
+    assert len(rows) == 5
     assert "torch 9.9, transformers 8.8" in rows[0] and "`python benchmarks/bench_chat.py --fast`" in rows[0]
     assert "decode b1 301.2 tok/s" in rows[0] and "TTFT 1344x896 77.0 ms" in rows[0] and "fast = plain greedy tokens" in rows[0]
     assert "train zero2: 3.3 samples/s (median step); peak 30.1 GiB allocated (33.0 reserved)" in rows[1] and "not recorded" in rows[1]
     assert "failed (exit 1) after 0 steps" in rows[2]
     assert "3.086 samples/s (median step), 2.9 overall; peak" in rows[3]  # float noise rounded away
+    assert "6.5 samples/s (median step) on 2 GPUs; peak 30.1 GiB allocated (33.0 reserved) on rank 0's GPU" in rows[4]
     results_table.update(jsonl, md)  # rendering again changes nothing
     assert md.read_text() == text
 

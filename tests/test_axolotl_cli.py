@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ MAX_STEPS = 4
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def run(args, log: Path, timeout: int = 300) -> tuple[int, str]:
+def run(args, log: Path, timeout: int = 300, **extra_env: str) -> tuple[int, str]:
     """Run a CLI command from the repo root; return (exit code, stdout + stderr) and keep the output in `log`."""
     env = {
         **os.environ,
@@ -57,11 +58,21 @@ def run(args, log: Path, timeout: int = 300) -> tuple[int, str]:
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         # CPU tests, also on a machine with a GPU (the float32 choice and the timings depend on it).
         "CUDA_VISIBLE_DEVICES": "",
+        **extra_env,
     }
-    done = subprocess.run([str(a) for a in args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    output = done.stdout + done.stderr
+    # Its own process group, so a run past `timeout` is stopped with every process it started (the
+    # ranks of `accelerate launch` would otherwise live on, waiting for each other).
+    process = subprocess.Popen([str(a) for a in args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        stderr += f"\n[stopped after {timeout} s]"
+    output = stdout + stderr
     log.write_text(output)
-    return done.returncode, output
+    return process.returncode, output
 
 
 def logged(output: str, key: str) -> list[dict]:

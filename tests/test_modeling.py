@@ -453,6 +453,21 @@ def test_forward_with_an_image_uses_the_spliced_embeddings(tiny_model, tiny_toke
     assert not torch.allclose(with_image[:, -1], text_only[:, -1], atol=1e-3)
 
 
+@pytest.mark.parametrize("trained", ["vpm", "resampler"])
+def test_an_image_free_training_batch_still_reaches_the_trained_vision_parameters(tiny_checkpoint_fp32, trained):
+    """Distributed training reduces every trained parameter's gradient each step. A text-only batch must keep
+    the trained vision tower or resampler in the graph (zero gradients), or DDP without unused-parameter
+    search and DeepSpeed wait for gradients that never come. Also when only the resampler is trained."""
+    model = MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32).train()
+    model.requires_grad_(False)
+    getattr(model, trained).requires_grad_(True)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {name: p.grad for name, p in getattr(model, trained).named_parameters()}
+    assert all(g is not None for g in grads.values()), [name for name, g in grads.items() if g is None]
+    assert all(torch.count_nonzero(g) == 0 for g in grads.values())  # in the graph, without effect
+
+
 def test_mismatch_between_images_and_placeholders_is_an_error(tiny_model, tiny_tokenizer, processor):
     image = Image.open(EXAMPLES / "images" / "fruit_bowl.jpg")
     ids, pixels, order, bound = _image_inputs(processor, tiny_tokenizer, image)  # 3 images, 3 placeholders

@@ -388,9 +388,9 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         """Token embeddings times scale_emb, with the resampler outputs written over the image slots."""
         if pixel_values is None or len(pixel_values) == 0:
             embeds = self.embed_text(input_ids)
-            if self.training and any(p.requires_grad for p in self.vpm.parameters()):
-                # Keep the vision tower in the graph on image-free batches so distributed gradient
-                # reduction sees every trained parameter (as the official trainer does).
+            if self.training and any(p.requires_grad for p in (*self.vpm.parameters(), *self.resampler.parameters())):
+                # Keep the vision tower and resampler in the graph on image-free batches so distributed
+                # gradient reduction sees every trained parameter (as the official trainer does).
                 dummy = torch.zeros(1, 3, 28, 28, device=embeds.device)
                 embeds = embeds + self.get_image_features([dummy]).sum().to(embeds.dtype) * 0
             return embeds

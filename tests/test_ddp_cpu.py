@@ -10,8 +10,11 @@ generated checkpoint and a copy of examples/data (samples with an image and text
 `accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU=true starts two CPU processes
 (`--cpu --num_processes 2` starts one). Axolotl 0.19 needs CUDA once WORLD_SIZE > 1 in two places that
 tests/cpu_ddp_train.py replaces (a GPU peer-access probe, and the device map); the rest is the real CLI.
-Multi-GPU runs with DeepSpeed are GPU work (benchmarks/check_gpu_runs.py, benchmarks/bench_train.py).
-About 50 s on 2 cores.
+DeepSpeed over two CPU processes is not tested here. DeepSpeed 0.18.9 (Axolotl 0.19 allows < 0.19) waits
+only for the last of its coalesced gloo all-gathers, so a gathered parameter can hold uninitialised
+memory: 19 of 100 gathers of a plain nn.Sequential came back wrong here (0 with 0.19.8, after DeepSpeed's
+PR #8539). On a GPU the all-gathers queue on one stream, in order. Multi-GPU DeepSpeed runs are GPU work
+(benchmarks/check_gpu_runs.py, benchmarks/bench_train.py --num-processes). About 50 s on 2 cores.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ generated checkpoint and a copy of examples/data (samples with an image and text
 
 - the data are split between the ranks: 16 samples at micro batch 1 take 8 steps, one sample per rank per step;
 - the ranks stay in step: after training both hold the same trainable tensors (LoRA and the fully trained
-  vision tower / resampler / embeddings), which moved away from where they started; a text-only sample on
-  one rank beside an image on the other (the vision tower unused on one side) does not stop DDP;
+  vision tower / resampler / embeddings), which moved away from where they started. A text-only sample on
+  one rank beside an image on the other does not stop DDP, even with `ddp_find_unused_parameters: false`
+  (the image-free batch still passes the vision tower; without that the ranks wait for each other forever);
 - rank 0's adapter is that trained state, under PEFT's names, and loads with PEFT.
 
 `accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU=true starts two CPU processes

@@ -70,23 +70,26 @@ def _is_file(path) -> bool:
 def to_pixel_values(image: Image.Image, device: torch.device | str | None = None) -> torch.Tensor:
     """RGB image -> float tensor (3, H, W) in [-1, 1] (scaled to [0, 1], then mean = std = 0.5).
 
-    With `device`, the bytes are moved first and scaled there (same float32 operations, same values).
-    A GPU gets them from pinned memory without blocking: a plain copy would wait for the GPU's queued work
-    (the previous image's vision tower) before the host could go on.
+    With `device`, the bytes are moved first (`to_device`) and scaled there (same float32 operations, same
+    values). Bound for a GPU, they are written straight into pinned memory, which `to_device` then uses.
     """
     pixels = np.asarray(image, dtype=np.uint8)
     to_gpu = device is not None and torch.device(device).type == "cuda"
     array = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=to_gpu)
     array.numpy()[...] = pixels
-    return array.to(device, non_blocking=True).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+    if device is not None:
+        array = to_device(array, device)
+    return array.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """`tensor.to(device)`; to a GPU through pinned memory without blocking, so that the host does not wait
-    for the GPU's queued work (in chat: the vision tower) before it goes on launching the next kernels."""
+    """`tensor.to(device)`; to a GPU through pinned memory (the tensor's own if it is pinned) without
+    blocking, so that the host does not wait for the GPU's queued work (the vision tower, the previous
+    training step) before it goes on launching the next kernels."""
     if tensor.device.type != "cpu" or torch.device(device).type != "cuda":
         return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    pinned = tensor if tensor.is_pinned() else tensor.pin_memory()
+    return pinned.to(device, non_blocking=True)
 
 
 def group_by_size(pixel_values: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:

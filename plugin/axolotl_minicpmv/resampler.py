@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .processing_minicpmv import to_device
+
 
 def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     """(M,) float32 positions -> (M, dim): sines of the M positions on dim/2 frequencies, then cosines."""
@@ -34,11 +36,10 @@ def _pinned_sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
 
 
 def key_positions(dim: int, grid_size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """`sincos_2d` on `device`. A GPU gets it from pinned memory without blocking: a plain host-to-device
-    copy waits for all queued GPU work, which in training stalled the host once per image size."""
-    if device.type != "cuda":
-        return sincos_2d(dim, *grid_size).to(device=device, dtype=dtype)
-    return _pinned_sincos_2d(dim, *grid_size).to(device=device, non_blocking=True).to(dtype)
+    """`sincos_2d` on `device`. A GPU gets it from a kept pinned copy through `to_device`: a blocking
+    host-to-device copy waits for all queued GPU work, which in training stalled the host once per image size."""
+    table = _pinned_sincos_2d(dim, *grid_size) if device.type == "cuda" else sincos_2d(dim, *grid_size)
+    return to_device(table, device).to(dtype)
 
 
 class Resampler(nn.Module):

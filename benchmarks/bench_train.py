@@ -84,7 +84,7 @@ def main() -> None:
     work = Path(args.workdir)
     model_dir = work / "model"
     if not (model_dir / "model.safetensors.index.json").exists():
-        from axolotl_minicpmv.tiny_checkpoint import make_tiny_checkpoint
+        from axolotl_minicpmv.testing.tiny_checkpoint import make_tiny_checkpoint
 
         make_tiny_checkpoint(model_dir, full_size=True)
     data = make_dataset(work / "data", args.samples)
@@ -93,7 +93,7 @@ def main() -> None:
     tag = Path(args.deepspeed).stem
     cfg.update(
         base_model=str(model_dir),
-        datasets=[{"path": str(data), "type": "axolotl_minicpmv.minicpmv_chat"}],
+        datasets=[{"path": str(data), "type": "axolotl_minicpmv.integration.prompt_strategy"}],
         dataset_prepared_path=str(work / "prepared"),
         output_dir=str(work / f"out-{tag}"),
         max_steps=args.steps,

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_chat import picture, prompt_embeds  # noqa: E402
 
 from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig, load_tokenizer  # noqa: E402
-from axolotl_minicpmv.fast_decoding import FastDecoder, _decode_forward  # noqa: E402
-from axolotl_minicpmv.processing_minicpmv import MiniCPMVProcessor  # noqa: E402
-from axolotl_minicpmv.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
-from axolotl_minicpmv.tokenization import write_tiny_tokenizer  # noqa: E402
+from axolotl_minicpmv.inference.fast_decoding import FastDecoder, _decode_forward  # noqa: E402
+from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor  # noqa: E402
+from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
+from axolotl_minicpmv.model.tokenization import write_tiny_tokenizer  # noqa: E402
 
 NEW_TOKENS = 64
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_chat import bench_model, picture, prompt_embeds, timed  # noqa: E402
 
-from axolotl_minicpmv.fast_decoding import FastDecoder, _decode_forward  # noqa: E402
+from axolotl_minicpmv.inference.fast_decoding import FastDecoder, _decode_forward  # noqa: E402
 
 NEW_TOKENS = 256
 VARIANTS = {"cdt": {"coordinate_descent_tuning": True}, "cdt+freezing": {"coordinate_descent_tuning": True, "freezing": True}}

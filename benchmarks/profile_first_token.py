@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_chat import QUESTION, bench_model, picture, timed  # noqa: E402
 from profiler_counts import kernel_launches, sync_points  # noqa: E402
 
-from axolotl_minicpmv.fast_vision import image_encoder  # noqa: E402
-from axolotl_minicpmv.processing_minicpmv import group_by_size, image_bounds, to_pixel_values  # noqa: E402
-from axolotl_minicpmv.slicing import slice_sizes  # noqa: E402
+from axolotl_minicpmv.inference.fast_vision import image_encoder  # noqa: E402
+from axolotl_minicpmv.model.processing_minicpmv import group_by_size, image_bounds, to_pixel_values  # noqa: E402
+from axolotl_minicpmv.model.slicing import slice_sizes  # noqa: E402
 
 
 def ms(fn, runs: int = 7) -> float:

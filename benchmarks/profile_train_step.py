@@ -33,13 +33,13 @@ from bench_train import make_dataset  # noqa: E402
 from profiler_counts import kernel_launches, kernel_ms, sync_points  # noqa: E402
 
 from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig, load_tokenizer  # noqa: E402
-from axolotl_minicpmv.collator import MiniCPMVDataCollator  # noqa: E402
-from axolotl_minicpmv.compiled_layers import compile_decoder_layers  # noqa: E402
-from axolotl_minicpmv.data import prepare_dataset_file  # noqa: E402
-from axolotl_minicpmv.lora_targets import DEFAULT_TARGETS  # noqa: E402
-from axolotl_minicpmv.minicpmv_chat import MiniCPMVChatStrategy  # noqa: E402
-from axolotl_minicpmv.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
-from axolotl_minicpmv.tokenization import write_tiny_tokenizer  # noqa: E402
+from axolotl_minicpmv.integration.collator import MiniCPMVDataCollator  # noqa: E402
+from axolotl_minicpmv.integration.compiled_layers import compile_decoder_layers  # noqa: E402
+from axolotl_minicpmv.integration.data import prepare_dataset_file  # noqa: E402
+from axolotl_minicpmv.integration.lora_targets import DEFAULT_TARGETS  # noqa: E402
+from axolotl_minicpmv.integration.prompt_strategy import MiniCPMVChatStrategy  # noqa: E402
+from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
+from axolotl_minicpmv.model.tokenization import write_tiny_tokenizer  # noqa: E402
 
 
 def cuda_time(fn, runs: int = 4) -> float:

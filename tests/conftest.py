@@ -25,7 +25,7 @@ REFERENCE = REPO / "tests" / "data" / "minicpm-v-2"  # the official release's co
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A seeded random MiniCPM-V 2.0 checkpoint (bf16 shards + index + tokenizer). Do not modify it."""
-    from axolotl_minicpmv.tiny_checkpoint import make_tiny_checkpoint
+    from axolotl_minicpmv.testing.tiny_checkpoint import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-minicpmv")
 
@@ -35,7 +35,7 @@ def tiny_checkpoint_fp32(tmp_path_factory) -> Path:
     """The same checkpoint stored in float32, for exact-arithmetic tests."""
     import torch
 
-    from axolotl_minicpmv.tiny_checkpoint import make_tiny_checkpoint
+    from axolotl_minicpmv.testing.tiny_checkpoint import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny32") / "tiny-minicpmv", dtype=torch.float32)
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
-DATASET_TYPE = "axolotl_minicpmv.minicpmv_chat"
+DATASET_TYPE = "axolotl_minicpmv.integration.prompt_strategy"
 PH = "<image>" + "<unk>" * 64 + "</image>"  # one image placeholder
 
 
@@ -64,7 +64,7 @@ def images(tmp_path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def prepared_examples(tmp_path_factory):
     """examples/data train.json + eval.json prepared (cfg paths rewritten), once per module."""
-    from axolotl_minicpmv.data import prepare_minicpmv_datasets
+    from axolotl_minicpmv.integration.data import prepare_minicpmv_datasets
 
     cfg = make_cfg(tmp_path_factory.mktemp("examples-out"), train=[EXAMPLES / "train.json"], test=[EXAMPLES / "eval.json"])
     prepare_minicpmv_datasets(cfg)

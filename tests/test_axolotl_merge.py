@@ -18,7 +18,7 @@ from test_export import trained_run  # noqa: F401  (the same run fixture)
 def test_axolotl_merge_lora_is_stopped_with_the_export_command(trained_run, tmp_path):  # noqa: F811
     from safetensors.torch import load_file
 
-    from axolotl_minicpmv.export import export
+    from axolotl_minicpmv.weights.export import export
 
     axolotl = Path(sys.executable).parent / "axolotl"
     env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from axolotl_minicpmv import InvalidInputError, MiniCPMVChat, img2base64
-from axolotl_minicpmv.chat import pick_device
-from axolotl_minicpmv.modeling_minicpmv import decode_answer
-from axolotl_minicpmv.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds
+from axolotl_minicpmv.inference.chat_helper import pick_device
+from axolotl_minicpmv.model.modeling_minicpmv import decode_answer
+from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds
 
 from conftest import EXAMPLES
 

@@ -208,7 +208,7 @@ def test_tiny_checkpoint_is_deterministic_for_a_seed(runs, tiny_checkpoint, tmp_
         assert torch.equal(ours[name], theirs[name]), name
     assert (out / "tokenizer.model").read_bytes() == (tiny_checkpoint / "tokenizer.model").read_bytes()
 
-    from axolotl_minicpmv.tiny_checkpoint import make_tiny_checkpoint
+    from axolotl_minicpmv.testing.tiny_checkpoint import make_tiny_checkpoint
 
     other = tensors(make_tiny_checkpoint(tmp_path / "seed1", seed=1))
     assert not torch.equal(other["llm.model.embed_tokens.weight"], ours["llm.model.embed_tokens.weight"]), "the seed matters"

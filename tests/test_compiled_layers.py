@@ -13,9 +13,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig
-from axolotl_minicpmv.compiled_layers import compile_decoder_layers
-from axolotl_minicpmv.lora_targets import DEFAULT_TARGETS
-from axolotl_minicpmv.tiny_checkpoint import OFFICIAL_CONFIG, TINY_SIZES, _model_kwargs
+from axolotl_minicpmv.integration.compiled_layers import compile_decoder_layers
+from axolotl_minicpmv.integration.lora_targets import DEFAULT_TARGETS
+from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, TINY_SIZES, _model_kwargs
 
 # hidden_size 256: a width no test sequence length equals (dynamo would specialise a length equal to it)
 CONFIG = {**OFFICIAL_CONFIG, **TINY_SIZES, "hidden_size": 256, "num_hidden_layers": 3, "vocab_size": 1000}

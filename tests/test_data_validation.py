@@ -11,7 +11,7 @@ import pytest
 from fixtures_data import DATASET_TYPE, EXAMPLES, conv, images, load_prepared, make_cfg, prepared_examples, write_json  # noqa: F401
 from PIL import Image
 
-from axolotl_minicpmv.data import InvalidDatasetError, prepare_dataset_file, prepare_minicpmv_datasets
+from axolotl_minicpmv.integration.data import InvalidDatasetError, prepare_dataset_file, prepare_minicpmv_datasets
 
 
 def test_examples_become_uniform_rows_that_axolotl_loads(prepared_examples):

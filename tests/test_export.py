@@ -43,7 +43,7 @@ def trained_run(tiny_checkpoint, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
 
     from axolotl_minicpmv import MiniCPMV, load_tokenizer
-    from axolotl_minicpmv.lora_targets import PRESETS
+    from axolotl_minicpmv.integration.lora_targets import PRESETS
 
     root = tmp_path_factory.mktemp("run")
     output_dir = root / "tiny-lora"
@@ -99,7 +99,7 @@ def expected(trained_run, tokenizer):
 def logits(model, tokenizer) -> torch.Tensor:
     from peft import PeftModel
 
-    from axolotl_minicpmv.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds, load_image
+    from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds, load_image
 
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     processor = MiniCPMVProcessor.from_config(tokenizer, inner.config)
@@ -122,7 +122,7 @@ def chat_answer(session) -> str:
 
 
 def do_export(trained_run, fmt, out, **kwargs) -> Path:
-    from axolotl_minicpmv.export import export
+    from axolotl_minicpmv.weights.export import export
 
     return export(kwargs.pop("source", trained_run.output_dir), fmt, out, **kwargs)
 
@@ -217,7 +217,7 @@ def test_merged_fp32_export_equals_trained_model(trained_run, exports, expected,
     from peft import PeftModel
 
     from axolotl_minicpmv import MiniCPMV, MiniCPMVChat
-    from axolotl_minicpmv.loading import load_model
+    from axolotl_minicpmv.weights.loading import load_model
 
     merged = MiniCPMV.from_pretrained(exports.merged32, dtype=torch.float32).eval()
     # bit for bit what peft's own float32 merge of the run's adapter gives
@@ -290,7 +290,7 @@ def test_deepspeed_bin_and_bf16_adapter(trained_run, tmp_path, expected, tokeniz
     """ZeRO-2/3 runs save the gathered 16-bit weights via save_pretrained; older setups write adapter_model.bin."""
     from safetensors.torch import load_file
 
-    from axolotl_minicpmv.loading import load_model
+    from axolotl_minicpmv.weights.loading import load_model
 
     run = tmp_path / "zero-run"
     run.mkdir()
@@ -310,7 +310,7 @@ def test_qlora_run_merges_onto_the_unquantised_base(trained_run, exports, tmp_pa
     cfg.update(adapter="qlora", load_in_4bit=True)
     config = tmp_path / "qlora.yml"
     config.write_text(yaml.safe_dump(cfg))
-    with caplog.at_level("WARNING", logger="axolotl_minicpmv.export"):
+    with caplog.at_level("WARNING", logger="axolotl_minicpmv.weights.export"):
         out = do_export(trained_run, "merged", tmp_path / "merged", source=config)
     assert "quantized base (adapter: qlora, load_in_4bit)" in caplog.text and "unquantized base" in caplog.text
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
@@ -331,7 +331,7 @@ def copy_run(trained_run, tmp_path) -> Path:
 
 
 def test_missing_and_partial_runs(trained_run, tmp_path):
-    from axolotl_minicpmv.export import ExportError
+    from axolotl_minicpmv.weights.export import ExportError
 
     with pytest.raises(ExportError, match="does not exist"):
         do_export(trained_run, "adapter", tmp_path / "out", source=tmp_path / "nowhere")
@@ -364,8 +364,8 @@ def test_adapter_from_another_base_names_the_tensor(trained_run, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from axolotl_minicpmv import MiniCPMVChat
-    from axolotl_minicpmv.adapters import AdapterError
-    from axolotl_minicpmv.export import ExportError
+    from axolotl_minicpmv.weights.adapters import AdapterError
+    from axolotl_minicpmv.weights.export import ExportError
 
     run = copy_run(trained_run, tmp_path)
     state = load_file(run / "adapter_model.safetensors")
@@ -388,7 +388,7 @@ def test_adapter_from_another_base_names_the_tensor(trained_run, tmp_path):
 
 
 def test_out_dir_is_refused_replaced_or_left_untouched(trained_run, tmp_path):
-    from axolotl_minicpmv.export import ExportError
+    from axolotl_minicpmv.weights.export import ExportError
 
     out = tmp_path / "out"
     out.mkdir()
@@ -414,8 +414,8 @@ def test_out_dir_is_refused_replaced_or_left_untouched(trained_run, tmp_path):
 
 def test_loading_refuses_the_wrong_kind_of_folder(trained_run, exports):
     from axolotl_minicpmv import MiniCPMVChat
-    from axolotl_minicpmv.adapters import AdapterError
-    from axolotl_minicpmv.loading import CheckpointError, load_model
+    from axolotl_minicpmv.weights.adapters import AdapterError
+    from axolotl_minicpmv.weights.loading import CheckpointError, load_model
 
     with pytest.raises(AdapterError, match=r"full model checkpoint.*MiniCPMVChat\("):
         MiniCPMVChat(str(trained_run.base), adapter=str(exports.merged), device="cpu")

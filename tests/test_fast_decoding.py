@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from axolotl_minicpmv.fast_decoding import FastDecoder, Sampling, choose_tokens
-from axolotl_minicpmv.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds
+from axolotl_minicpmv.inference.fast_decoding import FastDecoder, Sampling, choose_tokens
+from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds
 
 from conftest import EXAMPLES
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from axolotl_minicpmv.fast_vision import image_encoder
+from axolotl_minicpmv.inference.fast_vision import image_encoder
 
 SIZES = [(1, 448, 448), (6, 448, 448), (1, 364, 546), (5, 378, 532)]  # (images, height, width)
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig
-from axolotl_minicpmv.loading import CheckpointError
+from axolotl_minicpmv.weights.loading import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig
-from axolotl_minicpmv.lora_targets import (
+from axolotl_minicpmv.integration.lora_targets import (
     DEFAULT_TARGETS,
     PRESETS,
     check_targets,
@@ -78,7 +78,7 @@ def test_tune_keys_choose_the_fully_trained_modules():
 
 
 def test_plugin_register_fills_in_the_recipe(tmp_path):
-    from axolotl_minicpmv.plugin import MiniCPMVPlugin
+    from axolotl_minicpmv.integration.plugin import MiniCPMVPlugin
 
     cfg = {"adapter": "lora", "lora_target_modules": "llm_attn", "minicpmv_tune_resampler": False, "output_dir": str(tmp_path)}
     MiniCPMVPlugin().register(cfg)
@@ -99,7 +99,7 @@ def test_plugin_register_fills_in_the_recipe(tmp_path):
     ],
 )
 def test_plugin_register_refuses_settings_that_cannot_work(cfg, message):
-    from axolotl_minicpmv.plugin import MiniCPMVPlugin
+    from axolotl_minicpmv.integration.plugin import MiniCPMVPlugin
 
     with pytest.raises(ValueError, match=message):
         MiniCPMVPlugin().register(cfg)
@@ -107,7 +107,7 @@ def test_plugin_register_refuses_settings_that_cannot_work(cfg, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU precision rule")
 def test_fp16_on_cpu_fails_fast(tmp_path):
-    from axolotl_minicpmv.plugin import MiniCPMVPlugin
+    from axolotl_minicpmv.integration.plugin import MiniCPMVPlugin
 
     with pytest.raises(ValueError, match="fp16"):
         MiniCPMVPlugin().register({"fp16": True, "output_dir": str(tmp_path)})

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig
-from axolotl_minicpmv.processing_minicpmv import InvalidInputError, MiniCPMVProcessor, group_by_size, image_bounds
-from axolotl_minicpmv.resampler import Resampler, sincos_2d
+from axolotl_minicpmv.model.processing_minicpmv import InvalidInputError, MiniCPMVProcessor, group_by_size, image_bounds
+from axolotl_minicpmv.model.resampler import Resampler, sincos_2d
 
 from conftest import EXAMPLES, REFERENCE
 

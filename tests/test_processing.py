@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from axolotl_minicpmv.processing_minicpmv import (
+from axolotl_minicpmv.model.processing_minicpmv import (
     InvalidInputError,
     MiniCPMVProcessor,
     group_by_size,
@@ -346,7 +346,7 @@ def test_load_image_wrong_type():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
 def test_to_device_copies_to_the_gpu_and_passes_gpu_tensors_through():
-    from axolotl_minicpmv.processing_minicpmv import to_device
+    from axolotl_minicpmv.model.processing_minicpmv import to_device
 
     host = torch.arange(12).reshape(3, 4)
     on_gpu = to_device(host, "cuda")

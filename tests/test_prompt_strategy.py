@@ -1,4 +1,4 @@
-"""Prompt strategy `axolotl_minicpmv.minicpmv_chat`: ids, placeholder layouts and label masks equal to
+"""Prompt strategy `axolotl_minicpmv.integration.prompt_strategy`: ids, placeholder layouts and label masks equal to
 the official fine-tuning rule, over-long samples dropped (never truncated) inside Axolotl's pipeline."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import logging
 import pytest
 from fixtures_data import DATASET_TYPE, EXAMPLES, PH, conv, images, load_prepared, make_cfg, prepared_examples, write_json  # noqa: F401
 
-from axolotl_minicpmv.data import normalize_sample, prepare_minicpmv_datasets
-from axolotl_minicpmv.minicpmv_chat import MiniCPMVChatDatasetStrategy, MiniCPMVChatStrategy
-from axolotl_minicpmv.processing_minicpmv import InvalidInputError, MiniCPMVProcessor
+from axolotl_minicpmv.integration.data import normalize_sample, prepare_minicpmv_datasets
+from axolotl_minicpmv.integration.prompt_strategy import MiniCPMVChatDatasetStrategy, MiniCPMVChatStrategy
+from axolotl_minicpmv.model.processing_minicpmv import InvalidInputError, MiniCPMVProcessor
 
 X = -100
 BOS, EOS, IM_START, IM_END, SLICE_START, SLICE_END = 1, 2, 101, 102, 111, 112
@@ -223,7 +223,7 @@ def test_over_long_with_excess_length_strategy_raise_names_the_samples(prepared_
 
 
 def test_test_datasets_use_eval_sequence_len(prepared_examples, tiny_tokenizer):
-    from axolotl_minicpmv.minicpmv_chat import load
+    from axolotl_minicpmv.integration.prompt_strategy import load
 
     cfg = prepared_examples.copy()
     cfg.update(sequence_len=1000, eval_sequence_len=300)
@@ -232,7 +232,7 @@ def test_test_datasets_use_eval_sequence_len(prepared_examples, tiny_tokenizer):
 
 
 def test_rows_not_prepared_by_the_plugin_are_refused(strategy):
-    with pytest.raises(InvalidInputError, match="did not go through axolotl_minicpmv.data.prepare_minicpmv_datasets"):
+    with pytest.raises(InvalidInputError, match="did not go through axolotl_minicpmv.integration.data.prepare_minicpmv_datasets"):
         strategy.tokenize_prompt({"conversations": conv("q", "a")})
 
 

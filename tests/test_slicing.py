@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from axolotl_minicpmv.slicing import best_grid_for, slice_image, slice_sizes
+from axolotl_minicpmv.model.slicing import best_grid_for, slice_image, slice_sizes
 
 from conftest import EXAMPLES
 

@@ -15,7 +15,7 @@ import shutil
 import pytest
 import sentencepiece as spm
 
-from axolotl_minicpmv.tokenization import (
+from axolotl_minicpmv.model.tokenization import (
     ROLE_PIECES,
     SPECIAL_PIECES,
     MiniCPMVTokenizer,

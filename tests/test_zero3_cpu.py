@@ -27,10 +27,10 @@ from peft import LoraConfig, get_peft_model
 from transformers.integrations import HfDeepSpeedConfig
 from axolotl.utils.dict import DictDefault
 from axolotl_minicpmv import MiniCPMV, MiniCPMVPlugin, load_tokenizer
-from axolotl_minicpmv.collator import MiniCPMVDataCollator
-from axolotl_minicpmv.data import prepare_dataset_file
-from axolotl_minicpmv.lora_targets import DEFAULT_TARGETS
-from axolotl_minicpmv.minicpmv_chat import MiniCPMVChatStrategy
+from axolotl_minicpmv.integration.collator import MiniCPMVDataCollator
+from axolotl_minicpmv.integration.data import prepare_dataset_file
+from axolotl_minicpmv.integration.lora_targets import DEFAULT_TARGETS
+from axolotl_minicpmv.integration.prompt_strategy import MiniCPMVChatStrategy
 
 checkpoint, data, work, use_plugin = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4] == "plugin"
 config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,

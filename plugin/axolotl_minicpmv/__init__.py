@@ -6,13 +6,13 @@ so `AutoModelForCausalLM.from_pretrained("openbmb/MiniCPM-V-2")` returns our nat
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .chat import MiniCPMVChat, img2base64
-from .configuration_minicpmv import MiniCPMVConfig
-from .loading import load_model
-from .modeling_minicpmv import MiniCPMV
-from .processing_minicpmv import InvalidInputError, MiniCPMVProcessor
-from .slicing import slice_image
-from .tokenization import load_tokenizer
+from .inference.chat_helper import MiniCPMVChat, img2base64
+from .model.configuration_minicpmv import MiniCPMVConfig
+from .weights.loading import load_model
+from .model.modeling_minicpmv import MiniCPMV
+from .model.processing_minicpmv import InvalidInputError, MiniCPMVProcessor
+from .model.slicing import slice_image
+from .model.tokenization import load_tokenizer
 
 __all__ = [
     "MiniCPMV",
@@ -41,7 +41,7 @@ _register_auto_classes()
 def __getattr__(name):
     # The Axolotl plugin imports axolotl, which is heavy: load it only when a config names it.
     if name == "MiniCPMVPlugin":
-        from .plugin import MiniCPMVPlugin
+        from .integration.plugin import MiniCPMVPlugin
 
         return MiniCPMVPlugin
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,7 +28,7 @@ def chat_command(model_path, adapter, image, questions, beam, fast, max_new_toke
     """
     from pathlib import Path
 
-    from .chat import MiniCPMVChat, img2base64
+    from .inference.chat_helper import MiniCPMVChat, img2base64
 
     if fast and beam:
         raise click.UsageError("--fast decodes by sampling; it cannot be combined with --beam")
@@ -86,7 +86,7 @@ def chat_command(model_path, adapter, image, questions, beam, fast, max_new_toke
 def export_command(source, fmt, out, checkpoint, base_model, overwrite, dtype):
     """Export a finished Axolotl run (CONFIG.yml or its output_dir) as a PEFT adapter, the official
     LoRA layout (+ vpm_resampler_embedtokens.pt), or a merged checkpoint in the official format."""
-    from .export import export
+    from .weights.export import export
 
     try:
         written = export(source, fmt, out, checkpoint=checkpoint, base_model=base_model, overwrite=overwrite, dtype=dtype)
@@ -103,7 +103,7 @@ def export_command(source, fmt, out, checkpoint, base_model, overwrite, dtype):
 @click.option("--full-size", is_flag=True, help="Official sizes (2.8B parameters) with random weights, for benchmarks.")
 def tiny_checkpoint_command(out_dir, seed, full_size):
     """Write a tiny random MiniCPM-V 2.0 checkpoint in the official layout (for tests and offline demos)."""
-    from .tiny_checkpoint import make_tiny_checkpoint
+    from .testing.tiny_checkpoint import make_tiny_checkpoint
 
     click.echo(f"wrote {make_tiny_checkpoint(out_dir, seed=seed, full_size=full_size)}")
 

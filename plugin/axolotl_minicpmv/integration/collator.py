@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .data import DEFAULT_MAX_SLICE_NUMS, max_slice_nums_from_cfg
-from .processing_minicpmv import InvalidInputError, MiniCPMVProcessor, group_by_size, image_bounds, load_image
+from ..model.processing_minicpmv import InvalidInputError, MiniCPMVProcessor, group_by_size, image_bounds, load_image
 
 IGNORE_INDEX = -100
 

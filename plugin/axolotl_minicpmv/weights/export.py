@@ -30,7 +30,7 @@ from .adapters import (
     read_adapter,
     split_lora_name,
 )
-from .loading import CheckpointError, check_checkpoint_dir, is_hub_id
+from ..model.checkpoint import CheckpointError, check_checkpoint_dir, is_hub_id
 
 LOG = logging.getLogger(__name__)
 

@@ -482,7 +482,7 @@ def load_tokenizer(path: str | os.PathLike, **kwargs):
 
     Prefers ``tokenizer.model`` (the exact official behaviour); falls back to ``tokenizer.json``.
     """
-    from .loading import is_hub_id
+    from .checkpoint import is_hub_id
 
     if is_hub_id(path):
         from huggingface_hub import snapshot_download

@@ -41,11 +41,11 @@ class MiniCPMVSupport(ModelSupport):
 
 class MiniCPMVPlugin(BasePlugin):
     def get_input_args(self) -> str:
-        return "axolotl_minicpmv.args.MiniCPMVArgs"
+        return "axolotl_minicpmv.integration.args.MiniCPMVArgs"
 
     def register(self, cfg: dict):
         """Fill in what the recipe needs before Axolotl validates the config (cfg is the raw YAML dict)."""
-        from .export import refuse_axolotl_merge_lora
+        from ..weights.export import refuse_axolotl_merge_lora
 
         refuse_axolotl_merge_lora(cfg)  # `axolotl merge-lora` would drop trained tensors: stop it, name the fix
         if cfg.get("sample_packing"):

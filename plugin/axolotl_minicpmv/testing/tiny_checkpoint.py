@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .configuration_minicpmv import MiniCPMVConfig
-from .tokenization import write_tiny_tokenizer
+from ..model.configuration_minicpmv import MiniCPMVConfig
+from ..model.tokenization import write_tiny_tokenizer
 
 # The official config.json of openbmb/MiniCPM-V-2 (keys and values), which tiny configs shrink.
 OFFICIAL_CONFIG = {
@@ -100,7 +100,7 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, dtype: torch.dtype 
     `full_size=True` keeps the official sizes (2.8B parameters, vocab 122,753; built on the GPU when
     there is one): benchmarks use it, since speed does not depend on the weights' values.
     """
-    from .modeling_minicpmv import MiniCPMV
+    from ..model.modeling_minicpmv import MiniCPMV
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,9 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, eag
 from transformers.utils import logging
 
 from .configuration_minicpmv import MiniCPMVConfig
-from .fast_decoding import FastDecoder, Sampling
-from .fast_vision import image_encoder
-from .loading import check_checkpoint_dir, raise_on_incomplete_load
+from ..inference.fast_decoding import FastDecoder, Sampling
+from ..inference.fast_vision import image_encoder
+from .checkpoint import check_checkpoint_dir, raise_on_incomplete_load
 from .processing_minicpmv import (
     InvalidInputError,
     MiniCPMVProcessor,

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from axolotl.utils.logging import get_logger
 
 from .args import cfg_value
-from .processing_minicpmv import IMAGE_TAG, ROLE_MARKERS
+from ..model.processing_minicpmv import IMAGE_TAG, ROLE_MARKERS
 
 LOG = get_logger(__name__)
 

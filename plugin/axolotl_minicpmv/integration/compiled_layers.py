@@ -17,7 +17,7 @@ from torch import nn
 
 def compile_decoder_layers(model: nn.Module) -> int:
     """Compile every decoder layer of `model` in place (dynamic shapes); returns how many."""
-    from .modeling_minicpmv import MiniCPMDecoderLayer
+    from ..model.modeling_minicpmv import MiniCPMDecoderLayer
 
     layers = [module for module in model.modules() if isinstance(module, MiniCPMDecoderLayer)]
     for layer in layers:

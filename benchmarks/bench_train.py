@@ -93,7 +93,7 @@ def main() -> None:
     tag = Path(args.deepspeed).stem
     cfg.update(
         base_model=str(model_dir),
-        datasets=[{"path": str(data), "type": "axolotl_minicpmv.integration.prompt_strategy"}],
+        datasets=[{"path": str(data), "type": "axolotl_minicpmv.minicpmv_chat"}],
         dataset_prepared_path=str(work / "prepared"),
         output_dir=str(work / f"out-{tag}"),
         max_steps=args.steps,

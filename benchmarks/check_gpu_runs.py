@@ -55,8 +55,8 @@ def main() -> None:
         cfg = yaml.safe_load((REPO / "examples" / "tiny_cpu.yml").read_text())
         cfg.update(base_model=str(base), output_dir=str(work / f"out-{tag}"), dataset_prepared_path=str(work / "prepared"),
                    deepspeed=None if ds == "none" else str(REPO / ds), bf16=True, max_steps=args.steps, save_steps=args.steps, eval_steps=args.steps,
-                   datasets=[{"path": str(REPO / "examples/data/train.json"), "type": "axolotl_minicpmv.integration.prompt_strategy"}],
-                   test_datasets=[{"path": str(REPO / "examples/data/eval.json"), "type": "axolotl_minicpmv.integration.prompt_strategy", "split": "train"}])
+                   datasets=[{"path": str(REPO / "examples/data/train.json"), "type": "axolotl_minicpmv.minicpmv_chat"}],
+                   test_datasets=[{"path": str(REPO / "examples/data/eval.json"), "type": "axolotl_minicpmv.minicpmv_chat", "split": "train"}])
         for item in args.set:
             key, value = item.split("=", 1)
             cfg[key] = yaml.safe_load(value)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
-DATASET_TYPE = "axolotl_minicpmv.integration.prompt_strategy"
+DATASET_TYPE = "axolotl_minicpmv.minicpmv_chat"
 PH = "<image>" + "<unk>" * 64 + "</image>"  # one image placeholder
 
 

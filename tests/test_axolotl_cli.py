@@ -41,7 +41,7 @@ BIN = Path(sys.executable).parent
 PYTHON = sys.executable
 AXOLOTL = str(BIN / "axolotl")
 ACCELERATE = str(BIN / "accelerate")
-DATASET_TYPE = "axolotl_minicpmv.integration.prompt_strategy"
+DATASET_TYPE = "axolotl_minicpmv.minicpmv_chat"
 FULLY_TRAINED = {"vpm": "vpm.", "resampler": "resampler.", "embed_tokens": "llm.model.embed_tokens."}
 MAX_STEPS = 4
 

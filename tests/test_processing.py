@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from axolotl_minicpmv.model.conversation import validate_conversation as validate_messages  # noqa: E402
 from axolotl_minicpmv.model.processing_minicpmv import (
     InvalidInputError,
     MiniCPMVProcessor,
@@ -22,7 +23,6 @@ from axolotl_minicpmv.model.processing_minicpmv import (
     image_bounds,
     load_image,
     to_pixel_values,
-    validate_messages,
 )
 
 from conftest import EXAMPLES

@@ -1,4 +1,4 @@
-"""Prompt strategy `axolotl_minicpmv.integration.prompt_strategy`: ids, placeholder layouts and label masks equal to
+"""Prompt strategy `axolotl_minicpmv.minicpmv_chat`: ids, placeholder layouts and label masks equal to
 the official fine-tuning rule, over-long samples dropped (never truncated) inside Axolotl's pipeline."""
 
 from __future__ import annotations

@@ -23,13 +23,12 @@ from PIL import Image, UnidentifiedImageError
 from axolotl.utils.logging import get_logger
 
 from .args import cfg_value
-from ..model.processing_minicpmv import IMAGE_TAG, ROLE_MARKERS
+from ..model.conversation import IMAGE_TAG, InvalidInputError, json_type, short_repr, validate_conversation
 
 LOG = get_logger(__name__)
 
 DATASET_TYPE = "axolotl_minicpmv.minicpmv_chat"
 DEFAULT_MAX_SLICE_NUMS = 9
-IMAGE_END_TAG = "</image>"
 # Bump when the prepared rows or the prompt/label layout built from them change: it is part of the
 # prepared file's name, which is part of Axolotl's tokenized-dataset cache key.
 FORMAT_VERSION = 1
@@ -230,7 +229,7 @@ def read_samples(source: Path, data: bytes | None = None) -> list:
             raise InvalidDatasetError(
                 f"{source}: expected a JSON list of samples "
                 '[{"id", "image", "conversations": [{"role", "content"}, ...]}, ...], '
-                f"found a JSON {_json_type(samples)}"
+                f"found a JSON {json_type(samples)}"
             )
     if not samples:
         raise InvalidDatasetError(f"{source}: the dataset has no samples")
@@ -265,10 +264,10 @@ def normalize_sample(sample, index: int, base_dir: Path, size_cache: dict | None
     gets one in front of the first user turn, followed by a newline, as the official recipe does).
     """
     if not isinstance(sample, dict):
-        raise _BadSample(f"is a JSON {_json_type(sample)}, expected an object with 'conversations'")
+        raise _BadSample(f"is a JSON {json_type(sample)}, expected an object with 'conversations'")
     sample_id = sample.get("id")
     if sample_id is not None and not isinstance(sample_id, (str, int)):
-        raise _BadSample(f"'id' must be a string or an integer, got a JSON {_json_type(sample_id)}")
+        raise _BadSample(f"'id' must be a string or an integer, got a JSON {json_type(sample_id)}")
     conversations = _check_conversations(sample.get("conversations", _MISSING))
     paths, single = _image_field(sample.get("image"))
     conversations = _check_image_tags(conversations, len(paths), single)
@@ -288,34 +287,10 @@ _MISSING = object()
 def _check_conversations(conversations) -> list[dict]:
     if conversations is _MISSING:
         raise _BadSample("has no 'conversations'")
-    if not isinstance(conversations, list):
-        raise _BadSample(f"'conversations' must be a list of {{role, content}} objects, got a JSON {_json_type(conversations)}")
-    if not conversations:
-        raise _BadSample("'conversations' is empty")
-    clean = []
-    for i, msg in enumerate(conversations):
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise _BadSample(f"conversations[{i}] must be an object with 'role' and 'content', got {_short(msg)}")
-        role, content = msg["role"], msg["content"]
-        if role not in ROLE_MARKERS:
-            raise _BadSample(f"conversations[{i}] has unknown role {_short(role)}; roles are 'user' and 'assistant'")
-        if not isinstance(content, str):
-            raise _BadSample(f"conversations[{i}] ({role}): content must be a string, got a JSON {_json_type(content)}")
-        if not content.strip():
-            raise _BadSample(f"conversations[{i}] ({role}) has empty content")
-        if IMAGE_END_TAG in content:
-            raise _BadSample(f"conversations[{i}] ({role}) contains {IMAGE_END_TAG!r}, which is reserved for image placeholders")
-        clean.append({"role": role, "content": content})
-    if clean[0]["role"] != "user":
-        raise _BadSample(f"the first turn is {clean[0]['role']!r}; it must be 'user'")
-    for i in range(1, len(clean)):
-        if clean[i]["role"] == clean[i - 1]["role"]:
-            raise _BadSample(
-                f"roles do not alternate: conversations[{i - 1}] and conversations[{i}] are both {clean[i]['role']!r}"
-            )
-    if not any(msg["role"] == "assistant" for msg in clean):
-        raise _BadSample("no assistant turn (nothing to train on)")
-    return clean
+    try:
+        return validate_conversation(conversations, field="conversations", for_training=True)
+    except InvalidInputError as err:
+        raise _BadSample(str(err)) from None
 
 
 def _image_field(image) -> tuple[list[str], bool]:
@@ -329,9 +304,9 @@ def _image_field(image) -> tuple[list[str], bool]:
     if isinstance(image, list):
         for k, path in enumerate(image):
             if not isinstance(path, str) or not path.strip():
-                raise _BadSample(f"image[{k}] must be a non-empty path string, got {_short(path)}")
+                raise _BadSample(f"image[{k}] must be a non-empty path string, got {short_repr(path)}")
         return list(image), False
-    raise _BadSample(f"'image' must be a path or a list of paths, got a JSON {_json_type(image)}")
+    raise _BadSample(f"'image' must be a path or a list of paths, got a JSON {json_type(image)}")
 
 
 def _check_image_tags(conversations: list[dict], num_images: int, single: bool) -> list[dict]:
@@ -378,14 +353,3 @@ def _image_size(path: Path, raw: str, cache: dict | None) -> tuple[int, int]:
     if cache is not None:
         cache[path] = size
     return size
-
-
-def _json_type(value) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(
-        type(value), "null" if value is None else type(value).__name__
-    )
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -109,7 +109,7 @@ class MiniCPMVChatStrategy(PromptTokenizingStrategy):
         if missing:
             raise InvalidInputError(
                 f"{DATASET_TYPE}: rows lack {missing}: this dataset did not go through "
-                "axolotl_minicpmv.data.prepare_minicpmv_datasets, which the MiniCPMVPlugin runs before the data "
+                "axolotl_minicpmv.integration.data.prepare_minicpmv_datasets, which the MiniCPMVPlugin runs before the data "
                 "loads (is `plugins: [axolotl_minicpmv.MiniCPMVPlugin]` in the config?)"
             )
         sample_id = prompt["id"]

@@ -31,6 +31,7 @@ from .configuration_minicpmv import MiniCPMVConfig
 from ..inference.fast_decoding import FastDecoder, Sampling
 from ..inference.fast_vision import image_encoder
 from .checkpoint import check_checkpoint_dir, raise_on_incomplete_load
+from .conversation import validate_conversation
 from .processing_minicpmv import (
     InvalidInputError,
     MiniCPMVProcessor,
@@ -38,7 +39,6 @@ from .processing_minicpmv import (
     load_image,
     to_device,
     to_pixel_values,
-    validate_messages,
 )
 from .resampler import Resampler, sincos_2d
 
@@ -497,7 +497,7 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
             raise ValueError("chat() needs the tokenizer: pass tokenizer=load_tokenizer(model_dir)")
         processor = MiniCPMVProcessor.from_config(tokenizer, self.config)
         image = None if image is None else load_image(image)
-        msgs = [dict(m) for m in validate_messages(msgs)]
+        msgs = [dict(m) for m in validate_conversation(msgs)]
         prompt_ids = processor.encode_prompt(processor.chat_prompt(msgs, image), max_inp_length).unsqueeze(0)
         input_ids = to_device(prompt_ids, self.device)
         if fast:

@@ -17,16 +17,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .conversation import IMAGE_TAG, InvalidInputError, validate_conversation
 from .slicing import cell_images, slice_sizes, source_image
 
 USER_MARKER = "<用户>"
 ASSISTANT_MARKER = "<AI>"
 ROLE_MARKERS = {"user": USER_MARKER, "assistant": ASSISTANT_MARKER}
-IMAGE_TAG = "<image>"
-
-
-class InvalidInputError(ValueError):
-    """Input (image, messages, prompt) that the model cannot take, with the reason in the message."""
 
 
 # ---------------------------------------------------------------- images
@@ -166,7 +162,7 @@ class MiniCPMVProcessor:
 
     def chat_prompt(self, msgs, image: Image.Image | None) -> str:
         """Inference prompt: turns rendered `<用户>`/`<AI>` + content, the image before the first user text."""
-        msgs = validate_messages(msgs)
+        msgs = validate_conversation(msgs)
         parts = []
         for index, msg in enumerate(msgs):
             content = msg["content"]
@@ -184,27 +180,6 @@ class MiniCPMVProcessor:
                 "(image placeholders included); shorten the conversation, lower max_slice_nums, or raise max_inp_length"
             )
         return torch.tensor(ids, dtype=torch.long)
-
-
-def validate_messages(msgs) -> list[dict]:
-    """Parse (JSON string) and check a conversation: a non-empty list of {role, content}, starting with user."""
-    if isinstance(msgs, str):
-        try:
-            msgs = json.loads(msgs)
-        except json.JSONDecodeError as err:
-            raise InvalidInputError(f"msgs: not valid JSON ({err})") from None
-    if not isinstance(msgs, list) or not msgs:
-        raise InvalidInputError(f"msgs: expected a non-empty list of {{role, content}} dicts, got {type(msgs).__name__}")
-    for index, msg in enumerate(msgs):
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise InvalidInputError(f"msgs[{index}]: expected a dict with 'role' and 'content', got {msg!r:.80}")
-        if msg["role"] not in ROLE_MARKERS:
-            raise InvalidInputError(f"msgs[{index}]: unknown role {msg['role']!r}; use 'user' or 'assistant'")
-        if not isinstance(msg["content"], str) or not msg["content"].strip():
-            raise InvalidInputError(f"msgs[{index}]: content must be a non-empty string")
-    if msgs[0]["role"] != "user":
-        raise InvalidInputError(f"msgs[0]: the first message must come from 'user', not {msgs[0]['role']!r}")
-    return msgs
 
 
 def image_bounds(input_ids: torch.Tensor, im_start_id: int, im_end_id: int, count: int | None = None) -> torch.Tensor:

@@ -22,13 +22,12 @@ from PIL import Image, UnidentifiedImageError
 
 from axolotl.utils.logging import get_logger
 
-from .args import cfg_value
+from .args import MiniCPMVArgs, cfg_value
 from ..model.conversation import IMAGE_TAG, InvalidInputError, json_type, short_repr, validate_conversation
 
 LOG = get_logger(__name__)
 
 DATASET_TYPE = "axolotl_minicpmv.minicpmv_chat"
-DEFAULT_MAX_SLICE_NUMS = 9
 # Bump when the prepared rows or the prompt/label layout built from them change: it is part of the
 # prepared file's name, which is part of Axolotl's tokenized-dataset cache key.
 FORMAT_VERSION = 1
@@ -69,12 +68,9 @@ class PreparedDataset:
 # ---------------------------------------------------------------- config helpers
 
 
-def max_slice_nums_from_cfg(cfg) -> int:
-    """`minicpmv_max_slice_nums` (default 9): the slice budget used for placeholders AND pixels."""
-    value = cfg_value(cfg, "minicpmv_max_slice_nums", DEFAULT_MAX_SLICE_NUMS)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"minicpmv_max_slice_nums must be a positive integer, got {value!r}")
-    return value
+def row_images(row: dict) -> list:
+    """A prepared (or tokenized) row's images in placeholder order: absolute paths, or encoded image bytes."""
+    return list(row.get("image") or [])
 
 
 def is_minicpmv_dataset(ds_cfg) -> bool:
@@ -98,8 +94,8 @@ def prepare_minicpmv_datasets(cfg) -> list[PreparedDataset]:
     `register` for `axolotl evaluate`). Idempotent: entries already pointing at a prepared file are
     left alone. Raises InvalidDatasetError listing every bad sample, unless `minicpmv_skip_bad_samples`.
     """
-    skip_bad = bool(cfg_value(cfg, "minicpmv_skip_bad_samples", False))
-    max_slice_nums = max_slice_nums_from_cfg(cfg)
+    skip_bad = MiniCPMVArgs.from_cfg(cfg).minicpmv_skip_bad_samples
+    max_slice_nums = MiniCPMVArgs.from_cfg(cfg).minicpmv_max_slice_nums
     out_dir = prepared_dir(cfg)
     prepared = []
     for key in ("datasets", "test_datasets"):
@@ -130,7 +126,7 @@ def prepare_dataset_file(
     out_dir: str | os.PathLike,
     *,
     skip_bad_samples: bool = False,
-    max_slice_nums: int = DEFAULT_MAX_SLICE_NUMS,
+    max_slice_nums: int | None = None,
 ) -> PreparedDataset:
     """Validate `source` (a JSON list, or JSONL) and write `<out_dir>/<stem>-<hash>.parquet`.
 

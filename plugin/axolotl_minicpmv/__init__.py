@@ -5,17 +5,23 @@ transformers' Auto classes (here, and only here), so `AutoModelForCausalLM.from_
 `AutoTokenizer`, `AutoImageProcessor` and `AutoProcessor` return our native classes for official checkpoints.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoProcessor
+import logging
 
-from .inference.chat_helper import MiniCPMVChat, img2base64
-from .model.configuration_minicpmv import MiniCPMVConfig
-from .model.conversation import InvalidInputError
-from .model.image_processing_minicpmv import MiniCPMVImageProcessor
-from .model.modeling_minicpmv import MiniCPMV
-from .model.processing_minicpmv import MiniCPMVProcessor
-from .model.slicing import slice_image
-from .model.tokenization import load_tokenizer, register_tokenizer
-from .weights.loading import load_model
+# torchao (pulled in by transformers' quantizers) registers Enum classes with torch's pytree at import, and
+# torch logs a deprecation warning for each one on every start: nothing a user of this package can act on.
+logging.getLogger("torch.utils._pytree").addFilter(lambda record: "is an Enum subclass" not in record.getMessage())
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoProcessor  # noqa: E402
+
+from .inference.chat_helper import MiniCPMVChat, img2base64  # noqa: E402
+from .model.configuration_minicpmv import MiniCPMVConfig  # noqa: E402
+from .model.conversation import InvalidInputError  # noqa: E402
+from .model.image_processing_minicpmv import MiniCPMVImageProcessor  # noqa: E402
+from .model.modeling_minicpmv import MiniCPMV  # noqa: E402
+from .model.processing_minicpmv import MiniCPMVProcessor  # noqa: E402
+from .model.slicing import slice_image  # noqa: E402
+from .model.tokenization import load_tokenizer, register_tokenizer  # noqa: E402
+from .weights.loading import load_model  # noqa: E402
 
 __all__ = [
     "MiniCPMV",

@@ -52,10 +52,6 @@ class _MiniCPMVTokenMixin:
     im_end = "</image>"
     slice_start = "<slice>"
     slice_end = "</slice>"
-    ref_start, ref_end = "<ref>", "</ref>"
-    box_start, box_end = "<box>", "</box>"
-    quad_start, quad_end = "<quad>", "</quad>"
-    point_start, point_end = "<point>", "</point>"
 
     @property
     def im_start_id(self) -> int:

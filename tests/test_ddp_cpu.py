@@ -15,7 +15,7 @@ DeepSpeed over two CPU processes is not tested here. DeepSpeed 0.18.9 (Axolotl 0
 only for the last of its coalesced gloo all-gathers, so a gathered parameter can hold uninitialised
 memory: 19 of 100 gathers of a plain nn.Sequential came back wrong here (0 with 0.19.8, after DeepSpeed's
 PR #8539). On a GPU the all-gathers queue on one stream, in order. Multi-GPU DeepSpeed runs are GPU work
-(benchmarks/check_gpu_runs.py, benchmarks/bench_train.py --num-processes). About 50 s on 2 cores.
+(benchmarks/gpu_checks/check_gpu_runs.py, benchmarks/bench_train.py --num-processes). About 50 s on 2 cores.
 """
 
 from __future__ import annotations

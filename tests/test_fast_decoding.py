@@ -1,5 +1,5 @@
 """FastDecoder: the static-cache decoding loop (eager on CPU; compiled with CUDA graphs on a GPU, checked there
-by benchmarks/check_fast_decode.py) emits generate()'s greedy tokens and samples generate()'s distribution."""
+by benchmarks/gpu_checks/check_fast_decode.py) emits generate()'s greedy tokens and samples generate()'s distribution."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ transformers `StaticCache`, token choice, bookkeeping) is one CUDA graph, and th
 end-of-sequence flags only every `sync_every` tokens.
 
 Greedy decoding emits the tokens of `generate(num_beams=1, do_sample=False)` (in float32; on the GPU
-benchmarks/check_fast_decode.py compares them); sampling draws from the same distribution (repetition
+benchmarks/gpu_checks/check_fast_decode.py compares them); sampling draws from the same distribution (repetition
 penalty over generated tokens, then generate's own temperature, top-k and top-p warpers) with its own
 random stream.
 """
@@ -24,6 +24,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 from transformers.utils import logging
+
+from .cuda_graphs import record_cuda_graph
 
 logger = logging.get_logger(__name__)
 
@@ -124,16 +126,8 @@ class _DecodeLoop:
 
     def capture(self) -> None:
         """Record decode_one as a CUDA graph, after warm-up runs (compilation) on a side stream."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.start(0)
-            for _ in range(3):
-                self.decode_one()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.decode_one()
+        self.start(0)
+        self.graph, _ = record_cuda_graph(self.decode_one, warmup_runs=3)
 
     def run_one(self) -> None:
         if self.graph is None:
@@ -161,8 +155,7 @@ class FastDecoder:
         self._forward, self._prefill = _decode_forward, _prefill_forward
         if self.on_gpu:
             # Coordinate-descent tuning turns the batch-1 matrix-vector products into tuned Triton reductions,
-            # and freezing compiles the weights in as constants (on an H100: 265 tokens/s without either,
-            # 278-289 with the first, 303 with both; benchmarks/RESULTS.md). Frozen weights may be folded
+            # and freezing compiles the weights in as constants (each measured faster: benchmarks/RESULTS.md). Frozen weights may be folded
             # into the compiled step: make a new FastDecoder after changing them (merging an adapter, say).
             options = {"coordinate_descent_tuning": True, "freezing": True}
             self._forward = torch.compile(_decode_forward, fullgraph=True, dynamic=False, options=options)

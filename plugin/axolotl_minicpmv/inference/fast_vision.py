@@ -1,7 +1,7 @@
 """The vision tower for `chat(fast=True)`: compiled blocks, replayed from one CUDA graph per input shape.
 
-Eager, each block is a dozen small kernels launched from Python, and on the H100 machine's host the
-tower took as long to launch as to run (1344x896, 7 images: 27 ms either way). Compiling the whole
+Eager, each block is a dozen small kernels launched from Python, and the tower took as long to launch
+as to run (benchmarks/RESULTS.md). Compiling the whole
 tower for dynamic image sizes took minutes (symbolic position-embedding interpolation); compiling one
 block with a dynamic batch and sequence length takes seconds and serves all 26 blocks and every image
 size. Patch and position embedding, the final norm and the resampler stay eager. `GraphedEncoder` then
@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from .cuda_graphs import record_cuda_graph
 
 
 def _run_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -63,15 +65,7 @@ class GraphedEncoder:
 
     def _record(self, example: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         static_input = example.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.encode(static_input)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            static_output = self.encode(static_input)
+        graph, static_output = record_cuda_graph(lambda: self.encode(static_input), warmup_runs=2, pool=self._pool)
         return graph, static_input, static_output
 
     def __call__(self, stack: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,9 @@ Eager, a training step of the seed's recipe is bound by the host launching kerne
 small ops, LoRA and PEFT wrappers). `Module.compile` on each decoder layer fuses them while leaving
 the module tree and its state-dict keys untouched, so PEFT, DeepSpeed's hooks and adapter saving see
 the same modules. The layers share one compiled graph (dynamo caches it per code object, and dynamic
-shapes serve every sequence length). Measured on an H100 (benchmarks/profile_train_step.py): the
-decoder's forward+backward halves without gradient checkpointing; the vision blocks compiled the same
-way ran slower than eager, and so did compiled layers under gradient checkpointing, so the vision
-tower stays eager and the plugin warns when checkpointing is on.
+shapes serve every sequence length). The vision blocks compiled the same way ran slower than eager,
+and so did compiled layers under gradient checkpointing (benchmarks/RESULTS.md), so the vision tower
+stays eager and the plugin warns when checkpointing is on.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ then drives a real DeepSpeed engine on a fresh eager model (no gradient checkpoi
 and times its forward, backward and optimizer step apart, and whole steps without synchronisation, and
 lists where such a step makes the host wait for the GPU.
 
-    python benchmarks/profile_train_step.py --compile --deepspeed configs/deepspeed/zero2.json
+    python benchmarks/profiling/profile_train_step.py --compile --deepspeed configs/deepspeed/zero2.json
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugin"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # profiler_counts
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_chat
 
 from bench_train import make_dataset  # noqa: E402
 from profiler_counts import kernel_launches, kernel_ms, sync_points  # noqa: E402

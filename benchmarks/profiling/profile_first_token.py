@@ -8,7 +8,7 @@ to the wall time and the kernel time (the footer of each stage's torch.profiler 
 the stage is bound by the host CPU launching kernels. Then `chat()` and `chat(fast=True)` time to first
 token in this one process (so on one host), and where `chat(fast=True)` makes the host wait for the GPU.
 
-    python benchmarks/profile_first_token.py
+    python benchmarks/profiling/profile_first_token.py
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 from transformers.cache_utils import StaticCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugin"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # profiler_counts
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_chat
 
 from bench_chat import QUESTION, bench_model, picture, timed  # noqa: E402
 from profiler_counts import kernel_launches, sync_points  # noqa: E402

@@ -5,7 +5,7 @@ over 256 new tokens (FastDecoder: static cache + CUDA graph), peak memory, the f
 then a torch.profiler pass over 10 un-graphed steps: GPU kernel time and kernels per step and the 14
 kernels that take the most time. FastDecoder ships with both options.
 
-    python benchmarks/compare_decode_compile.py
+    python benchmarks/profiling/compare_decode_compile.py
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugin"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # profiler_counts
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_chat
 
 from bench_chat import bench_model, picture, prompt_embeds, timed  # noqa: E402
 

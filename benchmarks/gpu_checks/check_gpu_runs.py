@@ -4,8 +4,8 @@ For each DeepSpeed config (or `none`): train the tiny generated checkpoint
 for a few steps with `accelerate launch -m axolotl.cli.train`, export `adapter` and `merged`, reload
 both, and compare their logits on a fixed image prompt (fp32). Prints one JSON line per config.
 
-    python benchmarks/check_gpu_runs.py configs/deepspeed/zero2.json configs/deepspeed/zero3.json
-    python benchmarks/check_gpu_runs.py none --set adapter=qlora load_in_4bit=true --tag qlora
+    python benchmarks/gpu_checks/check_gpu_runs.py configs/deepspeed/zero2.json configs/deepspeed/zero3.json
+    python benchmarks/gpu_checks/check_gpu_runs.py none --set adapter=qlora load_in_4bit=true --tag qlora
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "plugin"))
 
 

@@ -6,7 +6,7 @@ generate()'s tokens next to the eager step on its own static cache: the largest 
 the smallest top-2 margin show whether a differing token is a rounding-level near-tie. One JSON line
 per dtype.
 
-    python benchmarks/check_fast_decode.py [--dtypes float32 bfloat16]
+    python benchmarks/gpu_checks/check_fast_decode.py [--dtypes float32 bfloat16]
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import StaticCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugin"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_chat
 
 from bench_chat import picture, prompt_embeds  # noqa: E402
 

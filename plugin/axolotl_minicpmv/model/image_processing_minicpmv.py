@@ -98,6 +98,7 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
     def to_dict(self) -> dict:
         out = super().to_dict()
         out.pop("_processor_class", None)
+        out.pop("_normalisation_by_device", None)
         return out
 
     # geometry -------------------------------------------------------------
@@ -134,9 +135,18 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
         array.numpy()[...] = pixels
         if device is not None:
             array = to_device(array, device)
-        mean = torch.tensor(self.norm_mean, dtype=torch.float32, device=array.device)[:, None, None]
-        std = torch.tensor(self.norm_std, dtype=torch.float32, device=array.device)[:, None, None]
+        mean, std = self._normalisation(array.device)
         return array.permute(2, 0, 1).float().div(255).sub(mean).div(std)
+
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as (3, 1, 1) float32 tensors on `device`, made once per device: building them from Python
+        lists on a GPU for every image would make the host wait for the GPU's queued work each time."""
+        cache = self.__dict__.setdefault("_normalisation_by_device", {})
+        key = (tuple(self.norm_mean), tuple(self.norm_std), str(device))
+        if key not in cache:
+            host = torch.tensor([self.norm_mean, self.norm_std], dtype=torch.float32)[:, :, None, None]
+            cache[key] = tuple(to_device(host, device).unbind(0))
+        return cache[key]
 
     def pixel_values(self, image: Image.Image, layout: ImageLayout | None = None, device=None) -> list[torch.Tensor]:
         """Pixels of every image the tower encodes for one picture (source, then cells)."""

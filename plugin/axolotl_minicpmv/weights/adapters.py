@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,23 +215,91 @@ def check_adapter_fits(adapter: Adapter, base_shapes: Mapping[str, tuple[int, ..
         )
 
 
+MERGEABLE_LORA_TENSORS = {"lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B"}
+
+
+def lora_merge_plan(
+    adapter: Adapter, tensors: Mapping[str, torch.Tensor], base_shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(LoRA tensors by module, e.g. {"lora_A.weight": A, "lora_B.weight": B}; full tensors by name) of an adapter,
+    refusing what cannot be merged exactly into plain weights."""
+    if adapter.config.get("use_dora"):
+        raise AdapterError("DoRA adapters (use_dora: true) cannot be merged into plain weights")
+    lora_names = set(adapter.lora_names)
+    lora: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    full: dict[str, torch.Tensor] = {}
+    for tensor_name, tensor in tensors.items():
+        if tensor_name in lora_names:
+            module, part, param = split_lora_name(tensor_name)
+            lora[module][f"{part}.{param}" if param else part] = tensor
+        else:
+            full[tensor_name] = tensor
+    for module, parts in lora.items():
+        if set(parts) - MERGEABLE_LORA_TENSORS:
+            raise AdapterError(f"{module}: cannot merge LoRA tensors {sorted(set(parts) - MERGEABLE_LORA_TENSORS)}")
+        if not ({"lora_A.weight", "lora_B.weight"} <= parts.keys() or {"lora_embedding_A", "lora_embedding_B"} <= parts.keys()):
+            raise AdapterError(f"{module}: the adapter holds only {sorted(parts)} of its LoRA pair; the adapter file is incomplete")
+        if "lora_B.bias" in parts and f"{module}.bias" not in base_shapes:
+            raise AdapterError(f"{module}: the adapter trains a LoRA bias (lora_bias: true) but the base module has no bias to merge it into")
+    return dict(lora), full
+
+
+def merged_tensor(tensor_name: str, tensor: torch.Tensor, lora: Mapping[str, Mapping[str, torch.Tensor]], config: dict) -> torch.Tensor:
+    """`tensor` (a base or fully trained tensor) with its module's LoRA delta added, in float32: the one LoRA merge
+    (export and `load_model(merge=True)` both use it; tests/test_export.py pins it to PEFT's float32 merge)."""
+    weight = tensor.to(torch.float32)
+    module, _, leaf = tensor_name.rpartition(".")
+    parts = lora.get(module)
+    if not parts:
+        return weight
+    scale = _scaling(config, module, parts)
+    if leaf == "weight" and "lora_A.weight" in parts:
+        delta = parts["lora_B.weight"].float() @ parts["lora_A.weight"].float()
+        return weight + (delta.T if config.get("fan_in_fan_out") else delta) * scale
+    if leaf == "weight" and "lora_embedding_A" in parts:
+        return weight + (parts["lora_embedding_B"].float() @ parts["lora_embedding_A"].float()).T * scale
+    if leaf == "bias" and "lora_B.bias" in parts:
+        return weight + parts["lora_B.bias"].float() * scale
+    return weight
+
+
+def _scaling(config: dict, module: str, parts: Mapping[str, torch.Tensor]) -> float:
+    """PEFT's scaling for one module: lora_alpha (or its alpha_pattern) / r (sqrt(r) with rsLoRA)."""
+    from peft.utils.other import get_pattern_key
+
+    a = parts.get("lora_A.weight", parts.get("lora_embedding_A"))
+    rank = a.shape[0]
+    alpha_pattern = config.get("alpha_pattern") or {}
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", 8))
+    return alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+
+
 def apply_adapter(model, adapter: str | os.PathLike, merge: bool = False):
     """`model` (a MiniCPMV) with the adapter in `adapter` applied: an `adapter` or `official-lora` export, or
     an Axolotl output_dir / checkpoint-N.
 
     Returns a `peft.PeftModel` with LoRA kept unmerged (exactly the trained arithmetic; `.chat(...)` and
     `.generate(...)` work through it), or with `merge=True` a plain MiniCPMV with LoRA merged into its weights
-    (merge in the model's dtype: load the base in float32 for an exact merge, as `load_model(merge=True)` does).
+    by `merged_tensor` (in float32, then stored in the model's dtype: `load_model(merge=True)` loads the base in
+    float32, so its weights are exactly those of a float32 `--format merged` export).
     """
     from peft import PeftModel
 
     info = read_adapter(adapter)
-    check_adapter_fits(info, {k: tuple(v.shape) for k, v in model.state_dict().items()}, getattr(model.config, "_name_or_path", "") or "model")
+    state = model.state_dict()
+    check_adapter_fits(info, {k: tuple(v.shape) for k, v in state.items()}, getattr(model.config, "_name_or_path", "") or "model")
+    if merge:
+        lora, full = lora_merge_plan(info, info.tensors(), {k: tuple(v.shape) for k, v in state.items()})
+        changed = set(full) | {f"{module}.{leaf}" for module in lora for leaf in ("weight", "bias") if f"{module}.{leaf}" in state}
+        model.load_state_dict(
+            {name: merged_tensor(name, full.get(name, state[name]), lora, info.config).to(state[name].dtype) for name in changed},
+            strict=False,
+        )
+        return model.eval()
     peft_model = PeftModel.from_pretrained(model, str(info.path))
     if info.full_file is not None:  # the seed's recipe: the trained modules go into the wrapped model by name
         full = {PEFT_PREFIX + k: v for k, v in info.official_full_tensors().items()}
         result = peft_model.load_state_dict(full, strict=False)
         if result.unexpected_keys:
             raise AdapterError(f"{info.full_file}: {len(result.unexpected_keys)} tensors fit nowhere in the model (e.g. {', '.join(result.unexpected_keys[:3])})")
-    peft_model.eval()
-    return peft_model.merge_and_unload() if merge else peft_model
+    return peft_model.eval()

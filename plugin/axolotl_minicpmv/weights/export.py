@@ -27,8 +27,9 @@ from .adapters import (
     Adapter,
     AdapterError,
     check_adapter_fits,
+    lora_merge_plan,
+    merged_tensor,
     read_adapter,
-    split_lora_name,
 )
 from ..model.checkpoint import CheckpointError, check_checkpoint_dir, is_hub_id
 
@@ -41,7 +42,6 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 MODEL_SIDE_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
 SHARD_NAME = "model-{index:05d}-of-{total:05d}.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-MERGEABLE_LORA_TENSORS = {"lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B"}
 
 
 class ExportError(ValueError):
@@ -340,60 +340,14 @@ def _write_adapter(run: Run, base: BaseCheckpoint, adapter: Adapter, out: Path, 
 
 def _write_official_lora(run: Run, base: BaseCheckpoint, adapter: Adapter, out: Path, dtype: torch.dtype, name: str) -> None:
     config = dict(adapter.config, base_model_name_or_path=_base_for_config(run, base), modules_to_save=None)
-    tensors = _load_adapter_tensors(adapter)
-    lora_names = set(adapter.lora_names)
-    lora = {_peft_key(k): v for k, v in tensors.items() if k in lora_names}
-    full = {_peft_key(k): v.contiguous() for k, v in tensors.items() if k not in lora_names}
-    _save_safetensors(lora, out / "adapter_model.safetensors")
-    torch.save(full, out / OFFICIAL_FULL_WEIGHTS)
-    _write_json(out / "adapter_config.json", config)
-    _copy_tokenizer(run, base, out)
-    _write_readme(out, name, "official-lora", run, base, adapter)
-
-
-def _write_merged(run: Run, base: BaseCheckpoint, adapter: Adapter, out: Path, dtype: torch.dtype, name: str) -> None:
-    config = adapter.config
-    if config.get("use_dora"):
-        raise ExportError("DoRA adapters (use_dora: true) cannot be merged by minicpmv-export; use --format adapter")
-    if run.quantized:
-        LOG.warning(
-            "The adapter was trained on a quantized base (%s); merging it onto the unquantized base weights of %s. "
-            "The merged model therefore differs from the trained one by the quantization error of the base.",
-            run.quantized,
-            run.base_model,
-        )
-    tensors = _load_adapter_tensors(adapter)
-    lora_names = set(adapter.lora_names)
-    lora: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    full: dict[str, torch.Tensor] = {}
-    for tensor_name, tensor in tensors.items():
-        if tensor_name in lora_names:
-            module, part, param = split_lora_name(tensor_name)
-            lora[module][f"{part}.{param}" if param else part] = tensor
-        else:
-            full[tensor_name] = tensor
-    for module, parts in lora.items():
-        if set(parts) - MERGEABLE_LORA_TENSORS:
-            raise ExportError(f"{module}: cannot merge LoRA tensors {sorted(set(parts) - MERGEABLE_LORA_TENSORS)}; use --format adapter")
-        if not ({"lora_A.weight", "lora_B.weight"} <= parts.keys() or {"lora_embedding_A", "lora_embedding_B"} <= parts.keys()):
-            raise ExportError(f"{module}: the adapter holds only {sorted(parts)} of its LoRA pair; the adapter file is incomplete")
-        if "lora_B.bias" in parts and f"{module}.bias" not in base.shapes:
-            raise ExportError(f"{module}: the adapter trains a LoRA bias (lora_bias: true) but the base module has no bias to merge it into")
+    try:
+        lora, full = lora_merge_plan(adapter, adapter.tensors(progress=True), base.shapes)
+    except AdapterError as err:
+        raise ExportError(f"{err}; use --format adapter") from None
 
     def merged(tensor_name: str) -> torch.Tensor:
-        weight = (full[tensor_name] if tensor_name in full else base.tensor(tensor_name)).to(torch.float32)
-        module, _, leaf = tensor_name.rpartition(".")
-        parts = lora.get(module)
-        if parts:
-            scale = _scaling(config, module, parts)
-            if leaf == "weight" and "lora_A.weight" in parts:
-                delta = parts["lora_B.weight"].float() @ parts["lora_A.weight"].float()
-                weight = weight + (delta.T if config.get("fan_in_fan_out") else delta) * scale
-            elif leaf == "weight" and "lora_embedding_A" in parts:
-                weight = weight + (parts["lora_embedding_B"].float() @ parts["lora_embedding_A"].float()).T * scale
-            elif leaf == "bias" and "lora_B.bias" in parts:
-                weight = weight + parts["lora_B.bias"].float() * scale
-        return weight.to(dtype)
+        tensor = full[tensor_name] if tensor_name in full else base.tensor(tensor_name)
+        return merged_tensor(tensor_name, tensor, lora, config).to(dtype)
 
     plan = _shard_plan(base, dtype)
     index = {}
@@ -412,17 +366,6 @@ def _write_merged(run: Run, base: BaseCheckpoint, adapter: Adapter, out: Path, d
     base.copy_side_files(MODEL_SIDE_FILES, out)
     base.copy_side_files(sorted(p.name for p in base.path.glob("*.py")), out)  # remote code named by auto_map
     _copy_tokenizer(run, base, out)
-
-
-def _scaling(config: dict, module: str, parts: dict[str, torch.Tensor]) -> float:
-    """PEFT's scaling for one module: lora_alpha (or its alpha_pattern) / r (sqrt(r) with rsLoRA)."""
-    from peft.utils.other import get_pattern_key
-
-    a = parts.get("lora_A.weight", parts.get("lora_embedding_A"))
-    rank = a.shape[0]
-    alpha_pattern = config.get("alpha_pattern") or {}
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", 8))
-    return alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
 
 
 def _shard_plan(base: BaseCheckpoint, dtype: torch.dtype) -> dict[str, list[str]]:

@@ -13,8 +13,9 @@ MODEL_CLASS = "axolotl_minicpmv.serving.vllm.model:MiniCPMV2ForVLLM"
 
 def register() -> None:
     """Idempotent (vLLM may call it more than once per process)."""
-    import axolotl_minicpmv  # noqa: F401  # AutoConfig "minicpmv" and AutoTokenizer for the official tokenizer classes
     from vllm import ModelRegistry
+
+    import axolotl_minicpmv  # noqa: F401  # AutoConfig "minicpmv" and AutoTokenizer for the official tokenizer classes
 
     # A "module:Class" string: vLLM imports the model code only when it builds the model, not in every process.
     # It replaces vLLM's own "MiniCPMV" entry; other MiniCPM-V versions are handed back to vLLM's classes.

@@ -16,15 +16,24 @@ Module names stay `llm.`, `vpm.`, `resampler.`: official checkpoints and our mer
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
 from vllm.model_executor.layers.resampler import Resampler2
 from vllm.model_executor.models.minicpm import MiniCPMForCausalLM
-from vllm.model_executor.models.minicpmv import MiniCPMV, MiniCPMV2_0, get_version_by_config
+from vllm.model_executor.models.minicpmv import (
+    MiniCPMV,
+    MiniCPMV2_0,
+    get_version_by_config,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .processing import MiniCPMV2DummyInputsBuilder, MiniCPMV2MultiModalProcessor, MiniCPMV2ProcessingInfo
+from .processing import (
+    MiniCPMV2DummyInputsBuilder,
+    MiniCPMV2MultiModalProcessor,
+    MiniCPMV2ProcessingInfo,
+)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -33,8 +42,8 @@ from .processing import MiniCPMV2DummyInputsBuilder, MiniCPMV2MultiModalProcesso
     dummy_inputs=MiniCPMV2DummyInputsBuilder,
 )
 class MiniCPMV2ForVLLM(MiniCPMV2_0):
-    packed_modules_mapping = {k: list(v) for k, v in MiniCPMForCausalLM.packed_modules_mapping.items()}
-    embedding_modules: dict[str, str] = {}
+    packed_modules_mapping: ClassVar[dict[str, list[str]]] = {k: list(v) for k, v in MiniCPMForCausalLM.packed_modules_mapping.items()}
+    embedding_modules: ClassVar[dict[str, str]] = {}
 
     def __new__(cls, *, vllm_config, prefix: str = ""):
         # Registered under the official architecture name "MiniCPMV", which all MiniCPM-V versions share:

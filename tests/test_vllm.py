@@ -266,6 +266,20 @@ def test_export_for_vllm_keeps_the_merged_export(export_dir, tiny_checkpoint_fp3
     assert not list(export_dir.glob("*.py"))  # no remote code: the plugin brings the processing
 
 
+def test_cli_export_for_vllm(export_dir, tmp_path):
+    from axolotl_minicpmv.cli import export_command
+    from click.testing import CliRunner
+
+    run = export_dir.parent / "run"
+    out = tmp_path / "merged-vllm"
+    result = CliRunner().invoke(export_command, [str(run), "--format", "merged", "--for-vllm", "--dtype", "float32", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in ("config.json", "tokenizer_config.json", "model.safetensors.index.json"):
+        assert (out / name).read_bytes() == (export_dir / name).read_bytes(), name
+    refused = CliRunner().invoke(export_command, [str(run), "--format", "adapter", "--for-vllm", "--out", str(tmp_path / "adapter")])
+    assert refused.exit_code != 0 and "--for-vllm needs --format merged" in refused.output
+
+
 def test_chat_template_renders_the_official_prompt(export_dir, cases):
     from axolotl_minicpmv import load_tokenizer
 

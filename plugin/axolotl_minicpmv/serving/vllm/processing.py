@@ -3,8 +3,9 @@
 vLLM's processor asks the model folder for an image processor class (`preprocessor_config.json`'s `auto_map`,
 remote code, `--trust-remote-code`); for 2.0 this one slices and normalises images with this package's
 `MiniCPMVProcessor` (the same code our transformers model and training use), so a folder needs no Python
-files. Prompt layout, placeholder matching and multimodal fields stay vLLM's. Other MiniCPM-V versions keep
-vLLM's behaviour unchanged.
+files. Placeholder matching and multimodal fields stay vLLM's; what differs for 2.0 is the image marker in
+prompts (`IMAGE_PATTERN`) and how cached images get their placeholder back. Other MiniCPM-V versions keep vLLM's
+behaviour unchanged.
 """
 
 from __future__ import annotations
@@ -114,5 +115,5 @@ class MiniCPMV2MultiModalProcessor(MiniCPMVMultiModalProcessor):
         if not _is_2_0(self.info):
             return super()._recompute_cached_prompt_update(cached_update, new_item_idx)
         # A 2.0 placeholder depends on the image size only (no image ids): keep the cached tokens as they are.
-        # vLLM's override decodes and re-encodes them, which changes the ids for sliced images.
+        # vLLM's override decodes and re-encodes them, which changes the ids of images sliced into several rows.
         return BaseMultiModalProcessor._recompute_cached_prompt_update(self, cached_update, new_item_idx)

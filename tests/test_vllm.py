@@ -38,7 +38,7 @@ QUESTION = "What is in the image?"
 SERVED_NAME = "tiny-minicpmv"
 ENV = {"VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = pytest.mark.timeout(3600)  # the first vLLM test may also create .venv-vllm (minutes)
 
 
 # ------------------------------------------------------------------------------------------- environments

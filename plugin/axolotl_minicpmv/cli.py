@@ -83,13 +83,14 @@ def chat_command(model_path, adapter, image, questions, beam, fast, max_new_toke
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
               help="merged: dtype of the written weights (the merge runs in float32).")
-def export_command(source, fmt, out, checkpoint, base_model, overwrite, dtype):
+@click.option("--for-vllm", is_flag=True, help="merged: add what `vllm serve OUT` needs (config version, chat template).")
+def export_command(source, fmt, out, checkpoint, base_model, overwrite, dtype, for_vllm):
     """Export a finished Axolotl run (CONFIG.yml or its output_dir) as a PEFT adapter, the official
     LoRA layout (+ vpm_resampler_embedtokens.pt), or a merged checkpoint in the official format."""
     from .weights.export import export
 
     try:
-        written = export(source, fmt, out, checkpoint=checkpoint, base_model=base_model, overwrite=overwrite, dtype=dtype)
+        written = export(source, fmt, out, checkpoint=checkpoint, base_model=base_model, overwrite=overwrite, dtype=dtype, for_vllm=for_vllm)
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"wrote {fmt} export to {written}:")

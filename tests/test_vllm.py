@@ -73,6 +73,7 @@ def export_dir(tiny_checkpoint_fp32, tmp_path_factory) -> Path:
     noise as training), exported merged in float32 for vLLM."""
     from axolotl_minicpmv import MiniCPMV
     from axolotl_minicpmv.integration.lora_targets import PRESETS
+    from axolotl_minicpmv.serving.vllm.export import prepare_for_vllm
     from axolotl_minicpmv.weights.export import export
     from peft import LoraConfig, get_peft_model
 
@@ -86,7 +87,7 @@ def export_dir(tiny_checkpoint_fp32, tmp_path_factory) -> Path:
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=generator) * 0.05)
     model.save_pretrained(root / "run")
-    return export(root / "run", "merged", root / "merged", dtype="float32", for_vllm=True)
+    return prepare_for_vllm(export(root / "run", "merged", root / "merged", dtype="float32"))
 
 
 @pytest.fixture(scope="module")

@@ -87,10 +87,15 @@ def chat_command(model_path, adapter, image, questions, beam, fast, max_new_toke
 def export_command(source, fmt, out, checkpoint, base_model, overwrite, dtype, for_vllm):
     """Export a finished Axolotl run (CONFIG.yml or its output_dir) as a PEFT adapter, the official
     LoRA layout (+ vpm_resampler_embedtokens.pt), or a merged checkpoint in the official format."""
+    from .serving.vllm.export import prepare_for_vllm
     from .weights.export import export
 
+    if for_vllm and fmt != "merged":
+        raise click.ClickException(f"--for-vllm needs --format merged (vLLM serves merged checkpoints), not {fmt!r}")
     try:
-        written = export(source, fmt, out, checkpoint=checkpoint, base_model=base_model, overwrite=overwrite, dtype=dtype, for_vllm=for_vllm)
+        written = export(source, fmt, out, checkpoint=checkpoint, base_model=base_model, overwrite=overwrite, dtype=dtype)
+        if for_vllm:
+            prepare_for_vllm(written)
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"wrote {fmt} export to {written}:")

@@ -234,7 +234,6 @@ def export(
     base_model: str | None = None,
     overwrite: bool = False,
     dtype: str | torch.dtype = "bfloat16",
-    for_vllm: bool = False,
 ) -> Path:
     """Export the run in `source` (Axolotl YAML or output_dir) as `fmt` into `out`; returns `out`.
 
@@ -242,13 +241,10 @@ def export(
     vpm_resampler_embedtokens.pt) or "merged" (a standalone checkpoint in the official format, merged in
     float32 and stored in `dtype`). `checkpoint` picks checkpoint-N instead of the final adapter; `base_model`
     overrides the run's base. `out` is written through a temporary folder beside it and appears only complete.
-    `for_vllm` (merged only) adds what `vllm serve` reads to the folder (`serving.vllm.export.prepare_for_vllm`).
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     dtype = _parse_dtype(dtype)
-    if for_vllm and fmt != "merged":
-        raise ExportError(f"--for-vllm needs --format merged (vLLM serves merged checkpoints), not {fmt!r}")
     run = resolve_run(source, checkpoint=checkpoint, base_model=base_model)
     base = BaseCheckpoint(run.base_model)
     try:
@@ -260,10 +256,6 @@ def export(
     with _staged_output(out, overwrite, protected=[run.adapter_dir, base.path]) as staging:
         writer = {"adapter": _write_adapter, "official-lora": _write_official_lora, "merged": _write_merged}[fmt]
         writer(run, base, adapter, staging, dtype=dtype, name=out.absolute().name)
-        if for_vllm:
-            from ..serving.vllm.export import prepare_for_vllm
-
-            prepare_for_vllm(staging)
     return out
 
 

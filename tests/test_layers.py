@@ -16,6 +16,7 @@ ALLOWED = {
     "weights": {"model"},
     "inference": {"model", "weights"},
     "integration": {"model", "weights"},
+    "serving": {"model", "weights", "inference"},
 }
 
 

@@ -340,6 +340,26 @@ def _write_adapter(run: Run, base: BaseCheckpoint, adapter: Adapter, out: Path, 
 
 def _write_official_lora(run: Run, base: BaseCheckpoint, adapter: Adapter, out: Path, dtype: torch.dtype, name: str) -> None:
     config = dict(adapter.config, base_model_name_or_path=_base_for_config(run, base), modules_to_save=None)
+    tensors = _load_adapter_tensors(adapter)
+    lora_names = set(adapter.lora_names)
+    lora = {_peft_key(k): v for k, v in tensors.items() if k in lora_names}
+    full = {_peft_key(k): v.contiguous() for k, v in tensors.items() if k not in lora_names}
+    _save_safetensors(lora, out / "adapter_model.safetensors")
+    torch.save(full, out / OFFICIAL_FULL_WEIGHTS)
+    _write_json(out / "adapter_config.json", config)
+    _copy_tokenizer(run, base, out)
+    _write_readme(out, name, "official-lora", run, base, adapter)
+
+
+def _write_merged(run: Run, base: BaseCheckpoint, adapter: Adapter, out: Path, dtype: torch.dtype, name: str) -> None:
+    config = adapter.config
+    if run.quantized:
+        LOG.warning(
+            "The adapter was trained on a quantized base (%s); merging it onto the unquantized base weights of %s. "
+            "The merged model therefore differs from the trained one by the quantization error of the base.",
+            run.quantized,
+            run.base_model,
+        )
     try:
         lora, full = lora_merge_plan(adapter, adapter.tensors(progress=True), base.shapes)
     except AdapterError as err:

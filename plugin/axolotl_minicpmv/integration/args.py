@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -15,6 +16,17 @@ class MiniCPMVArgs(BaseModel):
     minicpmv_tune_embed_tokens: bool = Field(default=True, description="Train llm.model.embed_tokens in full; saved inside the adapter.")
     minicpmv_max_slice_nums: int = Field(default=9, description="Most slices per image (the model's own limit is 9).")
     minicpmv_skip_bad_samples: bool = Field(default=False, description="Skip (and log) invalid samples instead of stopping.")
+    minicpmv_format: Literal["auto", "seed", "llava", "messages", "content_parts"] = Field(
+        default="auto",
+        description="Data format of the minicpmv_chat datasets: auto (detected per row), seed (official: conversations of role/content), "
+        "llava (conversations of from/value), messages (messages + images, LLaMA-Factory / ms-swift), content_parts (OpenAI / Axolotl "
+        "content lists). A dataset entry's own `minicpmv_format` wins.",
+    )
+    minicpmv_image_root: str | None = Field(
+        default=None,
+        description="Folder that relative image paths resolve against (default: the data file's folder; needed for hub datasets "
+        "that name image files). A dataset entry's own `minicpmv_image_root` wins.",
+    )
     minicpmv_compile_layers: bool = Field(
         default=False,
         description="Compile the decoder layers in place (regional torch.compile): faster steps without gradient checkpointing, after a minute or two of compilation.",

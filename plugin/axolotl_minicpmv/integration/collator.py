@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .data import DEFAULT_MAX_SLICE_NUMS, max_slice_nums_from_cfg
+from .data import DEFAULT_MAX_SLICE_NUMS, max_slice_nums_from_cfg, row_images
 from ..model.processing_minicpmv import InvalidInputError, MiniCPMVProcessor, group_by_size, image_bounds, load_image
 
 IGNORE_INDEX = -100
@@ -94,7 +94,7 @@ class MiniCPMVDataCollator:
     def _row_pixels(self, row: dict, row_index: int, ids: torch.Tensor) -> list[torch.Tensor]:
         """Vision inputs of one row (each image: source, then cells), checked against its placeholders."""
         placeholders = int((ids == self.tokenizer.im_start_id).sum())
-        paths = row.get("image")
+        paths = row_images(row) if "image" in row else None  # paths or embedded bytes
         if paths is None and placeholders:
             raise InvalidInputError(
                 f"{_which(row, row_index)}: the ids hold {placeholders} image placeholders but the row has no "
@@ -102,11 +102,12 @@ class MiniCPMVDataCollator:
             )
         sizes = row.get("image_sizes") or [None] * len(paths or [])
         pixels: list[torch.Tensor] = []
-        for path, size in zip(paths or [], sizes):
-            image = load_image(path, what=f"{_which(row, row_index)}: image {path}")
+        for k, (path, size) in enumerate(zip(paths or [], sizes)):
+            name = path if isinstance(path, str) else f"#{k} (embedded)"
+            image = load_image(path, what=f"{_which(row, row_index)}: image {name}")
             if size is not None and tuple(image.size) != tuple(size):
                 raise InvalidInputError(
-                    f"{_which(row, row_index)}: image {path} is {image.size[0]}x{image.size[1]} but the dataset was "
+                    f"{_which(row, row_index)}: image {name} is {image.size[0]}x{image.size[1]} but the dataset was "
                     f"prepared for {size[0]}x{size[1]}; the file changed: delete the prepared dataset and run again"
                 )
             pixels += self.processor.pixel_values(image)

@@ -126,7 +126,7 @@ class MiniCPMVChatStrategy(PromptTokenizingStrategy):
             raise InvalidInputError(
                 f"sample {sample_id!r}: {found} {IMAGE_TAG!r} tokens in the ids but {expected} image placeholders were placed"
             )
-        return {**row, "id": sample_id, "image": images, "image_sizes": [list(s) for s in sizes]}
+        return {**row, "id": sample_id, "image": images, "image_bytes": list(prompt.get("image_bytes") or []), "image_sizes": [list(s) for s in sizes]}
 
 
 class MiniCPMVChatDatasetStrategy(DatasetWrappingStrategy):

@@ -320,7 +320,7 @@ def normalize_sample(
     conversations = _check_image_tags(conversations, len(entries), single, fields)
     paths, blobs, sizes = [], [], []
     for k, entry in enumerate(entries):
-        what = fields.images if single else f"{fields.images}[{k}]"
+        what = repr(fields.images) if single else f"{fields.images}[{k}]"
         if isinstance(entry, bytes):
             paths.append("")
             blobs.append(entry)

@@ -47,7 +47,7 @@ def parts(content: str) -> list[dict]:
     for i, piece in enumerate(content.split(TAG)):
         if i:
             out.append({"type": "image", "text": None})
-            piece = piece[1:] if piece.startswith("\n") else piece
+            piece = piece.removeprefix("\n")
         if piece:
             out.append({"type": "text", "text": piece})
     return out

@@ -14,12 +14,24 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from axolotl.utils.dict import DictDefault
-from fixtures_data import DATASET_TYPE, EXAMPLES, conv, images, load_prepared, make_cfg, write_json  # noqa: F401
-
 from axolotl_minicpmv.integration import formats
 from axolotl_minicpmv.integration.collator import MiniCPMVDataCollator
-from axolotl_minicpmv.integration.data import InvalidDatasetError, prepare_dataset_file, prepare_minicpmv_datasets, row_images
+from axolotl_minicpmv.integration.data import (
+    InvalidDatasetError,
+    prepare_dataset_file,
+    prepare_minicpmv_datasets,
+    row_images,
+)
 from axolotl_minicpmv.integration.prompt_strategy import MiniCPMVChatStrategy
+from fixtures_data import (  # noqa: F401
+    DATASET_TYPE,
+    EXAMPLES,
+    conv,
+    images,
+    load_prepared,
+    make_cfg,
+    write_json,
+)
 
 SHAREGPT = {"system": "system", "user": "human", "assistant": "gpt"}
 PART = {"type": datasets.Value("string"), "text": datasets.Value("string")}

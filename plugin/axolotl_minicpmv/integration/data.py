@@ -22,13 +22,26 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from axolotl.utils.logging import get_logger
 from PIL import Image, UnidentifiedImageError
 
-from axolotl.utils.logging import get_logger
-
+from ..model.conversation import (
+    IMAGE_TAG,
+    InvalidInputError,
+    json_type,
+    validate_conversation,
+)
 from .args import cfg_value
-from .formats import BadSample, Fields, FormatSpec, InvalidDatasetError, format_spec, image_value, open_source, to_seed
-from ..model.conversation import IMAGE_TAG, InvalidInputError, json_type, short_repr, validate_conversation
+from .formats import (
+    BadSample,
+    Fields,
+    FormatSpec,
+    InvalidDatasetError,
+    format_spec,
+    image_value,
+    open_source,
+    to_seed,
+)
 
 LOG = get_logger(__name__)
 
@@ -299,7 +312,7 @@ def _describe(sample, index: int) -> str:
 
 
 def normalize_sample(
-    sample, index: int, base_dir: Path | None, size_cache: dict | None = None, *, fields: Fields = Fields(), image_root: Path | None = None
+    sample, index: int, base_dir: Path | None, size_cache: dict | None = None, *, fields: Fields | None = None, image_root: Path | None = None
 ) -> dict:
     """One seed sample as a prepared row, or _BadSample with the reason.
 
@@ -310,6 +323,7 @@ def normalize_sample(
     against `image_root` when given, else against `base_dir` (the data file's folder). `fields` names the
     source's fields in the messages.
     """
+    fields = fields or Fields()
     if not isinstance(sample, Mapping):
         raise _BadSample(f"is a JSON {json_type(sample)}, expected an object with 'conversations'")
     sample_id = sample.get("id")
@@ -362,7 +376,7 @@ def _image_field(image, field: str = "image") -> tuple[list[str | bytes], bool]:
     raise _BadSample(f"{field!r} must be a path or a list of paths, got a JSON {json_type(image)}")
 
 
-def _check_image_tags(conversations: list[dict], num_images: int, single: bool, fields: Fields = Fields()) -> list[dict]:
+def _check_image_tags(conversations: list[dict], num_images: int, single: bool, fields: Fields) -> list[dict]:
     tags = 0
     for i, msg in enumerate(conversations):
         count = msg["content"].count(IMAGE_TAG)

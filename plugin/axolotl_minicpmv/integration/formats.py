@@ -337,7 +337,7 @@ def _hub_sha(repo: str, revision: str | None) -> str | None:
         from huggingface_hub import HfApi
 
         return HfApi().dataset_info(repo, revision=revision).sha
-    except Exception:  # offline, private or missing: the loader reports it
+    except (OSError, ValueError):  # offline, private or missing: the loader reports it
         return None
 
 
@@ -459,7 +459,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
 
     try:
         handle = pq.ParquetFile(path)
-    except Exception as err:  # pyarrow raises several types for a file that is not Parquet
+    except (OSError, ValueError) as err:  # ArrowInvalid is a ValueError
         raise SourceError(f"{path}: not a readable Parquet file ({err})") from None
     yield from _table_rows(handle.iter_batches(batch_size=READ_BATCH), str(path))
 
@@ -488,7 +488,7 @@ def _datasets_rows(ds_cfg, name: str) -> Iterator[tuple[int, Any]]:
     settings = DictDefault({k: cfg_value(ds_cfg, k) for k in ("path", "split", "name", "data_files", "revision", "trust_remote_code")})
     try:
         dataset = load_dataset_with_config(settings, use_auth_token=False, streaming=True)
-    except Exception as err:  # datasets' own errors name the problem (missing split, offline hub...)
+    except Exception as err:  # noqa: BLE001 -- datasets raises many types; its message names the problem (split, offline hub...)
         raise SourceError(f"{name}: cannot be loaded as a dataset ({type(err).__name__}: {err})") from None
     if hasattr(dataset, "keys") and not hasattr(dataset, "features"):  # a DatasetDict / IterableDatasetDict
         split = settings.split or "train"

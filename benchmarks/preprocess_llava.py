@@ -7,7 +7,7 @@ Writes SAMPLES LLaVA samples (a JSON list; `conversations` of {from, value}, `<i
 human turn) that reference IMAGES JPEG files of four sizes (sliced and unsliced layouts), then runs the real
 `axolotl preprocess` on the tiny checkpoint's tokenizer: the plugin's streaming preparation (validation, image
 headers, prepared Parquet) and Axolotl's tokenization and cache. Prints the plugin's own samples/s (from its log
-line), the whole command's samples/s, and the peak memory of the process tree (sampled every 0.1 s with psutil).
+line), the whole command's samples/s, and the peak memory of the process tree (PSS and summed RSS, psutil).
 Goals (issue 15): at least 300 samples/s and at most 3 GiB on a 2-core machine. Results: benchmarks/RESULTS.md.
 """
 
@@ -56,23 +56,25 @@ def make_data(work: Path, samples: int, images: int) -> Path:
     return source
 
 
-def peak_rss(pid: int, stop: threading.Event, out: list) -> None:
-    """Largest sum of RSS over the process and all its children, sampled every 0.1 s."""
-    top = 0
+def peak_memory(pid: int, stop: threading.Event, out: dict) -> None:
+    """Largest sums over the process and all its children, sampled every 0.2 s: RSS (counts pages that forked
+    tokenizing workers share with their parent once per process, so it overstates) and PSS (shares them out)."""
+    rss = pss = 0
     try:
         root = psutil.Process(pid)
         while not stop.is_set():
-            total = 0
+            total_rss = total_pss = 0
             for proc in [root, *root.children(recursive=True)]:
                 try:
-                    total += proc.memory_info().rss
+                    info = proc.memory_full_info()
+                    total_rss, total_pss = total_rss + info.rss, total_pss + info.pss
                 except psutil.Error:
                     pass
-            top = max(top, total)
-            time.sleep(0.1)
+            rss, pss = max(rss, total_rss), max(pss, total_pss)
+            time.sleep(0.2)
     except psutil.Error:
         pass
-    out.append(top)
+    out.update(rss=rss, pss=pss)
 
 
 def main() -> None:
@@ -111,8 +113,8 @@ def main() -> None:
     start = time.perf_counter()
     process = subprocess.Popen([str(BIN / "axolotl"), "preprocess", str(config)], cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stop, peak = threading.Event(), []
-    watcher = threading.Thread(target=peak_rss, args=(process.pid, stop, peak))
+    stop, peak = threading.Event(), {}
+    watcher = threading.Thread(target=peak_memory, args=(process.pid, stop, peak))
     watcher.start()
     output = process.communicate()[0]
     seconds = time.perf_counter() - start
@@ -125,7 +127,7 @@ def main() -> None:
     plugin = re.search(r"(\d+) samples validated and written to .*?\((\d+) read in ([\d.]+) s: (\d+) samples/s\)", output)
     print(f"plugin preparation: {plugin.group(2)} samples in {plugin.group(3)} s = {plugin.group(4)} samples/s" if plugin else "plugin line not found")
     print(f"axolotl preprocess total: {seconds:.1f} s = {args.samples / seconds:.0f} samples/s (start-up, preparation, tokenization, cache)")
-    print(f"peak memory (process tree RSS): {peak[0] / 2**30:.2f} GiB")
+    print(f"peak memory of the process tree: PSS {peak['pss'] / 2**30:.2f} GiB, RSS summed {peak['rss'] / 2**30:.2f} GiB")
     print(f"cpu cores: {os.cpu_count()}, load average before: {load_before[0]:.1f}, after: {os.getloadavg()[0]:.1f}")
 
 

@@ -119,7 +119,9 @@ def to_seed(row, spec: FormatSpec) -> tuple[Any, Fields]:
         return row, Fields()
     defaults = FORMAT_FIELDS.get(spec.format)
     messages_field = spec.field_messages or (defaults[0] if defaults else _first_present(row, ("conversations", "messages")))
-    images_field = spec.field_images or (defaults[3] if defaults else _first_present(row, ("image", "images")) or "image")
+    images_field = spec.field_images or (defaults[3] if defaults else _first_present(row, ("image", "images")))
+    if images_field is None:  # no images: name the field the row's format would use, in messages
+        images_field = "images" if messages_field == "messages" else "image"
     fields = Fields(messages_field or "conversations", images_field)
     seed = {"id": row.get("id")}
     if messages_field is None or messages_field not in row:

@@ -267,9 +267,9 @@ def test_a_dataset_folder_is_read_like_a_hub_id_with_its_split(tmp_path):
         rows = [{"id": f"{split}-{i}", "messages": conv(f"q{i}", f"a{i}")} for i in range(n)]
         datasets.Dataset.from_list(rows).to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
     cfg = make_cfg(tmp_path / "run")
-    cfg.datasets = [DictDefault({"path": str(folder), "type": DATASET_TYPE, "split": "validation"})]
+    cfg.datasets = [DictDefault({"path": str(folder), "type": DATASET_TYPE, "split": "validation", "name": "default"})]
     prepare_minicpmv_datasets(cfg)
-    assert cfg.datasets[0].split == "train"  # the prepared file has one split
+    assert cfg.datasets[0].split == "train" and cfg.datasets[0].name is None  # the prepared file has one split, no configs
     assert [r["id"] for r in load_prepared(cfg.datasets[0])] == ["validation-0", "validation-1"]
     cfg.datasets = [DictDefault({"path": str(folder), "type": DATASET_TYPE, "split": "test"})]
     with pytest.raises(InvalidDatasetError, match=r"hub \(split 'test'\): cannot be loaded as a dataset .*test"):

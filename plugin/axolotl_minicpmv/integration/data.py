@@ -142,8 +142,14 @@ def prepare_minicpmv_datasets(cfg) -> list[PreparedDataset]:
                 ds_cfg, out_dir, skip_bad_samples=skip_bad, max_slice_nums=max_slice_nums,
                 spec=format_spec(ds_cfg, cfg), image_root=cfg_value(ds_cfg, "minicpmv_image_root") or cfg_value(cfg, "minicpmv_image_root"),
             )
-            if not Path(str(path)).expanduser().is_file() and cfg_value(ds_cfg, "split"):
-                ds_cfg["split"] = "train"  # the source's split was read here; the prepared file has only "train"
+            if not Path(str(path)).expanduser().is_file():
+                # a folder's or hub id's split / config name / data files were read here; the prepared file has
+                # one "train" split, and Axolotl would pass `name` on to the Parquet loader
+                for key_ in ("name", "data_files"):
+                    if cfg_value(ds_cfg, key_) is not None:
+                        ds_cfg[key_] = None
+                if cfg_value(ds_cfg, "split"):
+                    ds_cfg["split"] = "train"
             ds_cfg["path"] = str(result.path)
             ds_cfg["ds_type"] = "parquet"
             prepared.append(result)

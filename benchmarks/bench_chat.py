@@ -33,7 +33,7 @@ from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig, load_tokenizer  # noqa: E
 from axolotl_minicpmv.inference.fast_decoding import FastDecoder  # noqa: E402
 from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds  # noqa: E402
 from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
-from axolotl_minicpmv.model.tokenization import write_tiny_tokenizer  # noqa: E402
+from axolotl_minicpmv.testing.tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
 
 QUESTION = "What is shown in this picture?"
 

@@ -72,7 +72,7 @@ def main() -> None:
                                                   "--out", str(work / f"{tag}-{fmt}"), "--overwrite", "--dtype", "float32"], work / f"export-{tag}-{fmt}.log")
             tokenizer = load_tokenizer(base)
             image = Image.open(REPO / "examples/data/images/clock.jpg")
-            processor = MiniCPMVProcessor(tokenizer)
+            processor = MiniCPMVProcessor.from_pretrained(base)
             ids = processor.encode_prompt(processor.chat_prompt([{"role": "user", "content": "What time is it?"}], image)).unsqueeze(0)
             pixels, order = group_by_size(processor.pixel_values(image))
             bound = image_bounds(ids, tokenizer.im_start_id, tokenizer.im_end_id)

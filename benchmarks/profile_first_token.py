@@ -28,7 +28,10 @@ from bench_chat import QUESTION, bench_model, picture, timed  # noqa: E402
 from profiler_counts import kernel_launches, sync_points  # noqa: E402
 
 from axolotl_minicpmv.inference.fast_vision import image_encoder  # noqa: E402
-from axolotl_minicpmv.model.processing_minicpmv import group_by_size, image_bounds, to_pixel_values  # noqa: E402
+from axolotl_minicpmv.model.image_processing_minicpmv import MiniCPMVImageProcessor, group_by_size  # noqa: E402
+from axolotl_minicpmv.model.processing_minicpmv import image_bounds  # noqa: E402
+
+to_pixel_values = MiniCPMVImageProcessor().to_pixel_values
 from axolotl_minicpmv.model.slicing import slice_sizes  # noqa: E402
 
 

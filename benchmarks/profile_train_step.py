@@ -39,7 +39,7 @@ from axolotl_minicpmv.integration.data import prepare_dataset_file  # noqa: E402
 from axolotl_minicpmv.integration.lora_targets import DEFAULT_TARGETS  # noqa: E402
 from axolotl_minicpmv.integration.prompt_strategy import MiniCPMVChatStrategy  # noqa: E402
 from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
-from axolotl_minicpmv.model.tokenization import write_tiny_tokenizer  # noqa: E402
+from axolotl_minicpmv.testing.tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
 
 
 def cuda_time(fn, runs: int = 4) -> float:

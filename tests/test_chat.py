@@ -17,7 +17,7 @@ from PIL import Image
 
 from axolotl_minicpmv import InvalidInputError, MiniCPMVChat, img2base64
 from axolotl_minicpmv.inference.chat_helper import pick_device
-from axolotl_minicpmv.model.modeling_minicpmv import decode_answer
+from axolotl_minicpmv.inference.chat import decode_answer, image_features
 from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds
 
 from conftest import EXAMPLES
@@ -304,7 +304,7 @@ def test_chat_image_features_equal_the_batched_features(tiny_model, tiny_tokeniz
     image = Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy())
     processor = MiniCPMVProcessor.from_config(tiny_tokenizer, tiny_model.config)
     with torch.inference_mode():
-        overlapped = tiny_model._chat_image_features(image, processor, tiny_model.encode_images)
+        overlapped = image_features(tiny_model, image, processor, tiny_model.encode_images)
         batched = tiny_model.get_image_features(*group_by_size(processor.pixel_values(image)))
     assert overlapped.shape == (images, tiny_model.config.query_num, tiny_model.config.hidden_size)
     assert torch.equal(overlapped, batched)

@@ -14,6 +14,7 @@ from axolotl_minicpmv.integration.collator import collator_cls_and_kwargs
 from axolotl_minicpmv.integration.data import prepare_minicpmv_datasets
 from axolotl_minicpmv.integration.prompt_strategy import MiniCPMVChatStrategy
 from axolotl_minicpmv.model.processing_minicpmv import InvalidInputError, MiniCPMVProcessor, load_image
+from axolotl_minicpmv.model.image_processing_minicpmv import MiniCPMVImageProcessor
 
 IM_START, IM_END = 101, 102
 
@@ -32,7 +33,7 @@ def make_collator(tokenizer, **kwargs):
 
 
 def vision_images(tokenizer, batch_rows):
-    processor = MiniCPMVProcessor(tokenizer)
+    processor = MiniCPMVProcessor(MiniCPMVImageProcessor(), tokenizer)
     return [px for row in batch_rows for path in row["image"] for px in processor.pixel_values(load_image(path))]
 
 

@@ -13,8 +13,8 @@ from axolotl_minicpmv.integration.lora_targets import (
     check_targets,
     count_parameters,
     expand_targets,
-    modules_to_save,
 )
+from axolotl_minicpmv.integration.args import modules_to_save
 
 from conftest import REFERENCE
 

@@ -22,17 +22,19 @@ from axolotl_minicpmv.model.processing_minicpmv import (
     group_by_size,
     image_bounds,
     load_image,
-    to_pixel_values,
 )
+from axolotl_minicpmv.model.image_processing_minicpmv import MiniCPMVImageProcessor  # noqa: E402
 
 from conftest import EXAMPLES
+
+to_pixel_values = MiniCPMVImageProcessor().to_pixel_values
 
 ONE = "<image>" + "<unk>" * 64 + "</image>"
 
 
 @pytest.fixture(scope="module")
 def processor(tiny_tokenizer):
-    return MiniCPMVProcessor(tiny_tokenizer)
+    return MiniCPMVProcessor(MiniCPMVImageProcessor(), tiny_tokenizer)
 
 
 def _image(size, color=(10, 200, 30)) -> Image.Image:
@@ -77,7 +79,7 @@ def test_placeholder_count_matches_the_images_for_the_vision_tower(processor):
 
 
 def test_max_slice_nums_of_the_processor_is_used(tiny_tokenizer):
-    one_slice = MiniCPMVProcessor(tiny_tokenizer, max_slice_nums=1)
+    one_slice = MiniCPMVProcessor(MiniCPMVImageProcessor(max_slice_nums=1), tiny_tokenizer)
     assert one_slice.image_placeholder((1344, 1344)) == ONE
     assert len(one_slice.vision_images(_image((1344, 1344)))) == 1
 
@@ -346,7 +348,7 @@ def test_load_image_wrong_type():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)")
 def test_to_device_copies_to_the_gpu_and_passes_gpu_tensors_through():
-    from axolotl_minicpmv.model.processing_minicpmv import to_device
+    from axolotl_minicpmv.model.transfer import to_device
 
     host = torch.arange(12).reshape(3, 4)
     on_gpu = to_device(host, "cuda")

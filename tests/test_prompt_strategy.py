@@ -11,6 +11,7 @@ from fixtures_data import DATASET_TYPE, EXAMPLES, PH, conv, images, load_prepare
 from axolotl_minicpmv.integration.data import normalize_sample, prepare_minicpmv_datasets
 from axolotl_minicpmv.integration.prompt_strategy import MiniCPMVChatDatasetStrategy, MiniCPMVChatStrategy
 from axolotl_minicpmv.model.processing_minicpmv import InvalidInputError, MiniCPMVProcessor
+from axolotl_minicpmv.model.image_processing_minicpmv import MiniCPMVImageProcessor
 
 X = -100
 BOS, EOS, IM_START, IM_END, SLICE_START, SLICE_END = 1, 2, 101, 102, 111, 112
@@ -126,7 +127,7 @@ def test_sliced_images_in_several_user_turns(strategy, tiny_tokenizer, images):
     assert supervised == CAT_EOS[:-1] + [EOS] + answer
     assert row["image_sizes"] == [[896, 896], [1200, 300]]
     # the placeholder texts are the processor's, laid out from the header size alone
-    processor = MiniCPMVProcessor(tiny_tokenizer)
+    processor = MiniCPMVProcessor(MiniCPMVImageProcessor(), tiny_tokenizer)
     assert processor.image_placeholder((896, 896)) == PH + "<slice>" + PH * 2 + "\n" + PH * 2 + "</slice>"
     assert processor.image_placeholder((1200, 300)) == PH + "<slice>" + PH * 3 + "</slice>"
 
@@ -147,7 +148,7 @@ def test_ids_and_labels_equal_the_official_rule_on_the_examples(tiny_tokenizer, 
     import json
 
     strategy = MiniCPMVChatStrategy(tiny_tokenizer, sequence_len=4096)
-    processor = MiniCPMVProcessor(tiny_tokenizer)
+    processor = MiniCPMVProcessor(MiniCPMVImageProcessor(), tiny_tokenizer)
     raw = {s["id"]: s for s in json.loads((EXAMPLES / "train.json").read_text()) + json.loads((EXAMPLES / "eval.json").read_text())}
     prepared = [r for ds in (prepared_examples.datasets[0], prepared_examples.test_datasets[0]) for r in load_prepared(ds)]
     checked = 0

@@ -21,9 +21,11 @@ from axolotl_minicpmv.model.tokenization import (
     MiniCPMVTokenizer,
     MiniCPMVTokenizerFast,
     load_tokenizer,
+    register_tokenizer,
+)
+from axolotl_minicpmv.testing.tiny_tokenizer import (
     official_special_tokens_map,
     official_tokenizer_config,
-    register_tokenizer,
     vocab_fingerprint,
     write_tiny_tokenizer,
 )

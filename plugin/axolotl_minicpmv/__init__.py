@@ -1,23 +1,27 @@
 """MiniCPM-V 2.0 for transformers and Axolotl, without remote code.
 
-Importing the package registers the model, config and tokenizer with transformers' Auto classes,
-so `AutoModelForCausalLM.from_pretrained("openbmb/MiniCPM-V-2")` returns our native classes.
+Importing the package registers the config, model, tokenizer, image processor and processor with
+transformers' Auto classes (here, and only here), so `AutoModelForCausalLM.from_pretrained(dir)`,
+`AutoTokenizer`, `AutoImageProcessor` and `AutoProcessor` return our native classes for official checkpoints.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoProcessor
 
 from .inference.chat_helper import MiniCPMVChat, img2base64
 from .model.configuration_minicpmv import MiniCPMVConfig
-from .weights.loading import load_model
+from .model.conversation import InvalidInputError
+from .model.image_processing_minicpmv import MiniCPMVImageProcessor
 from .model.modeling_minicpmv import MiniCPMV
-from .model.processing_minicpmv import InvalidInputError, MiniCPMVProcessor
+from .model.processing_minicpmv import MiniCPMVProcessor
 from .model.slicing import slice_image
-from .model.tokenization import load_tokenizer
+from .model.tokenization import load_tokenizer, register_tokenizer
+from .weights.loading import load_model
 
 __all__ = [
     "MiniCPMV",
     "MiniCPMVConfig",
     "MiniCPMVChat",
+    "MiniCPMVImageProcessor",
     "MiniCPMVPlugin",
     "MiniCPMVProcessor",
     "InvalidInputError",
@@ -33,6 +37,9 @@ def _register_auto_classes() -> None:
     AutoConfig.register(MiniCPMVConfig.model_type, MiniCPMVConfig, exist_ok=True)
     AutoModel.register(MiniCPMVConfig, MiniCPMV, exist_ok=True)
     AutoModelForCausalLM.register(MiniCPMVConfig, MiniCPMV, exist_ok=True)
+    AutoImageProcessor.register(MiniCPMVConfig, image_processor_classes={"pil": MiniCPMVImageProcessor, "torchvision": MiniCPMVImageProcessor}, exist_ok=True)
+    AutoProcessor.register(MiniCPMVConfig, MiniCPMVProcessor, exist_ok=True)
+    register_tokenizer()
 
 
 _register_auto_classes()

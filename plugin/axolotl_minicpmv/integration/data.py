@@ -25,28 +25,13 @@ import pyarrow.parquet as pq
 from axolotl.utils.logging import get_logger
 from PIL import Image, UnidentifiedImageError
 
-from ..model.conversation import (
-    IMAGE_TAG,
-    InvalidInputError,
-    json_type,
-    validate_conversation,
-)
-from .args import cfg_value
-from .formats import (
-    BadSample,
-    Fields,
-    FormatSpec,
-    InvalidDatasetError,
-    format_spec,
-    image_value,
-    open_source,
-    to_seed,
-)
+from ..model.conversation import IMAGE_TAG, InvalidInputError, json_type, validate_conversation
+from .args import MiniCPMVArgs, cfg_value
+from .formats import BadSample, Fields, FormatSpec, InvalidDatasetError, format_spec, image_value, open_source, to_seed
 
 LOG = get_logger(__name__)
 
 DATASET_TYPE = "axolotl_minicpmv.minicpmv_chat"
-DEFAULT_MAX_SLICE_NUMS = 9
 # Bump when the prepared rows or the prompt/label layout built from them change: it is part of the
 # prepared file's name, which is part of Axolotl's tokenized-dataset cache key.
 FORMAT_VERSION = 2  # 2: image_bytes column (embedded images kept as bytes)
@@ -95,14 +80,6 @@ def row_images(row) -> list[str | bytes]:
 # ---------------------------------------------------------------- config helpers
 
 
-def max_slice_nums_from_cfg(cfg) -> int:
-    """`minicpmv_max_slice_nums` (default 9): the slice budget used for placeholders AND pixels."""
-    value = cfg_value(cfg, "minicpmv_max_slice_nums", DEFAULT_MAX_SLICE_NUMS)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"minicpmv_max_slice_nums must be a positive integer, got {value!r}")
-    return value
-
-
 def is_minicpmv_dataset(ds_cfg) -> bool:
     ds_type = cfg_value(ds_cfg, "type")
     return isinstance(ds_type, str) and ds_type in (DATASET_TYPE, f"{DATASET_TYPE}.load")
@@ -125,8 +102,8 @@ def prepare_minicpmv_datasets(cfg) -> list[PreparedDataset]:
     schema). Idempotent: entries already pointing at a prepared file are left alone. Raises
     InvalidDatasetError listing every bad sample, unless `minicpmv_skip_bad_samples`.
     """
-    skip_bad = bool(cfg_value(cfg, "minicpmv_skip_bad_samples", False))
-    max_slice_nums = max_slice_nums_from_cfg(cfg)
+    skip_bad = MiniCPMVArgs.from_cfg(cfg).minicpmv_skip_bad_samples
+    max_slice_nums = MiniCPMVArgs.from_cfg(cfg).minicpmv_max_slice_nums
     out_dir = prepared_dir(cfg)
     prepared = []
     for key in ("datasets", "test_datasets"):
@@ -168,7 +145,7 @@ def prepare_dataset_file(
     out_dir: str | os.PathLike,
     *,
     skip_bad_samples: bool = False,
-    max_slice_nums: int = DEFAULT_MAX_SLICE_NUMS,
+    max_slice_nums: int | None = None,
     spec: FormatSpec | None = None,
     image_root: str | os.PathLike | None = None,
 ) -> PreparedDataset:

@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from .args import cfg_value
 
 # The official fine-tuning default (q|k|v of every decoder layer).
 DEFAULT_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
@@ -19,13 +18,6 @@ DEFAULT_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
 PRESETS = {
     "llm_attn": r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
     "llm_all_linear": r"llm\..*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))",
-}
-
-# Modules trained in full (names as PEFT's modules_to_save matches them) per plugin key.
-FULLY_TRAINED = {
-    "minicpmv_tune_vision": "vpm",
-    "minicpmv_tune_resampler": "resampler",
-    "minicpmv_tune_embed_tokens": "embed_tokens",
 }
 
 
@@ -78,10 +70,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += param.numel()
         trainable += param.numel() if param.requires_grad else 0
     return total, trainable
-
-
-def modules_to_save(cfg) -> list[str]:
-    return [module for key, module in FULLY_TRAINED.items() if cfg_value(cfg, key, True)]
 
 
 def merge_modules_to_save(existing: Iterable[str] | None, wanted: Iterable[str]) -> list[str]:

@@ -18,6 +18,7 @@ from axolotl.model_support.templates import VANILLA_CAUSAL_LM
 from axolotl.utils.logging import get_logger
 
 from . import lora_targets
+from .args import MiniCPMVArgs
 
 LOG = get_logger(__name__)
 
@@ -48,22 +49,11 @@ class MiniCPMVPlugin(BasePlugin):
         from ..weights.export import refuse_axolotl_merge_lora
 
         refuse_axolotl_merge_lora(cfg)  # `axolotl merge-lora` would drop trained tensors: stop it, name the fix
-        if cfg.get("sample_packing"):
-            raise ValueError("sample_packing: true is not supported with MiniCPM-V (image slots cannot be packed); set it to false")
-        if cfg.get("torch_compile") in (True, "auto"):
-            raise ValueError(
-                "torch_compile: true (or auto) would compile the whole model, whose image placement depends on the data; "
-                "set minicpmv_compile_layers: true instead (compiles the decoder layers in place)"
-            )
-        if cfg.get("lora_target_linear"):
-            raise ValueError(
-                "lora_target_linear: true would put LoRA on the vision tower and resampler too; "
-                f"use lora_target_modules with a regex or a preset ({', '.join(lora_targets.PRESETS)})"
-            )
+        settings = MiniCPMVArgs.from_cfg(cfg)  # the checks Axolotl's own validation also runs, before anything loads
         if cfg.get("adapter") in ("lora", "qlora"):
             cfg["lora_target_modules"] = lora_targets.expand_targets(cfg.get("lora_target_modules"))
             cfg["lora_modules_to_save"] = lora_targets.merge_modules_to_save(
-                cfg.get("lora_modules_to_save"), lora_targets.modules_to_save(cfg)
+                cfg.get("lora_modules_to_save"), settings.fully_trained_modules
             )
         # The collator needs the image columns that the model's forward does not name.
         cfg["remove_unused_columns"] = False
@@ -82,8 +72,9 @@ class MiniCPMVPlugin(BasePlugin):
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         if is_deepspeed_zero3_enabled():
-            _register_zero3_external_parameters(model)
-            _create_zero3_backward_counters(model)
+            from .zero3 import prepare_for_zero3
+
+            prepare_for_zero3(model)
         if cfg.minicpmv_compile_layers:
             from .compiled_layers import compile_decoder_layers
 
@@ -105,29 +96,6 @@ class MiniCPMVPlugin(BasePlugin):
         from .collator import collator_cls_and_kwargs
 
         return collator_cls_and_kwargs(cfg)
-
-
-def _register_zero3_external_parameters(model) -> None:
-    """nn.MultiheadAttention reads out_proj's weight and bias without calling out_proj, so ZeRO-3's module
-    hooks would leave them partitioned; register them with the attention module that uses them (every
-    copy, PEFT's trained resampler included)."""
-    import deepspeed
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.MultiheadAttention):
-            for param in module.out_proj.parameters():
-                deepspeed.zero.register_external_parameter(module, param)
-
-
-def _create_zero3_backward_counters(model) -> None:
-    """PEFT's ModulesToSaveWrapper hands unknown attributes on to its trained copy, so when DeepSpeed ZeRO-3
-    registers its hooks it finds the copy's backward-hook function on the wrapper and reuses it. The
-    wrapper's forward pre-hook then counts pending gradients on the copy before the copy's own pre-hook has
-    created the counter: "'Resampler' object has no attribute 'ds_grads_remaining'" in the first step.
-    With the counter present from the start, that extra count is harmless (the copy's own pre-hook resets
-    it and its own backward hook releases the parameters); tests/test_zero3_cpu.py trains through it."""
-    for module in model.modules():
-        module.ds_grads_remaining = 0
 
 
 def _pick_cpu_precision(cfg: dict) -> None:

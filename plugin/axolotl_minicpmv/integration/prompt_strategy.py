@@ -1,10 +1,8 @@
-"""Axolotl prompt strategy `type: axolotl_minicpmv.minicpmv_chat`: MiniCPM-V chat samples -> ids, labels.
+"""Axolotl prompt strategy `type: axolotl_minicpmv.minicpmv_chat`: prepared samples -> ids and labels.
 
-Ids and the label rule must equal the official MiniCPM-V fine-tuning code (June 2024): each role
-marker and each message encoded on its own with `tokenizer.encode(x)[1:]`, `</s>` appended to the
-last message, only assistant tokens plus one eos after every assistant turn supervised, and no
-bos in front (the official training ids have none). Labels are emitted unshifted (the model shifts). Reads rows prepared by
-`data.py`; tests/test_prompt_strategy.py checks both against an official-style pre-shifted target.
+The ids and the label rule are `MiniCPMVProcessor.encode_training_conversation`'s (the official fine-tuning
+code's, June 2024); labels are emitted unshifted (the model shifts). Reads rows prepared by `data.py`;
+tests/test_prompt_strategy.py checks them against an official-style pre-shifted target.
 """
 
 from __future__ import annotations
@@ -14,95 +12,37 @@ from typing import Any
 import pyarrow.compute as pc
 
 from axolotl.datasets import TokenizedPromptDataset
-from axolotl.prompt_tokenizers import IGNORE_INDEX, DatasetWrappingStrategy, PromptTokenizingStrategy
+from axolotl.prompt_tokenizers import DatasetWrappingStrategy, PromptTokenizingStrategy
 from axolotl.utils.logging import get_logger
 
-from .data import DATASET_TYPE, max_slice_nums_from_cfg
-from ..model.processing_minicpmv import IMAGE_TAG, ROLE_MARKERS, InvalidInputError, MiniCPMVProcessor
+from ..model.conversation import InvalidInputError
+from ..model.image_processing_minicpmv import MiniCPMVImageProcessor
+from ..model.processing_minicpmv import MiniCPMVProcessor
+from .args import image_processor_for
+from .data import DATASET_TYPE
 
 LOG = get_logger(__name__)
 
 PREPARED_COLUMNS = ("id", "image", "image_sizes", "conversations")
 
 
-# ---------------------------------------------------------------- ids and labels of one sample
-
-
-def expand_image_tags(conversations: list[dict], placeholders: list[str]) -> list[dict]:
-    """Replace the `<image>` tags of the user turns, in order, by the images' placeholder texts."""
-    remaining = iter(placeholders)
-    out = []
-    for msg in conversations:
-        content = msg["content"]
-        if msg["role"] == "user" and IMAGE_TAG in content:
-            first, *rest = content.split(IMAGE_TAG)
-            try:
-                content = first + "".join(next(remaining) + part for part in rest)
-            except StopIteration:
-                raise InvalidInputError(f"more {IMAGE_TAG!r} tags than images ({len(placeholders)})") from None
-        out.append({"role": msg["role"], "content": content})
-    if next(remaining, None) is not None:
-        raise InvalidInputError(f"fewer {IMAGE_TAG!r} tags than images ({len(placeholders)})")
-    return out
-
-
-def _encode_without_bos(tokenizer, text: str) -> list[int]:
-    # the official `tokenizer.encode(x)[1:]`, made loud if a tokenizer ever stops adding bos
-    ids = tokenizer.encode(text)
-    if not ids or ids[0] != tokenizer.bos_token_id:
-        raise ValueError(f"tokenizer.encode() must start with bos ({tokenizer.bos_token_id}); got {ids[:3]}")
-    return ids[1:]
-
-
-def build_ids_and_labels(tokenizer, conversations: list[dict]) -> dict[str, list[int]]:
-    """Ids, unshifted labels (`labels[i]` is what position i-1 predicts) and attention mask.
-
-    `conversations` already holds the expanded placeholders. Supervised: every assistant content
-    token, and an eos predicted by the last token of each assistant turn that a user turn follows
-    (the last turn ends with `</s>` in its text, which is itself supervised when it is the
-    assistant's). Never supervised: role markers, user text and image slots.
-    """
-    ids: list[int] = []
-    trained: list[bool] = []  # the official `context == 0`
-    for index, msg in enumerate(conversations):
-        text = msg["content"] + (tokenizer.eos_token if index == len(conversations) - 1 else "")
-        marker_ids = _encode_without_bos(tokenizer, ROLE_MARKERS[msg["role"]])
-        text_ids = _encode_without_bos(tokenizer, text)
-        ids += marker_ids + text_ids
-        trained += [False] * len(marker_ids) + [msg["role"] == "assistant"] * len(text_ids)
-    labels = [IGNORE_INDEX] * len(ids)
-    for i in range(1, len(ids)):
-        if trained[i]:
-            labels[i] = ids[i]
-        elif trained[i - 1]:  # an assistant turn just ended: its last token predicts eos
-            labels[i] = tokenizer.eos_token_id
-    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
-
-
-def count_image_placeholders(input_ids: list[int], tokenizer) -> int:
-    return sum(1 for token in input_ids if token == tokenizer.im_start_id)
-
-
-# ---------------------------------------------------------------- Axolotl strategy
-
-
 class MiniCPMVChatStrategy(PromptTokenizingStrategy):
-    """Tokenizes one prepared row (`id`, `image`, `image_sizes`, `conversations`).
+    """Tokenizes one prepared row (`id`, `image`, `image_sizes`, `conversations`) through `MiniCPMVProcessor`.
 
     Output columns: input_ids, attention_mask, labels, and `id`, `image`, `image_sizes` for the
     collator. Rows are never truncated (a cut could fall inside an image placeholder): the ones
     longer than `sequence_len` are dropped by MiniCPMVChatDatasetStrategy, which load() returns.
     """
 
-    def __init__(self, tokenizer, sequence_len: int, max_slice_nums: int = 9):
+    def __init__(self, tokenizer, sequence_len: int, max_slice_nums: int | None = None, image_processor: MiniCPMVImageProcessor | None = None):
         super().__init__(None, tokenizer, train_on_inputs=False, sequence_len=sequence_len)
-        for attr in ("im_start", "im_end", "slice_start", "slice_end", "im_start_id"):
-            if not hasattr(tokenizer, attr):
-                raise TypeError(
-                    f"{DATASET_TYPE} needs the MiniCPM-V tokenizer (it has no `{attr}`); "
-                    "load the model with `plugins: [axolotl_minicpmv.MiniCPMVPlugin]`"
-                )
-        self.processor = MiniCPMVProcessor(tokenizer, max_slice_nums=max_slice_nums)
+        image_processor = image_processor or MiniCPMVImageProcessor()
+        if max_slice_nums is not None:
+            image_processor = MiniCPMVImageProcessor(**{**image_processor.to_dict(), "max_slice_nums": max_slice_nums})
+        try:
+            self.processor = MiniCPMVProcessor(image_processor, tokenizer)
+        except TypeError as err:
+            raise TypeError(f"{DATASET_TYPE}: {err}; is `plugins: [axolotl_minicpmv.MiniCPMVPlugin]` in the config?") from None
 
     def tokenize_prompt(self, prompt: dict[str, Any]) -> dict[str, Any]:
         missing = [c for c in PREPARED_COLUMNS if c not in prompt]
@@ -114,18 +54,11 @@ class MiniCPMVChatStrategy(PromptTokenizingStrategy):
             )
         sample_id = prompt["id"]
         images, sizes = list(prompt["image"] or []), [tuple(s) for s in prompt["image_sizes"] or []]
-        placeholders = [self.processor.image_placeholder(size) for size in sizes]
+        layouts = [self.processor.layout(size) for size in sizes]
         try:
-            conversations = expand_image_tags(prompt["conversations"], placeholders)
+            row = self.processor.encode_training_conversation(prompt["conversations"], layouts)
         except InvalidInputError as err:
             raise InvalidInputError(f"sample {sample_id!r}: {err}") from None
-        row = build_ids_and_labels(self.tokenizer, conversations)
-        found = count_image_placeholders(row["input_ids"], self.tokenizer)
-        expected = sum(p.count(self.tokenizer.im_start) for p in placeholders)
-        if found != expected:
-            raise InvalidInputError(
-                f"sample {sample_id!r}: {found} {IMAGE_TAG!r} tokens in the ids but {expected} image placeholders were placed"
-            )
         return {**row, "id": sample_id, "image": images, "image_bytes": list(prompt.get("image_bytes") or []), "image_sizes": [list(s) for s in sizes]}
 
 
@@ -188,7 +121,7 @@ def load(tokenizer, cfg, ds_cfg=None, processor=None):
         sequence_len = cfg.get("eval_sequence_len")
     if cfg.get("train_on_inputs"):
         LOG.warning(f"{DATASET_TYPE}: train_on_inputs is ignored; the MiniCPM-V recipe supervises assistant turns only")
-    strategy = MiniCPMVChatStrategy(tokenizer, sequence_len=sequence_len, max_slice_nums=max_slice_nums_from_cfg(cfg))
+    strategy = MiniCPMVChatStrategy(tokenizer, sequence_len=sequence_len, image_processor=image_processor_for(cfg))
     return MiniCPMVChatDatasetStrategy(
         strategy,
         excess_length_strategy=(cfg.get("excess_length_strategy") or "drop").lower(),

@@ -8,13 +8,10 @@ scalings; RoPE applied in float32) so logits and answers are identical; see test
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import timm
 import torch
-from PIL import Image
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -27,20 +24,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, eager_attention_forward, rotate_half
 from transformers.utils import logging
 
-from .configuration_minicpmv import MiniCPMVConfig
-from ..inference.fast_decoding import FastDecoder, Sampling
-from ..inference.fast_vision import image_encoder
 from .checkpoint import check_checkpoint_dir, raise_on_incomplete_load
-from .conversation import validate_conversation
-from .processing_minicpmv import (
-    InvalidInputError,
-    MiniCPMVProcessor,
-    image_bounds,
-    load_image,
-    to_device,
-    to_pixel_values,
-)
+from .configuration_minicpmv import MiniCPMVConfig
+from .conversation import InvalidInputError
 from .resampler import Resampler, sincos_2d
+from .transfer import to_device
 
 logger = logging.get_logger(__name__)
 
@@ -314,12 +302,6 @@ def build_vision_tower(config: MiniCPMVConfig) -> nn.Module:
 # ---------------------------------------------------------------- the whole model
 
 
-GENERATION_DEFAULTS = {
-    True: {"top_p": 0.8, "top_k": 100, "temperature": 0.7, "do_sample": True, "repetition_penalty": 1.05},
-    False: {"num_beams": 3, "repetition_penalty": 1.2},
-}
-
-
 class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
     """MiniCPM-V 2.0. Images enter as `pixel_values` (a list of same-size stacks, see
     `processing_minicpmv.group_by_size`), `vision_order` and `image_bound` rows `(batch_row, start, end)`."""
@@ -414,16 +396,6 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         rows = bound[:, :1].expand_as(slots)
         return embeds.index_put((rows.reshape(-1), slots.reshape(-1)), features.reshape(-1, features.shape[-1]).to(embeds.dtype))
 
-    def _chat_image_features(self, image: Image.Image, processor: MiniCPMVProcessor, encode) -> torch.Tensor:
-        """Features of the source image then the cells, as `get_image_features` gives them, with the source's
-        bicubic resize (PIL releases the GIL) running in a thread while the cells go through the tower."""
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            source = pool.submit(processor.source_image, image)
-            cells = processor.cell_images(image)
-            cell_features = [encode(torch.stack([to_pixel_values(cell, self.device) for cell in cells]))] if cells else []
-            source_features = encode(to_pixel_values(source.result(), self.device)[None])
-        return torch.cat([source_features, *cell_features])
-
     # forward / generation ---------------------------------------------
 
     def forward(
@@ -472,85 +444,11 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
             return torch.ones_like(inputs_tensor, dtype=torch.long)
         return super()._prepare_attention_mask_for_generation(inputs_tensor, generation_config, model_kwargs)
 
-    @torch.inference_mode()
-    def chat(
-        self,
-        image,
-        msgs,
-        context=None,
-        tokenizer=None,
-        max_new_tokens: int = 1024,
-        sampling: bool = True,
-        max_inp_length: int = 2048,
-        fast: bool = False,
-        **kwargs,
-    ):
-        """Answer the last user turn of `msgs` (list or JSON string) about `image` (PIL, path, base64 or None).
+    def chat(self, image, msgs, context=None, tokenizer=None, **kwargs):
+        """The official `chat(image, msgs, context, tokenizer, ...)`; see `axolotl_minicpmv.inference.chat.chat`."""
+        from ..inference.chat import chat  # the chat loop and its fast path live with the other inference code
 
-        `fast=True` decodes with `FastDecoder` (static KV cache, CUDA graphs on a GPU; greedy or sampled,
-        so not with beam search: pass `num_beams=1` with `sampling=False`); on a GPU the prefill and the
-        vision tower's blocks are compiled too (the first call compiles: 1.5-2 minutes, and about a
-        minute for each new decoding-step shape).
-        Returns `(answer, msgs + [assistant answer], generation_config)`; `msgs` is not modified.
-        """
-        if tokenizer is None:
-            raise ValueError("chat() needs the tokenizer: pass tokenizer=load_tokenizer(model_dir)")
-        processor = MiniCPMVProcessor.from_config(tokenizer, self.config)
-        image = None if image is None else load_image(image)
-        msgs = [dict(m) for m in validate_conversation(msgs)]
-        prompt_ids = processor.encode_prompt(processor.chat_prompt(msgs, image), max_inp_length).unsqueeze(0)
-        input_ids = to_device(prompt_ids, self.device)
-        if fast:
-            self._init_fast_path()
-        if image is None:
-            inputs_embeds = self.embed_text(input_ids)
-        else:
-            features = self._chat_image_features(image, processor, self._fast_encode_images if fast else self.encode_images)
-            bound = image_bounds(prompt_ids, tokenizer.im_start_id, tokenizer.im_end_id, count=len(features))  # on the host: no GPU wait
-            inputs_embeds = self.place_image_features(input_ids, features, bound)
-
-        generation_config = dict(GENERATION_DEFAULTS[bool(sampling)])
-        overrides = {k: kwargs[k] for k in generation_config.keys() & kwargs.keys()}
-        ignored = sorted(kwargs.keys() - generation_config.keys())
-        if ignored:
-            logger.warning(f"chat(): ignoring {ignored}; with sampling={sampling} only {sorted(generation_config)} can be overridden")
-        generation_config.update(overrides)
-        if fast:
-            output = self._fast_generate(inputs_embeds, generation_config, tokenizer, max_new_tokens)
-        else:
-            with warnings.catch_warnings():
-                # Like the official chat, the repetition penalty sees only generated tokens; that is intended.
-                warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
-                output = self.generate(
-                    inputs_embeds=inputs_embeds,
-                    attention_mask=torch.ones(input_ids.shape, dtype=torch.long, device=self.device),
-                    pad_token_id=0,
-                    eos_token_id=tokenizer.eos_token_id,
-                    bos_token_id=tokenizer.bos_token_id,
-                    max_new_tokens=max_new_tokens,
-                    **generation_config,
-                )
-        answer = decode_answer(output[0], tokenizer)
-        return answer, msgs + [{"role": "assistant", "content": answer}], generation_config
-
-    def _init_fast_path(self) -> None:
-        """`FastDecoder` and an image encoder whose tower blocks are compiled and replayed from CUDA graphs
-        on a GPU (`fast_vision`). Plain attributes, not submodules: never saved. Rebuilt when the model moved
-        to another device or dtype: graphs and compiled steps point at the old weights."""
-        if getattr(self, "_fast_path_for", None) != (self.device, self.dtype):
-            self._fast_path_for = (self.device, self.dtype)
-            on_gpu = self.device.type == "cuda"
-            if on_gpu:
-                logger.warning("chat(fast=True): the first request compiles the prefill and the vision blocks (once; 1.5-2 minutes)")
-            self._fast_decoder = FastDecoder(self)
-            self._fast_encode_images = image_encoder(self, compile_blocks=on_gpu, cuda_graphs=on_gpu)
-
-    def _fast_generate(self, inputs_embeds, generation_config: dict, tokenizer, max_new_tokens: int) -> torch.Tensor:
-        if generation_config.get("num_beams", 1) != 1:
-            raise ValueError("fast decoding is greedy or sampled, not beam search: pass num_beams=1 (or sampling=True)")
-        fields = Sampling.__dataclass_fields__.keys()
-        sampling = Sampling(**{k: v for k, v in generation_config.items() if k in fields})
-        return self._fast_decoder.generate(inputs_embeds, max_new_tokens, eos_token_id=tokenizer.eos_token_id, sampling=sampling)
+        return chat(self, image, msgs, context=context, tokenizer=tokenizer, **kwargs)
 
 
 # The vision tower and resampler stay in 16-bit under bitsandbytes (they are small and trained in full),
@@ -562,13 +460,3 @@ def _keep_vision_unquantized(quantization_config) -> None:
     if quantization_config is not None and hasattr(quantization_config, "llm_int8_skip_modules"):
         skip = list(quantization_config.llm_int8_skip_modules or [])
         quantization_config.llm_int8_skip_modules = skip + [m for m in UNQUANTIZED_MODULES if m not in skip]
-
-
-def decode_answer(ids: torch.Tensor, tokenizer) -> str:
-    """Drop pad/unk ids (0), one leading bos and one trailing eos; decode the rest as text."""
-    ids = [i for i in ids.tolist() if i != 0]  # one read from the GPU
-    if ids and ids[0] == tokenizer.bos_token_id:
-        ids = ids[1:]
-    if ids and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]
-    return tokenizer.decode(ids).strip()

@@ -1,175 +1,135 @@
-"""Images and prompts for MiniCPM-V 2.0: pixels, image placeholders, chat prompts, image bounds.
+"""`MiniCPMVProcessor`: conversations and their pictures -> the ids, labels, pixels and image bounds the model takes.
 
-Placeholder text, prompt layout and pixel normalisation must equal the official release's so that
-prompt ids and image features are identical; tests/test_processing.py pins them.
+The one place that builds prompts and image placeholders: the prompt strategy, the collator, `chat`,
+prediction and serving all go through it. Placeholder text, the prompt layout and the training ids and
+labels must equal the official release's; tests/test_processing.py and tests/test_prompt_strategy.py pin them.
+
+Pictures are marked in user turns by `<image>` tags, in order; a single picture without a tag goes in
+front of the first user turn, followed by a newline (the official rule).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
 
 from .conversation import IMAGE_TAG, InvalidInputError, validate_conversation
-from .slicing import cell_images, slice_sizes, source_image
+from .image_processing_minicpmv import ImageLayout, MiniCPMVImageProcessor, group_by_size, load_image
+from .transfer import to_device
 
 USER_MARKER = "<用户>"
 ASSISTANT_MARKER = "<AI>"
 ROLE_MARKERS = {"user": USER_MARKER, "assistant": ASSISTANT_MARKER}
+IGNORE_INDEX = -100
+PAD_TOKEN_ID = 0  # <unk>, as the official trainer pads
+
+__all__ = [
+    "ASSISTANT_MARKER",
+    "IGNORE_INDEX",
+    "ROLE_MARKERS",
+    "USER_MARKER",
+    "InvalidInputError",
+    "MiniCPMVProcessor",
+    "group_by_size",
+    "image_bounds",
+    "load_image",
+    "tag_images",
+]
 
 
-# ---------------------------------------------------------------- images
+class MiniCPMVProcessor(ProcessorMixin):
+    """Image processor + tokenizer. `processor(conversations, images)` -> a `BatchFeature` with `input_ids`,
+    `attention_mask`, `pixel_values` (one stack per image size), `vision_order`, `image_bound`, and `labels`
+    with `return_labels=True` (training rows, the official recipe's tokenization)."""
 
-
-def load_image(source, what: str = "image") -> Image.Image:
-    """Open a PIL image, a path, raw bytes or a base64 string as RGB, or raise naming `what` and why."""
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        if isinstance(source, (str, Path)) and _is_file(source):
-            data = Path(source).read_bytes()
-        elif isinstance(source, Path):
-            raise InvalidInputError(f"{what}: file {str(source)!r} does not exist")
-        elif isinstance(source, (bytes, bytearray)):
-            data = bytes(source)
-        elif isinstance(source, str):
-            try:
-                data = base64.b64decode(source, validate=True)
-            except (binascii.Error, ValueError) as err:
-                raise InvalidInputError(f"{what}: not an existing file and not valid base64 ({err})") from None
-        else:
-            raise InvalidInputError(f"{what}: expected a PIL image, a path, bytes or base64, got {type(source).__name__}")
-        try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise InvalidInputError(f"{what}: cannot decode image data ({err})") from None
-    if image.width < 1 or image.height < 1:
-        raise InvalidInputError(f"{what}: empty image of size {image.size}")
-    return image.convert("RGB")
-
-
-def _is_file(path) -> bool:
-    try:
-        return Path(path).is_file()
-    except (OSError, ValueError):  # a long base64 string is no valid path
-        return False
-
-
-def to_pixel_values(image: Image.Image, device: torch.device | str | None = None) -> torch.Tensor:
-    """RGB image -> float tensor (3, H, W) in [-1, 1] (scaled to [0, 1], then mean = std = 0.5).
-
-    With `device`, the bytes are moved first (`to_device`) and scaled there (same float32 operations, same
-    values). Bound for a GPU, they are written straight into pinned memory, which `to_device` then uses.
-    """
-    pixels = np.asarray(image, dtype=np.uint8)
-    to_gpu = device is not None and torch.device(device).type == "cuda"
-    array = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=to_gpu)
-    array.numpy()[...] = pixels
-    if device is not None:
-        array = to_device(array, device)
-    return array.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
-
-
-def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """`tensor.to(device)`; to a GPU through pinned memory (the tensor's own if it is pinned) without
-    blocking, so that the host does not wait for the GPU's queued work (the vision tower, the previous
-    training step) before it goes on launching the next kernels."""
-    if tensor.device.type != "cpu" or torch.device(device).type != "cuda":
-        return tensor.to(device)
-    pinned = tensor if tensor.is_pinned() else tensor.pin_memory()
-    return pinned.to(device, non_blocking=True)
-
-
-def group_by_size(pixel_values: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Stack equal-sized images so the vision tower sees each size once.
-
-    Returns `(groups, order)`: `groups[k]` is (n_k, 3, H_k, W_k) and `torch.cat` of the per-group
-    outputs indexed by `order` gives the images back in their original order.
-    """
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for index, pixels in enumerate(pixel_values):
-        by_size.setdefault(tuple(pixels.shape[-2:]), []).append(index)
-    groups, flat = [], []
-    for indices in by_size.values():
-        groups.append(torch.stack([pixel_values[i] for i in indices]))
-        flat.extend(indices)
-    order = torch.empty(len(flat), dtype=torch.long)
-    order[torch.tensor(flat, dtype=torch.long)] = torch.arange(len(flat))
-    return groups, order
-
-
-# ---------------------------------------------------------------- prompts
-
-
-class MiniCPMVProcessor:
-    """Turns images and conversations into the prompt text, token ids and pixels the model takes."""
-
-    def __init__(self, tokenizer, query_num: int = 64, max_slice_nums: int = 9, scale_resolution: int = 448, patch_size: int = 14):
-        self.tokenizer = tokenizer
-        self.query_num = query_num
-        self.max_slice_nums = max_slice_nums
-        self.scale_resolution = scale_resolution
-        self.patch_size = patch_size
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        for attr in ("im_start", "im_end", "slice_start", "slice_end", "im_start_id", "im_end_id"):
+            if not hasattr(tokenizer, attr):
+                raise TypeError(
+                    f"MiniCPMVProcessor needs the MiniCPM-V tokenizer (it has no `{attr}`); load it with "
+                    "axolotl_minicpmv.load_tokenizer(model_dir) or AutoTokenizer after importing axolotl_minicpmv"
+                )
 
     @classmethod
-    def from_config(cls, tokenizer, config, max_slice_nums: int | None = None):
-        return cls(
-            tokenizer,
-            query_num=config.query_num,
-            max_slice_nums=config.max_slice_nums if max_slice_nums is None else max_slice_nums,
-            scale_resolution=config.scale_resolution,
-            patch_size=config.patch_size,
-        )
+    def from_config(cls, tokenizer, config, max_slice_nums: int | None = None) -> MiniCPMVProcessor:
+        """The processor of a model (its config's slicing keys), optionally with another slice budget."""
+        return cls(MiniCPMVImageProcessor.from_model_config(config, max_slice_nums=max_slice_nums), tokenizer)
 
-    # one image -> placeholder text and vision inputs
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> MiniCPMVProcessor:
+        """From a checkpoint folder: `preprocessor_config.json` (or `config.json`'s slicing keys) + the tokenizer."""
+        from .tokenization import load_tokenizer
 
-    def _one_image_placeholder(self) -> str:
+        image_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("max_slice_nums", "slice_mode")}
+        image_processor = MiniCPMVImageProcessor.from_pretrained(pretrained_model_name_or_path, **image_kwargs)
+        return cls(image_processor, load_tokenizer(pretrained_model_name_or_path, **kwargs))
+
+    def save_pretrained(self, save_directory, **kwargs):
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        return super().save_pretrained(save_directory, **kwargs)
+
+    @property
+    def query_num(self) -> int:
+        return self.image_processor.image_feature_size
+
+    # one picture -----------------------------------------------------------
+
+    def layout(self, image_or_size) -> ImageLayout:
+        size = image_or_size.size if isinstance(image_or_size, Image.Image) else tuple(image_or_size)
+        return self.image_processor.layout(size)
+
+    def image_placeholder(self, layout_or_size) -> str:
+        """Placeholder text of a picture: the source's slots, then `<slice>` + the grid's rows + `</slice>`."""
+        layout = layout_or_size if isinstance(layout_or_size, ImageLayout) else self.layout(layout_or_size)
         tok = self.tokenizer
-        return tok.im_start + tok.unk_token * self.query_num + tok.im_end
-
-    def image_placeholder(self, size: tuple[int, int]) -> str:
-        """Placeholder text for an image of `size` (width, height): source, then the slice grid if any."""
-        _, _, grid = slice_sizes(size, self.max_slice_nums, self.scale_resolution, self.patch_size)
-        one = self._one_image_placeholder()
-        if grid is None:
+        one = tok.im_start + tok.unk_token * self.query_num + tok.im_end
+        if layout.grid is None:
             return one
-        cols, rows = grid
-        return one + self.tokenizer.slice_start + "\n".join([one * cols] * rows) + self.tokenizer.slice_end
+        cols, rows = layout.grid
+        return one + tok.slice_start + "\n".join([one * cols] * rows) + tok.slice_end
 
-    def source_image(self, image: Image.Image) -> Image.Image:
-        return source_image(image, self.max_slice_nums, self.scale_resolution, self.patch_size)
+    def source_image(self, image: Image.Image, layout: ImageLayout | None = None) -> Image.Image:
+        return self.image_processor.source_image(image, layout)
 
-    def cell_images(self, image: Image.Image) -> list[Image.Image]:
-        """The slice grid's cells row by row (empty when the image is not sliced); all of one size."""
-        return [cell for row in cell_images(image, self.max_slice_nums, self.scale_resolution, self.patch_size) for cell in row]
+    def cell_images(self, image: Image.Image, layout: ImageLayout | None = None) -> list[Image.Image]:
+        return self.image_processor.cell_images(image, layout)
 
-    def vision_images(self, image: Image.Image) -> list[Image.Image]:
-        """The images the vision tower encodes for one picture: the source, then the cells row by row."""
-        return [self.source_image(image)] + self.cell_images(image)
+    def vision_images(self, image: Image.Image, layout: ImageLayout | None = None) -> list[Image.Image]:
+        return self.image_processor.vision_images(image, layout)
 
-    def pixel_values(self, image: Image.Image, device: torch.device | str | None = None) -> list[torch.Tensor]:
-        return [to_pixel_values(im, device) for im in self.vision_images(image)]
+    def pixel_values(self, image: Image.Image, device=None, layout: ImageLayout | None = None) -> list[torch.Tensor]:
+        return self.image_processor.pixel_values(image, layout, device)
 
-    # conversations
+    # conversations -> ids --------------------------------------------------
 
-    def chat_prompt(self, msgs, image: Image.Image | None) -> str:
-        """Inference prompt: turns rendered `<用户>`/`<AI>` + content, the image before the first user text."""
-        msgs = validate_conversation(msgs)
-        parts = []
-        for index, msg in enumerate(msgs):
+    def expand_image_tags(self, conversation: list[dict], layouts: Sequence[ImageLayout]) -> list[dict]:
+        """Replace the `<image>` tags of the user turns, in order, by the pictures' placeholder texts."""
+        remaining = iter([self.image_placeholder(layout) for layout in layouts])
+        out = []
+        for msg in conversation:
             content = msg["content"]
-            if index == 0 and image is not None:
-                content = self.image_placeholder(image.size) + "\n" + content
-            parts.append(ROLE_MARKERS[msg["role"]] + content)
-        return "".join(parts) + ASSISTANT_MARKER
+            if msg["role"] == "user" and IMAGE_TAG in content:
+                first, *rest = content.split(IMAGE_TAG)
+                try:
+                    content = first + "".join(next(remaining) + part for part in rest)
+                except StopIteration:
+                    raise InvalidInputError(f"more {IMAGE_TAG!r} tags than images ({len(layouts)})") from None
+            out.append({"role": msg["role"], "content": content})
+        if next(remaining, None) is not None:
+            raise InvalidInputError(f"fewer {IMAGE_TAG!r} tags than images ({len(layouts)})")
+        return out
+
+    def prompt_text(self, conversation: list[dict], layouts: Sequence[ImageLayout] = ()) -> str:
+        """Inference prompt: turns rendered `<用户>`/`<AI>` + content, ending with `<AI>` (tags already placed)."""
+        turns = self.expand_image_tags(conversation, layouts) if layouts else conversation
+        return "".join(ROLE_MARKERS[msg["role"]] + msg["content"] for msg in turns) + ASSISTANT_MARKER
 
     def encode_prompt(self, prompt: str, max_inp_length: int | None = None) -> torch.Tensor:
         """Token ids (with bos) of an inference prompt; refuses to cut a prompt that is too long."""
@@ -180,6 +140,177 @@ class MiniCPMVProcessor:
                 "(image placeholders included); shorten the conversation, lower max_slice_nums, or raise max_inp_length"
             )
         return torch.tensor(ids, dtype=torch.long)
+
+    def chat_prompt(self, msgs, image: Image.Image | None) -> str:
+        """The prompt `chat` builds for `msgs` about `image` (the image in front of the first user turn)."""
+        images = [] if image is None else [image]
+        conversation = tag_images(validate_conversation(msgs), len(images))
+        return self.prompt_text(conversation, [self.layout(im) for im in images])
+
+    def encode_training_conversation(self, conversation: list[dict], layouts: Sequence[ImageLayout] = ()) -> dict[str, list[int]]:
+        """Ids, unshifted labels (`labels[i]` is what position i-1 predicts) and attention mask of a training row.
+
+        As the official fine-tuning code: each role marker and each message encoded on its own with
+        `tokenizer.encode(x)[1:]` (no bos in front), `</s>` appended to the last message. Supervised: every
+        assistant content token, and an eos predicted by the last token of each assistant turn that a user
+        turn follows. Never supervised: role markers, user text and image slots.
+        """
+        tok = self.tokenizer
+        turns = self.expand_image_tags(conversation, layouts)
+        ids: list[int] = []
+        trained: list[bool] = []  # the official `context == 0`
+        for index, msg in enumerate(turns):
+            text = msg["content"] + (tok.eos_token if index == len(turns) - 1 else "")
+            marker_ids = self._encode_without_bos(ROLE_MARKERS[msg["role"]])
+            text_ids = self._encode_without_bos(text)
+            ids += marker_ids + text_ids
+            trained += [False] * len(marker_ids) + [msg["role"] == "assistant"] * len(text_ids)
+        labels = [IGNORE_INDEX] * len(ids)
+        for i in range(1, len(ids)):
+            if trained[i]:
+                labels[i] = ids[i]
+            elif trained[i - 1]:  # an assistant turn just ended: its last token predicts eos
+                labels[i] = tok.eos_token_id
+        found = sum(1 for token in ids if token == tok.im_start_id)
+        expected = sum(layout.num_images for layout in layouts)
+        if found != expected:
+            raise InvalidInputError(f"{found} {IMAGE_TAG!r} tokens in the ids but {expected} image placeholders were placed")
+        return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+
+    def _encode_without_bos(self, text: str) -> list[int]:
+        # the official `tokenizer.encode(x)[1:]`, made loud if a tokenizer ever stops adding bos
+        ids = self.tokenizer.encode(text)
+        if not ids or ids[0] != self.tokenizer.bos_token_id:
+            raise ValueError(f"tokenizer.encode() must start with bos ({self.tokenizer.bos_token_id}); got {ids[:3]}")
+        return ids[1:]
+
+    # batches ----------------------------------------------------------------
+
+    def __call__(
+        self,
+        conversations: Sequence,
+        images: Sequence[Sequence] | None = None,
+        *,
+        return_labels: bool = False,
+        max_length: int | None = None,
+        padding_side: str = "right",
+        pad_to_multiple_of: int | None = None,
+        device=None,
+        return_tensors: str = "pt",
+    ) -> BatchFeature:
+        """A batch of conversations (each a list of {role, content}, or one conversation) and, per conversation,
+        its pictures (PIL images, paths, bytes or base64; `<image>` tags mark where they go).
+
+        `return_labels=True`: training rows (the official training tokenization, labels); otherwise inference
+        prompts ending with `<AI>` (the chat tokenization; `max_length` refuses longer prompts). Generation
+        batches take `padding_side="left"`.
+        """
+        if return_tensors != "pt":
+            raise ValueError(f"MiniCPMVProcessor returns PyTorch tensors; return_tensors={return_tensors!r}")
+        if conversations and isinstance(conversations[0], dict):
+            conversations, images = [conversations], None if images is None else [images]
+        images = images if images is not None else [[] for _ in conversations]
+        if len(images) != len(conversations):
+            raise ValueError(f"{len(images)} image lists for {len(conversations)} conversations")
+        rows, pictures, layouts = [], [], []
+        for index, (msgs, row_images) in enumerate(zip(conversations, images)):
+            where = f"conversations[{index}]"
+            row_images = [row_images] if isinstance(row_images, (Image.Image, str, bytes, Path)) else list(row_images or [])
+            loaded = [load_image(im, what=f"{where}: image {k}") for k, im in enumerate(row_images)]
+            row_layouts = [self.layout(im) for im in loaded]
+            try:
+                turns = tag_images(validate_conversation(msgs, field=where, for_training=return_labels), len(loaded))
+                if return_labels:
+                    row = self.encode_training_conversation(turns, row_layouts)
+                else:
+                    ids = self.encode_prompt(self.prompt_text(turns, row_layouts), max_length).tolist()
+                    row = {"input_ids": ids, "attention_mask": [1] * len(ids)}
+            except InvalidInputError as err:
+                raise InvalidInputError(err.args[0] if err.args[0].startswith(where) else f"{where}: {err}") from None
+            rows.append(row)
+            pictures.append(loaded)
+            layouts.append(row_layouts)
+        pixels = [
+            [p for picture, layout in zip(row_pictures, row_layouts) for p in self.pixel_values(picture, device, layout)]
+            for row_pictures, row_layouts in zip(pictures, layouts)
+        ]
+        return self.batch(rows, pixels, padding_side=padding_side, pad_to_multiple_of=pad_to_multiple_of, device=device)
+
+    def batch(
+        self,
+        rows: Sequence[dict],
+        pixel_values: Sequence[Sequence[torch.Tensor]],
+        *,
+        padding_side: str = "right",
+        pad_to_multiple_of: int | None = None,
+        names: Sequence[str] | None = None,
+        device=None,
+    ) -> BatchFeature:
+        """Pad tokenized rows (`input_ids`, optional `labels` / `attention_mask`) into tensors and add their vision
+        inputs: `pixel_values[i]` holds row i's images (sources and cells) in placeholder order. Every row's
+        placeholders are checked against its images (`names[i]` names the row in errors)."""
+        if not rows:
+            raise ValueError("MiniCPMVProcessor.batch got no rows")
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        names = names or [f"batch row {i}" for i in range(len(rows))]
+        length = max(len(row["input_ids"]) for row in rows)
+        if pad_to_multiple_of:
+            length = math.ceil(length / pad_to_multiple_of) * pad_to_multiple_of
+        with_labels = "labels" in rows[0]
+        input_ids = torch.full((len(rows), length), PAD_TOKEN_ID, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for index, row in enumerate(rows):
+            ids = row["input_ids"]
+            n = len(ids)
+            span = slice(0, n) if padding_side == "right" else slice(length - n, length)
+            input_ids[index, span] = torch.as_tensor(ids, dtype=torch.long)
+            attention_mask[index, span] = torch.as_tensor(row.get("attention_mask") or [1] * n, dtype=torch.long)
+            if with_labels:
+                if len(row["labels"]) != n:
+                    raise InvalidInputError(f"{names[index]}: {len(row['labels'])} labels for {n} input_ids")
+                labels[index, span] = torch.as_tensor(row["labels"], dtype=torch.long)
+                # Training text cannot hold placeholder tokens of its own (the data checks refuse them), so every
+                # `<image>` token opens a placeholder; an inference prompt's earlier answers may hold such tokens.
+                placeholders = sum(1 for token in ids if token == self.tokenizer.im_start_id)
+                if len(pixel_values[index]) != placeholders:
+                    raise InvalidInputError(
+                        f"{names[index]}: {len(pixel_values[index])} vision images (sources + slices) but {placeholders} "
+                        f"image placeholders in input_ids; the max_slice_nums ({self.image_processor.max_slice_nums}) "
+                        "must be the one the dataset was tokenized with"
+                    )
+        out = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if with_labels:
+            out["labels"] = labels
+        flat = [p for row_pixels in pixel_values for p in row_pixels]
+        if flat:
+            bounds = torch.cat([self._row_bounds(input_ids[i], i, len(p)) for i, p in enumerate(pixel_values) if p])
+            slots = bounds[:, 2] - bounds[:, 1]
+            if bool((slots != self.query_num).any()):
+                raise InvalidInputError(f"every image placeholder must hold {self.query_num} slots, found {sorted(set(slots.tolist()))}")
+            groups, order = group_by_size(flat)
+            out.update(pixel_values=groups, vision_order=order, image_bound=bounds)
+        if device is not None:
+            out = {k: ([to_device(g, device) for g in v] if k == "pixel_values" else to_device(v, device)) for k, v in out.items()}
+        return BatchFeature(out)
+
+    def _row_bounds(self, ids: torch.Tensor, row: int, count: int) -> torch.Tensor:
+        bounds = image_bounds(ids, self.tokenizer.im_start_id, self.tokenizer.im_end_id, count=count)
+        bounds[:, 0] = row
+        return bounds
+
+
+def tag_images(conversation: list[dict], num_images: int) -> list[dict]:
+    """Put a single untagged picture in front of the first user turn, followed by a newline (the official rule).
+
+    Conversations that tag their pictures, or have none, come back unchanged.
+    """
+    tags = sum(msg["content"].count(IMAGE_TAG) for msg in conversation if msg["role"] == "user")
+    if num_images != 1 or tags:
+        return conversation
+    first = conversation[0]
+    return [{"role": first["role"], "content": IMAGE_TAG + "\n" + first["content"]}] + list(conversation[1:])
 
 
 def image_bounds(input_ids: torch.Tensor, im_start_id: int, im_end_id: int, count: int | None = None) -> torch.Tensor:

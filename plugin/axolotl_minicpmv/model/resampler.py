@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .processing_minicpmv import to_device
+from .transfer import to_device
 
 
 def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import math
 
 from PIL import Image
 
-__all__ = ["slice_image", "source_image", "cell_images", "best_grid_for", "slice_sizes"]
+__all__ = ["slice_image", "source_image", "cell_images", "resize_source", "cut_cells", "best_grid_for", "slice_sizes"]
 
 
 def _snap(length: float, multiple: int) -> int:
@@ -70,12 +70,22 @@ def slice_sizes(size: tuple[int, int], max_slice_nums: int = 9, scale_resolution
 def source_image(image: Image.Image, max_slice_nums: int = 9, scale_resolution: int = 448, patch_size: int = 14) -> Image.Image:
     """The whole picture, resized to about scale_resolution**2 (the first image the vision tower sees)."""
     source_size, _, _ = slice_sizes(image.size, max_slice_nums, scale_resolution, patch_size)
-    return image.resize(source_size, Image.Resampling.BICUBIC)
+    return resize_source(image, source_size)
 
 
 def cell_images(image: Image.Image, max_slice_nums: int = 9, scale_resolution: int = 448, patch_size: int = 14):
     """The grid's cells as a list of rows of PIL images (empty when the image is not sliced)."""
     _, cell_size, grid = slice_sizes(image.size, max_slice_nums, scale_resolution, patch_size)
+    return cut_cells(image, cell_size, grid)
+
+
+def resize_source(image: Image.Image, source_size: tuple[int, int]) -> Image.Image:
+    """The source image at a size `slice_sizes` chose."""
+    return image.resize(source_size, Image.Resampling.BICUBIC)
+
+
+def cut_cells(image: Image.Image, cell_size: tuple[int, int] | None, grid: tuple[int, int] | None):
+    """Rows of cells of the sizes `slice_sizes` chose: the picture resized to the whole grid, then cut."""
     if grid is None:
         return []
     cols, rows = grid

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..model.configuration_minicpmv import MiniCPMVConfig
-from ..model.tokenization import write_tiny_tokenizer
+from .tiny_tokenizer import write_tiny_tokenizer
 
 # The official config.json of openbmb/MiniCPM-V-2 (keys and values), which tiny configs shrink.
 OFFICIAL_CONFIG = {

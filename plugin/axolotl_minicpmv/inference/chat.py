@@ -1,0 +1,156 @@
+"""`MiniCPMV.chat`: the official chat contract (one conversation, one optional picture, the official generation
+defaults) on top of the processor and `generate`, with the fast path of `fast_decoding` / `fast_vision`.
+
+Answers must equal the official implementation's for the same inputs; tests/test_chat.py pins them.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from transformers.utils import logging
+
+from ..model.image_processing_minicpmv import load_image
+from ..model.conversation import validate_conversation
+from ..model.processing_minicpmv import MiniCPMVProcessor, tag_images
+from ..model.transfer import to_device
+from .fast_decoding import FastDecoder, Sampling
+from .fast_vision import image_encoder
+
+logger = logging.get_logger(__name__)
+
+# The official chat's generation settings: sampling (True) or beam search (False). Callers override only these keys.
+GENERATION_DEFAULTS = {
+    True: {"top_p": 0.8, "top_k": 100, "temperature": 0.7, "do_sample": True, "repetition_penalty": 1.05},
+    False: {"num_beams": 3, "repetition_penalty": 1.2},
+}
+
+
+def generation_config_for(sampling: bool, overrides: dict) -> dict:
+    """The official defaults for `sampling`, with the caller's values for those keys (others are warned about)."""
+    config = dict(GENERATION_DEFAULTS[bool(sampling)])
+    ignored = sorted(overrides.keys() - config.keys())
+    if ignored:
+        logger.warning(f"chat(): ignoring {ignored}; with sampling={sampling} only {sorted(config)} can be overridden")
+    config.update({k: overrides[k] for k in config.keys() & overrides.keys()})
+    return config
+
+
+@torch.inference_mode()
+def chat(
+    model,
+    image,
+    msgs,
+    context=None,
+    tokenizer=None,
+    max_new_tokens: int = 1024,
+    sampling: bool = True,
+    max_inp_length: int = 2048,
+    fast: bool = False,
+    processor: MiniCPMVProcessor | None = None,
+    **kwargs,
+):
+    """Answer the last user turn of `msgs` (list or JSON string) about `image` (PIL, path, base64 or None).
+
+    `context` is accepted for the official signature and ignored, as the official 2.0 code ignores it: the
+    conversation is `msgs`. A leading system turn is put in front of the first user turn's text.
+    `fast=True` decodes with `FastDecoder` (static KV cache, CUDA graphs on a GPU; greedy or sampled, so
+    not with beam search: pass `num_beams=1` with `sampling=False`); on a GPU the prefill and the vision
+    tower's blocks are compiled too (the first call compiles them; see benchmarks/RESULTS.md for times).
+    Returns `(answer, msgs + [assistant answer], generation_config)`; `msgs` is not modified.
+    """
+    if tokenizer is None and processor is None:
+        raise ValueError("chat() needs the tokenizer: pass tokenizer=load_tokenizer(model_dir)")
+    processor = processor or _processor_for(model, tokenizer)
+    tokenizer = processor.tokenizer
+    image = None if image is None else load_image(image)
+    images = [] if image is None else [image]
+    turns = tag_images(validate_conversation(msgs), len(images))
+    layouts = [processor.layout(image)] if image is not None else []
+    prompt_ids = processor.encode_prompt(processor.prompt_text(turns, layouts), max_inp_length).unsqueeze(0)
+    input_ids = to_device(prompt_ids, model.device)
+    if fast:
+        _init_fast_path(model)
+    if image is None:
+        inputs_embeds = model.embed_text(input_ids)
+    else:
+        encode = model._fast_encode_images if fast else model.encode_images
+        features = image_features(model, image, processor, encode, layouts[0])
+        bound = processor._row_bounds(prompt_ids[0], 0, len(features))  # on the host: no GPU wait
+        inputs_embeds = model.place_image_features(input_ids, features, bound)
+
+    generation_config = generation_config_for(sampling, kwargs)
+    if fast:
+        output = _fast_generate(model, inputs_embeds, generation_config, tokenizer, max_new_tokens)
+    else:
+        with warnings.catch_warnings():
+            # Like the official chat, the repetition penalty sees only generated tokens; that is intended.
+            warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
+            output = model.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=torch.ones(input_ids.shape, dtype=torch.long, device=model.device),
+                pad_token_id=0,
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                max_new_tokens=max_new_tokens,
+                **generation_config,
+            )
+    answer = decode_answer(output[0], tokenizer)
+    history = json.loads(msgs) if isinstance(msgs, str) else [dict(m) for m in msgs]
+    return answer, history + [{"role": "assistant", "content": answer}], generation_config
+
+
+def _processor_for(model, tokenizer) -> MiniCPMVProcessor:
+    """The model's processor for `tokenizer`, kept on the model (a plain attribute, never saved)."""
+    kept = getattr(model, "_chat_processor", None)
+    if kept is None or kept.tokenizer is not tokenizer:
+        kept = MiniCPMVProcessor.from_config(tokenizer, model.config)
+        model._chat_processor = kept
+    return kept
+
+
+def image_features(model, image, processor: MiniCPMVProcessor, encode, layout=None) -> torch.Tensor:
+    """Features of the source image then the cells, as `get_image_features` gives them, with the source's
+    bicubic resize (PIL releases the GIL) running in a thread while the cells go through the tower."""
+    layout = layout or processor.layout(image)
+    to_pixels = processor.image_processor.to_pixel_values
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        source = pool.submit(processor.source_image, image, layout)
+        cells = processor.cell_images(image, layout)
+        cell_features = [encode(torch.stack([to_pixels(cell, model.device) for cell in cells]))] if cells else []
+        source_features = encode(to_pixels(source.result(), model.device)[None])
+    return torch.cat([source_features, *cell_features])
+
+
+def decode_answer(ids: torch.Tensor, tokenizer) -> str:
+    """Drop pad/unk ids (0), one leading bos and one trailing eos; decode the rest as text."""
+    ids = [i for i in ids.tolist() if i != 0]  # one read from the GPU
+    if ids and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    if ids and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return tokenizer.decode(ids).strip()
+
+
+def _init_fast_path(model) -> None:
+    """`FastDecoder` and an image encoder whose tower blocks are compiled and replayed from CUDA graphs on a
+    GPU (`fast_vision`). Plain attributes, not submodules: never saved. Rebuilt when the model moved to
+    another device or dtype: graphs and compiled steps point at the old weights."""
+    if getattr(model, "_fast_path_for", None) != (model.device, model.dtype):
+        model._fast_path_for = (model.device, model.dtype)
+        on_gpu = model.device.type == "cuda"
+        if on_gpu:
+            logger.warning("chat(fast=True): the first request compiles the prefill and the vision blocks (once, minutes)")
+        model._fast_decoder = FastDecoder(model)
+        model._fast_encode_images = image_encoder(model, compile_blocks=on_gpu, cuda_graphs=on_gpu)
+
+
+def _fast_generate(model, inputs_embeds, generation_config: dict, tokenizer, max_new_tokens: int) -> torch.Tensor:
+    if generation_config.get("num_beams", 1) != 1:
+        raise ValueError("fast decoding is greedy or sampled, not beam search: pass num_beams=1 (or sampling=True)")
+    fields = Sampling.__dataclass_fields__.keys()
+    sampling = Sampling(**{k: v for k, v in generation_config.items() if k in fields})
+    return model._fast_decoder.generate(inputs_embeds, max_new_tokens, eos_token_id=tokenizer.eos_token_id, sampling=sampling)

@@ -10,7 +10,9 @@ checkpoint and a copy of examples/data:
   `minicpmv_compile_layers` the same run starts from the same loss and over-fits too;
 - `axolotl evaluate` on base + trained adapter reports the eval loss the training run ended with;
 - `axolotl merge-lora` is refused (pointing at minicpmv-export) and writes nothing;
-- a `lora_target_modules` pattern that matches nothing stops the run before training.
+- a `lora_target_modules` pattern that matches nothing stops the run before training;
+- one training run on the dataset entries of every examples/<format>.yml (LLaVA JSON, messages JSONL, content parts
+  in Parquet with embedded bytes, a save_to_disk folder), and skip mode on a file mixing formats with bad samples.
 
 Budget: one module-scoped preprocess + training run shared by most tests; about 10 CLI processes of ~20-35 s
 each on 2 CPU cores. Every command's output is also written next to its config (`*.log`) for diagnosis.
@@ -19,6 +21,7 @@ each on 2 CPU cores. Every command's output is also written next to its config (
 from __future__ import annotations
 
 import ast
+import base64
 import json
 import math
 import os
@@ -413,3 +416,74 @@ def test_a_target_pattern_matching_nothing_stops_before_training(tiny_checkpoint
     assert "lora_target_modules='nothing\\\\.matches' matches no linear module" in output, tail(output)
     assert "Starting trainer" not in output and not logged(output, "loss")
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------------------------- data formats
+
+FORMAT_CONFIGS = ("llava", "messages", "content_parts", "hf_dataset")  # examples/<name>.yml
+
+
+@pytest.fixture(scope="module")
+def formats_trained(tiny_checkpoint, data, tmp_path_factory) -> Run:
+    """One training run whose `datasets:` are the entries of every examples/<format>.yml: a LLaVA JSON file, a
+    messages JSONL file, content parts in Parquet with embedded image bytes and a save_to_disk folder."""
+    entries = []
+    for name in FORMAT_CONFIGS:
+        for entry in yaml.safe_load((REPO / "examples" / f"{name}.yml").read_text())["datasets"]:
+            entries.append({**entry, "path": str(data / Path(entry["path"]).relative_to("examples/data"))})
+    folder = tmp_path_factory.mktemp("formats")
+    config = write_config(folder, tiny_checkpoint, data, datasets=entries, drop=("test_datasets", "eval_steps"),
+                          eval_strategy="no", max_steps=2, save_steps=1000)
+    rc, output = run([PYTHON, "-m", "axolotl.cli.train", config], folder / "train.log")
+    return Run(config, folder, rc, output)
+
+
+def test_one_run_trains_on_json_jsonl_parquet_bytes_and_a_saved_dataset(formats_trained):
+    run_ = formats_trained
+    assert run_.rc == 0, tail(run_.output)
+    minicpmv_data = run_.prepared / "minicpmv_data"
+    metas = {p.name.split("-")[0]: json.loads(p.read_text()) for p in minicpmv_data.glob("*.json")}
+    assert {k: (v["num_samples"], v["format"]) for k, v in metas.items()} == {
+        "llava": (5, "llava"), "messages": (5, "messages"), "content_parts": (5, "content_parts"), "sharegpt_hf": (5, "auto")}
+    assert len(re.findall(r"5 samples validated and written to .* samples/s\)", run_.output)) == 4, tail(run_.output)
+    losses = values(run_.output, "loss")
+    assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses), losses
+    # the embedded pictures went through Axolotl's tokenized cache as bytes (the collator decodes them)
+    import datasets
+
+    (tokenized,) = [p for p in run_.prepared.iterdir() if (p / "dataset_info.json").is_file()]
+    rows = datasets.load_from_disk(str(tokenized))
+    assert len(rows) == 20
+    embedded = [b for row in rows for b in row["image_bytes"] if b]
+    assert len(embedded) == 2 * 5 and all(b[:2] == b"\xff\xd8" for b in embedded)  # 5 JPEGs in each of 2 embedded sources
+    assert (run_.out / "adapter_model.safetensors").is_file()
+
+
+def test_skip_mode_on_a_file_mixing_formats_with_bad_samples_in_each(tiny_checkpoint, data, tmp_path):
+    stop_sign = base64.b64encode((data / "images" / "stop_sign.jpg").read_bytes()).decode()
+    rows = [
+        {"id": "seed-ok", "image": "images/stop_sign.jpg", "conversations": [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "A stop sign."}]},
+        {"id": "seed-bad", "image": "images/nope.jpg", "conversations": [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "?"}]},
+        {"id": "llava-ok", "image": "images/clock.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat time is it?"}, {"from": "gpt", "value": "3:40."}]},
+        {"id": "llava-bad", "image": "images/clock.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat time is it?"}, {"from": "gpt"}]},
+        {"id": "messages-ok", "images": ["images/fruit_bowl.jpg"], "messages": [{"role": "user", "content": "<image>Fruit?"}, {"role": "assistant", "content": "Apples."}]},
+        {"id": "messages-bad", "messages": [{"role": "user", "content": "<image>Fruit?"}, {"role": "assistant", "content": "Apples."}]},
+        {"id": "parts-ok", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{stop_sign}"}}, {"type": "text", "text": "Sign?"}]}, {"role": "assistant", "content": "Stop."}]},
+        {"id": "parts-bad", "messages": [{"role": "user", "content": [{"type": "video", "path": "x.mp4"}]}, {"role": "assistant", "content": "?"}]},
+    ]
+    (data / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    config = write_config(tmp_path, tiny_checkpoint, data, datasets=[{"path": str(data / "mixed.jsonl"), "type": DATASET_TYPE}],
+                          drop=("test_datasets", "eval_steps"), eval_strategy="no", minicpmv_skip_bad_samples=True)
+    rc, output = run([AXOLOTL, "preprocess", config], tmp_path / "skip.log")
+    assert rc == 0, tail(output)
+    assert "skipped 4 of 8 samples (minicpmv_skip_bad_samples: true)" in output, tail(output)
+    for sample_id, reason in [
+        ("seed-bad", "image 'images/nope.jpg' not found"),
+        ("llava-bad", "conversations[1] must be an object with 'from' and 'value'"),
+        ("messages-bad", "1 '<image>' tag(s) but the sample has no 'images'"),
+        ("parts-bad", "messages[0].content[0] has type 'video'"),
+    ]:
+        assert f"skipping sample {sample_id!r} (index {[r['id'] for r in rows].index(sample_id)}): {reason}" in output, (sample_id, tail(output))
+    (meta,) = [json.loads(p.read_text()) for p in (tmp_path / "prepared" / "minicpmv_data").glob("*.json")]
+    assert (meta["num_samples"], meta["num_skipped"]) == (4, 4)
+    assert "Success! Preprocessed data path" in output

@@ -23,7 +23,8 @@ def test_examples_become_uniform_rows_that_axolotl_loads(prepared_examples):
         rows = load_prepared(ds_cfg)
         assert len(rows) == n
         assert str(rows.features) == (
-            "{'id': Value('string'), 'image': List(Value('string')), 'image_sizes': List(List(Value('int64'))), "
+            "{'id': Value('string'), 'image': List(Value('string')), 'image_bytes': List(Value('binary')), "
+            "'image_sizes': List(List(Value('int64'))), "
             "'conversations': List({'role': Value('string'), 'content': Value('string')})}"
         )  # one schema whatever the rows hold (string / list / no image in the source)
     rows = {r["id"]: r for r in load_prepared(cfg.datasets[0])}

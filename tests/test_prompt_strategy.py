@@ -261,6 +261,6 @@ def test_full_axolotl_pipeline_with_val_split(tmp_path, tiny_tokenizer, images):
     prepare_minicpmv_datasets(cfg)
     train, evaluation, steps, _ = prepare_datasets(cfg, tiny_tokenizer)
     assert (len(train), len(evaluation)) == (3, 2) and steps == 3
-    assert set(train.column_names) == {"id", "image", "image_sizes", "input_ids", "labels", "attention_mask"}
+    assert set(train.column_names) == {"id", "image", "image_bytes", "image_sizes", "input_ids", "labels", "attention_mask"}
     rows = {r["id"]: r for r in list(train) + list(evaluation)}
     assert rows["s3"]["input_ids"].count(IM_START) == 5 and rows["text"]["image"] == []

@@ -8,6 +8,7 @@ validates a raw config the same way where the plugin runs before Axolotl's valid
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -26,6 +27,17 @@ class MiniCPMVArgs(BaseModel):
         default=None, description="Most slices per image, 1 to 9 (default: the checkpoint's own, 9 in the official release)."
     )
     minicpmv_skip_bad_samples: bool = Field(default=False, description="Skip (and log) invalid samples instead of stopping.")
+    minicpmv_format: Literal["auto", "seed", "llava", "messages", "content_parts"] = Field(
+        default="auto",
+        description="Data format of the minicpmv_chat datasets: auto (detected per row), seed (official: conversations of role/content), "
+        "llava (conversations of from/value), messages (messages + images, LLaMA-Factory / ms-swift), content_parts (OpenAI / Axolotl "
+        "content lists). A dataset entry's own `minicpmv_format` wins.",
+    )
+    minicpmv_image_root: str | None = Field(
+        default=None,
+        description="Folder that relative image paths resolve against (default: the data file's folder; needed for hub datasets "
+        "that name image files). A dataset entry's own `minicpmv_image_root` wins.",
+    )
     minicpmv_compile_layers: bool = Field(
         default=False,
         description="Compile the decoder layers in place (regional torch.compile): faster steps without gradient checkpointing, after a minute or two of compilation.",

@@ -59,7 +59,7 @@ class MiniCPMVChatStrategy(PromptTokenizingStrategy):
             row = self.processor.encode_training_conversation(prompt["conversations"], layouts)
         except InvalidInputError as err:
             raise InvalidInputError(f"sample {sample_id!r}: {err}") from None
-        return {**row, "id": sample_id, "image": images, "image_sizes": [list(s) for s in sizes]}
+        return {**row, "id": sample_id, "image": images, "image_bytes": list(prompt.get("image_bytes") or []), "image_sizes": [list(s) for s in sizes]}
 
 
 class MiniCPMVChatDatasetStrategy(DatasetWrappingStrategy):

@@ -25,10 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_chat import bench_model, picture  # noqa: E402
-from results_table import record, versions  # noqa: E402
-
-from axolotl_minicpmv.inference.predict import predict  # noqa: E402
+from axolotl_minicpmv.inference.predict import predict
+from bench_chat import bench_model, picture
+from results_table import record, versions
 
 SIZES = [(448, 448), (672, 448), (448, 672), (896, 672), (896, 896), (1344, 896), (896, 1344), (1344, 1344)]
 QUESTION = "What is shown in this picture?"
@@ -56,10 +55,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.jsonl")))
     args = parser.parse_args()
 
-    model, tokenizer, processor = bench_model(args.attn)
+    model, _, processor = bench_model(args.attn)
     model.generation_config.min_new_tokens = args.new_tokens  # every answer is exactly --new-tokens long
     samples = make_samples(Path(tempfile.mkdtemp()), args.samples)
-    settings = dict(batch_size=args.batch_size, max_new_tokens=args.new_tokens, metrics=["exact"])
+    settings = {"batch_size": args.batch_size, "max_new_tokens": args.new_tokens, "metrics": ["exact"]}
 
     list(predict(model, processor, samples[: args.batch_size], **settings))  # warm-up: kernels, allocator
     torch.cuda.synchronize()

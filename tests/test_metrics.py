@@ -5,7 +5,6 @@ the ST-VQA / DocVQA ANLS table (answers "Coca Cola" / "Coca Cola Company") and V
 from __future__ import annotations
 
 import pytest
-
 from axolotl_minicpmv.inference.metrics import (
     anls,
     exact,
@@ -17,7 +16,6 @@ from axolotl_minicpmv.inference.metrics import (
     vqa,
     vqa_normalize,
 )
-
 
 # ------------------------------------------------------------------ exact
 

@@ -8,9 +8,8 @@ The answers are `minicpmv-predict`'s (inference/predict.py: the last assistant t
 from __future__ import annotations
 
 import pyarrow.parquet as pq
-from transformers import TrainerCallback
-
 from axolotl.utils.logging import get_logger
+from transformers import TrainerCallback
 
 from ..inference.predict import predict, requests_from_samples
 from ..model.processing_minicpmv import MiniCPMVProcessor

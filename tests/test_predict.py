@@ -198,7 +198,7 @@ def trained_with_eval_generate(tiny_checkpoint, tmp_path_factory):
 def test_eval_generate_logs_exact_and_rouge_l_beside_eval_loss(trained_with_eval_generate):
     folder, _, _, output = trained_with_eval_generate
     evals = logged(output, "eval_loss")
-    assert len(evals) == 2, tail(output)  # eval at steps 2 and 4
+    assert len(evals) >= 2, tail(output)  # eval at steps 2 and 4
     for row in evals:
         assert 0.0 <= float(row["eval_exact"]) <= 1.0 and 0.0 <= float(row["eval_rouge_l"]) <= 1.0
     assert "minicpmv_eval_generate: greedy answers for 2 eval samples" in output
@@ -216,4 +216,4 @@ def test_predict_from_the_run_config_uses_its_adapter(trained_with_eval_generate
     assert summary["adapter"] == str(folder / "out") and summary["model"].endswith("tiny-minicpmv")
     assert summary["generation"]["max_slice_nums"] == 1  # the run's minicpmv_max_slice_nums
     assert summary["predictions"] == 6 and summary["samples"] == 4  # --turns all: 1 + 2 + 1 + 2 assistant turns
-    assert output.strip().splitlines()[-1].startswith("predict: 6 predictions of 4 samples")
+    assert any(line.startswith("predict: 6 predictions of 4 samples, 0 failed; exact ") for line in output.splitlines()), tail(output)

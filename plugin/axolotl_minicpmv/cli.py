@@ -156,11 +156,24 @@ def predict_command(source, model_path, adapter, checkpoint, data, out, metrics_
             data=data, out=out, model_path=model_path, adapter=adapter, source=source, checkpoint=checkpoint, metrics_out=metrics_out,
             batch_size=batch_size, max_new_tokens=max_new_tokens, sampling=decoding == "sampling", num_beams=num_beams or 1,
             metrics=metrics, turns=turns, limit=limit, resume=resume, overwrite=overwrite, strict=strict, device=device, dtype=dtype,
-            max_inp_length=max_inp_length, max_slice_nums=max_slice_nums, seed=seed, command=" ".join(sys.argv),
+            max_inp_length=max_inp_length, max_slice_nums=max_slice_nums, seed=seed, command=_command_line(),
         )
     except (PredictionError, ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(summary_line(summary, out))
+
+
+def _command_line() -> str:
+    """The command as typed (`python -m axolotl_minicpmv ...` rather than the path of __main__.py)."""
+    import shlex
+    from pathlib import Path
+
+    argv = list(sys.argv)
+    if argv and argv[0].endswith("__main__.py"):
+        argv[0:1] = ["python", "-m", "axolotl_minicpmv"]
+    elif argv:
+        argv[0] = Path(argv[0]).name
+    return shlex.join(argv)
 
 
 @click.command("tiny-checkpoint")

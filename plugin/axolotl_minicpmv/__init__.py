@@ -8,6 +8,7 @@ transformers' Auto classes (here, and only here), so `AutoModelForCausalLM.from_
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoProcessor
 
 from .inference.chat_helper import MiniCPMVChat, img2base64
+from .inference.predict import predict
 from .model.configuration_minicpmv import MiniCPMVConfig
 from .model.conversation import InvalidInputError
 from .model.image_processing_minicpmv import MiniCPMVImageProcessor
@@ -28,6 +29,7 @@ __all__ = [
     "img2base64",
     "load_model",
     "load_tokenizer",
+    "predict",
     "slice_image",
 ]
 

@@ -112,6 +112,15 @@ def test_bad_rows_are_written_with_the_reason_and_strict_stops(tiny_model, tiny_
         list(predict(tiny_model, tiny_tokenizer, samples, base_dir=tmp_path, strict=True, max_new_tokens=4))
 
 
+def test_eval_generate_key_is_checked():
+    from axolotl_minicpmv.integration.args import MiniCPMVArgs
+
+    assert MiniCPMVArgs.from_cfg({"minicpmv_eval_generate": 3}).minicpmv_eval_generate == 3
+    assert MiniCPMVArgs.from_cfg({}).minicpmv_eval_generate is None
+    with pytest.raises(ValueError, match="minicpmv_eval_generate must be a positive number of eval samples"):
+        MiniCPMVArgs.from_cfg({"minicpmv_eval_generate": 0})
+
+
 # ------------------------------------------------------------------ the command: resume after a kill
 
 
@@ -202,6 +211,7 @@ def test_eval_generate_logs_exact_and_rouge_l_beside_eval_loss(trained_with_eval
     for row in evals:
         assert 0.0 <= float(row["eval_exact"]) <= 1.0 and 0.0 <= float(row["eval_rouge_l"]) <= 1.0
     assert "minicpmv_eval_generate: greedy answers for 2 eval samples" in output
+    assert output.count("minicpmv_eval_generate: 2 of 2 eval samples answered at step ") == len(evals), tail(output)
     state = json.loads((folder / "out" / "checkpoint-4" / "trainer_state.json").read_text())
     assert all("eval_rouge_l" in entry for entry in state["log_history"] if "eval_loss" in entry)
 

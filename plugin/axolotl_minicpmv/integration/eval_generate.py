@@ -42,6 +42,10 @@ class EvalGenerateCallback(TrainerCallback):
                 LOG.warning(f"minicpmv_eval_generate: {row['error']}")
         values = {f"eval_{name}": round(sum(row[name] for row in ok) / len(ok), 4) if ok else 0.0 for name in METRICS}
         logs.update(values)
+        example = ok[0] if ok else None
+        LOG.info(f"minicpmv_eval_generate: {len(ok)} of {len(rows)} eval samples answered at step {state.global_step}, "
+                 + ", ".join(f"{k} {v}" for k, v in values.items())
+                 + (f"; {example['id']!r}: {example['prediction'][:80]!r}" if example else ""))
         # Trainer.log appended a copy of `logs` to the history before the callbacks ran: keep the history complete
         if state.log_history and state.log_history[-1].get("eval_loss") == logs["eval_loss"]:
             state.log_history[-1].update(values)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from axolotl_minicpmv.inference.predict import PredictionError, predict, read_predictions, requests_from_samples
+from axolotl_minicpmv.inference.predict import PredictionError, predict, read_predictions, requests_from_samples, run_prediction
 from conftest import EXAMPLES
 from PIL import Image
 from test_axolotl_cli import logged, run, tail, write_config
@@ -110,6 +110,21 @@ def test_bad_rows_are_written_with_the_reason_and_strict_stops(tiny_model, tiny_
     assert [row["id"] for row in good] == ["ok"] and isinstance(good[0]["prediction"], str) and good[0]["exact"] in (0.0, 1.0)
     with pytest.raises(PredictionError, match="image 'missing.jpg' not found"):
         list(predict(tiny_model, tiny_tokenizer, samples, base_dir=tmp_path, strict=True, max_new_tokens=4))
+
+
+def test_run_prediction_counts_bad_rows_and_strict_stops_at_the_first(tiny_checkpoint_fp32, tmp_path):
+    ok = {"id": "ok", "conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({**ok, "id": "gone", "image": "gone.png"}) + "\n{not json\n" + json.dumps(ok) + "\n")
+    common = {"data": str(data), "model_path": str(tiny_checkpoint_fp32), "max_new_tokens": 3, "progress": False}
+    summary = run_prediction(out=str(tmp_path / "p.jsonl"), metrics_out=str(tmp_path / "m.json"), **common)
+    assert (summary["predictions"], summary["failed"], summary["samples"]) == (3, 2, 3)
+    assert json.loads((tmp_path / "m.json").read_text())["failed"] == 2
+    errors = {row["id"]: row["error"] for row in read_predictions(tmp_path / "p.jsonl")}
+    assert "image 'gone.png' not found" in errors["gone"] and "line 2 is not valid JSON" in errors["line-2"] and errors["ok"] is None
+    with pytest.raises(PredictionError, match="sample 'gone' \\(index 0\\).*image 'gone.png' not found"):
+        run_prediction(out=str(tmp_path / "strict.jsonl"), strict=True, **common)
+    assert [row["id"] for row in read_predictions(tmp_path / "strict.jsonl")] == ["gone"]  # written, then stopped
 
 
 def test_eval_generate_key_is_checked():

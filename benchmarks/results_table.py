@@ -43,6 +43,9 @@ CHAT_FIELDS = [  # (key, label) in the order shown; runs may lack some (e.g. --t
 
 
 def _summary(run: dict) -> str:
+    if run["bench"] == "predict":
+        return (f"{run['generated_tokens_per_s']} generated tokens/s, {run['samples_per_s']} samples/s at batch {run['batch_size']} "
+                f"({run['samples']} samples, {run['new_tokens']} new tokens each); peak {run['peak_mem_gib']} GiB")
     if run["bench"] == "chat":
         parts = [label.format(run[key]) for key, label in CHAT_FIELDS if key in run]
         if "fast_vs_plain_first_diff" in run:

@@ -1,5 +1,5 @@
-"""Command line: `axolotl minicpmv-chat`, `axolotl minicpmv-export` (Axolotl CLI plugins) and
-`python -m axolotl_minicpmv {chat,export,tiny-checkpoint}`."""
+"""Command line: `axolotl minicpmv-chat`, `axolotl minicpmv-export`, `axolotl minicpmv-predict` (Axolotl CLI plugins)
+and `python -m axolotl_minicpmv {chat,export,predict,tiny-checkpoint}`."""
 
 from __future__ import annotations
 
@@ -103,6 +103,85 @@ def export_command(source, fmt, out, checkpoint, base_model, overwrite, dtype, f
         click.echo(f"  {path.name}  ({path.stat().st_size:,} bytes)")
 
 
+@click.command("minicpmv-predict")
+@click.argument("source", required=False)
+@click.option("--model", "model_path", default=None, help="Base model: hub id or directory (with SOURCE: overrides the run's base_model).")
+@click.option("--adapter", default=None, help="Adapter (minicpmv-export output, or an Axolotl output_dir / checkpoint-N).")
+@click.option("--checkpoint", default=None, help="With SOURCE: use this checkpoint (e.g. checkpoint-20) instead of the final adapter.")
+@click.option("--data", required=True, help="Samples: a JSON list or JSONL file in the training format (optional `answers` list).")
+@click.option("--out", required=True, help="Predictions JSONL, one line per answered turn, written as each completes.")
+@click.option("--metrics-out", default=None, help="Write the summary (counts, metric means, speed, command, versions) as JSON here.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--greedy", "decoding", flag_value="greedy", default=True,
+              help="Greedy decoding, exactly chat(sampling=False, num_beams=1) (the default: reproducible scores).")
+@click.option("--sampling", "decoding", flag_value="sampling", help="Sample with chat's defaults (top_p 0.8, top_k 100, temperature 0.7).")
+@click.option("--num-beams", default=None, type=click.IntRange(min=1), help="Beam search with N beams (chat's repetition penalty 1.2).")
+@click.option("--metrics", default="exact,vqa,anls,rouge_l", show_default=True, help="Comma-separated: exact, vqa, anls, rouge_l.")
+@click.option("--turns", type=click.Choice(["last", "all"]), default="last", show_default=True,
+              help="Answer the last assistant turn of each sample, or every one (given the reference turns before it).")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the first N predictions.")
+@click.option("--resume", is_flag=True, help="Keep the rows already in --out and predict only the rest.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--strict", is_flag=True, help="Stop at the first bad row (exit 1) instead of writing it with `error`.")
+@click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None, help="Default: by device (float32 on CPU).")
+@click.option("--max-inp-length", default=2048, show_default=True, type=click.IntRange(min=1), help="Longer prompts are bad rows.")
+@click.option("--max-slice-nums", default=None, type=click.IntRange(1, 9), help="Default: the run's minicpmv_max_slice_nums, else the model's.")
+@click.option("--seed", default=None, type=int, help="Seed for --sampling.")
+def predict_command(source, model_path, adapter, checkpoint, data, out, metrics_out, batch_size, max_new_tokens, decoding, num_beams,
+                    metrics, turns, limit, resume, overwrite, strict, device, dtype, max_inp_length, max_slice_nums, seed):
+    """Answer every sample of --data (batched), score the answers and write one JSON line per prediction.
+
+    SOURCE (optional) is an Axolotl run, its CONFIG.yml or output_dir: its base model and trained adapter are used.
+    The last line printed is the summary.
+    """
+    import logging
+
+    from .inference.metrics import parse_metrics
+    from .inference.predict import PredictionError, run_prediction, summary_line
+
+    if decoding == "sampling" and num_beams is not None:
+        raise click.UsageError("--sampling and --num-beams exclude each other (beam search does not sample)")
+    if source is None and model_path is None:
+        raise click.UsageError("pass --model DIR (and --adapter DIR), or an Axolotl run: CONFIG.yml or its output_dir")
+    if source is not None and adapter is not None:
+        raise click.UsageError("SOURCE brings its own adapter; drop --adapter (or drop SOURCE and pass --model and --adapter)")
+    try:
+        parse_metrics(metrics)
+    except ValueError as err:
+        raise click.UsageError(f"--metrics: {err}") from None
+    log = logging.getLogger("axolotl_minicpmv.predict")  # progress lines and warnings go to stderr
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        summary = run_prediction(
+            data=data, out=out, model_path=model_path, adapter=adapter, source=source, checkpoint=checkpoint, metrics_out=metrics_out,
+            batch_size=batch_size, max_new_tokens=max_new_tokens, sampling=decoding == "sampling", num_beams=num_beams or 1,
+            metrics=metrics, turns=turns, limit=limit, resume=resume, overwrite=overwrite, strict=strict, device=device, dtype=dtype,
+            max_inp_length=max_inp_length, max_slice_nums=max_slice_nums, seed=seed, command=_command_line(),
+        )
+    except (PredictionError, ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(summary_line(summary, out))
+
+
+def _command_line() -> str:
+    """The command as typed (`python -m axolotl_minicpmv ...` rather than the path of __main__.py)."""
+    import shlex
+    from pathlib import Path
+
+    argv = list(sys.argv)
+    if argv and argv[0].endswith("__main__.py"):
+        argv[0:1] = ["python", "-m", "axolotl_minicpmv"]
+    elif argv:
+        argv[0] = Path(argv[0]).name
+    return shlex.join(argv)
+
+
 @click.command("tiny-checkpoint")
 @click.argument("out_dir")
 @click.option("--seed", default=0, show_default=True)
@@ -116,9 +195,10 @@ def tiny_checkpoint_command(out_dir, seed, full_size):
 
 @click.group()
 def main():
-    """MiniCPM-V 2.0 tools (the same commands exist as `axolotl minicpmv-chat` / `minicpmv-export`)."""
+    """MiniCPM-V 2.0 tools (the same commands exist as `axolotl minicpmv-chat` / `minicpmv-export` / `minicpmv-predict`)."""
 
 
 main.add_command(chat_command, "chat")
 main.add_command(export_command, "export")
+main.add_command(predict_command, "predict")
 main.add_command(tiny_checkpoint_command, "tiny-checkpoint")

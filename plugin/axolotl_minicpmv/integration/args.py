@@ -43,6 +43,20 @@ class MiniCPMVArgs(BaseModel):
         description="Compile the decoder layers in place (regional torch.compile): faster steps without gradient checkpointing, after a minute or two of compilation.",
     )
 
+    minicpmv_eval_generate: int | None = Field(
+        default=None,
+        description="At each evaluation, greedy answers for the first N eval samples, logged as eval_exact and eval_rouge_l (off by default).",
+    )
+
+    @field_validator("minicpmv_eval_generate", mode="before")
+    @classmethod
+    def _eval_generate_count(cls, value):
+        if value is None or value is False:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"minicpmv_eval_generate must be a positive number of eval samples (or unset), got {value!r}")
+        return value
+
     @field_validator("minicpmv_max_slice_nums", mode="before")
     @classmethod
     def _slices_in_range(cls, value):

@@ -92,6 +92,12 @@ class MiniCPMVPlugin(BasePlugin):
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         return [ThroughputCallback(cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size)]
 
+    def post_trainer_create(self, cfg, trainer):
+        if cfg.minicpmv_eval_generate:
+            from .eval_generate import add_eval_generate
+
+            add_eval_generate(cfg, trainer)
+
     def get_collator_cls_and_kwargs(self, cfg, is_eval: bool = False):
         from .collator import collator_cls_and_kwargs
 

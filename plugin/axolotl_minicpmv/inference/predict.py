@@ -1,0 +1,503 @@
+"""Batch prediction and scoring: `axolotl minicpmv-predict` / `python -m axolotl_minicpmv predict` and `predict()`.
+
+A dataset in the training formats (read and checked by the training side's sample validation, `integration/data.py`)
+becomes one request per answered assistant turn; requests are answered in batches by `generate_answers` (greedy
+answers equal one-by-one `chat(sampling=False, num_beams=1)` answers, tests/test_predict.py), scored with
+`metrics.py`, and written one JSON line each, flushed as it completes. Bad rows become rows with `error` and the
+run goes on (`strict=True` stops at the first). `--resume` skips the (id, turn) pairs already written; the summary
+is computed from the whole output file, so each prediction counts once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..model.conversation import IMAGE_TAG, InvalidInputError, json_type, short_repr
+from ..model.image_processing_minicpmv import load_image
+from ..model.processing_minicpmv import MiniCPMVProcessor
+from .generate import generate_answers
+from .metrics import DEFAULT_METRICS, parse_metrics, score
+
+LOG = logging.getLogger("axolotl_minicpmv.predict")
+
+TURNS = ("last", "all")
+
+
+class PredictionError(RuntimeError):
+    """A bad row under `strict=True`, or input that stops the whole run (unreadable file, bad option)."""
+
+
+@dataclass
+class Request:
+    """One assistant turn to predict: the conversation before it, its pictures, and the reference answer(s)."""
+
+    id: str
+    turn: int | None  # index of the answered turn among the sample's assistant turns (0 = first); None: the sample failed
+    question: str | None = None
+    conversation: list[dict] = field(default_factory=list)
+    images: list = field(default_factory=list)  # paths (or PIL images) for the `<image>` tags of `conversation`
+    references: list[str] = field(default_factory=list)
+    error: str | None = None  # set when the sample cannot run; written as an error row
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        return (self.id, self.turn)
+
+
+# ------------------------------------------------------------------ reading samples
+
+
+def read_sample_file(path: str | os.PathLike) -> list:
+    """The raw samples of a JSON list file or a JSONL file. A JSONL line that is not JSON becomes an error
+    marker (its row is written with the reason) instead of stopping the run; an unreadable file raises."""
+    from ..integration.data import InvalidDatasetError, read_samples
+
+    path = Path(path)
+    if not path.is_file():
+        raise PredictionError(f"--data {str(path)!r}: no such file (a JSON list or JSONL file of samples)")
+    if path.suffix != ".jsonl":
+        try:
+            return read_samples(path)
+        except InvalidDatasetError as err:
+            raise PredictionError(str(err)) from None
+    samples = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if line.strip():
+            try:
+                samples.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                samples.append(_BadLine(f"{path}: line {line_no} is not valid JSON ({err})", f"line-{line_no}"))
+    if not samples:
+        raise PredictionError(f"{path}: the dataset has no samples")
+    return samples
+
+
+@dataclass
+class _BadLine:
+    reason: str
+    id: str
+
+
+def requests_from_samples(samples: Iterable, base_dir: str | os.PathLike = ".", turns: str = "last", source: str = "") -> Iterator[Request]:
+    """Requests of samples in the seed's format (`id`, `image` (path or list), `conversations`, optional `answers`).
+
+    Each sample is checked as training checks it (`integration.data.normalize_sample`: roles, tags, images exist);
+    a bad sample yields one error request naming the sample and the reason. `answers` (a list of strings) replaces
+    the reference of the last assistant turn; with `answers` the conversation may end with the user's question.
+    """
+    # normalize_sample reports a bad sample by raising data.py's _BadSample with the reason
+    from ..integration.data import _BadSample, _describe, normalize_sample
+
+    if turns not in TURNS:
+        raise ValueError(f"turns must be one of {TURNS}, got {turns!r}")
+    base_dir = Path(base_dir)
+    prefix = f"{source}: " if source else ""
+    seen: dict[str, int] = {}
+    size_cache: dict = {}
+    for index, sample in enumerate(samples):
+        if isinstance(sample, _BadLine):
+            yield Request(sample.id, None, error=sample.reason)
+            continue
+        raw_id = sample.get("id") if isinstance(sample, dict) else None
+        sample_id = str(index if raw_id is None else raw_id)
+        where = f"{prefix}{_describe(sample, index)}"
+        try:
+            answers = _answers(sample)
+            checked = sample
+            ends_with_user = isinstance(sample.get("conversations"), list) and sample["conversations"] and \
+                isinstance(sample["conversations"][-1], dict) and sample["conversations"][-1].get("role") == "user"
+            if answers and ends_with_user:  # VQA style: the question alone, the answers beside it
+                checked = {**sample, "conversations": sample["conversations"] + [{"role": "assistant", "content": answers[0]}]}
+            row = normalize_sample(checked, index, base_dir, size_cache)
+        except _BadSample as err:
+            yield Request(sample_id, None, error=f"{where}: {err}")
+            continue
+        if row["id"] in seen:
+            yield Request(row["id"], None, error=f"{where}: duplicate id {row['id']!r} (first at index {seen[row['id']]}); ids must be unique")
+            continue
+        seen[row["id"]] = index
+        conversation = row["conversations"]
+        positions = [i for i, msg in enumerate(conversation) if msg["role"] == "assistant"]
+        chosen = list(enumerate(positions))[-1:] if turns == "last" else list(enumerate(positions))
+        for turn, position in chosen:
+            before = conversation[:position]
+            tags = sum(msg["content"].count(IMAGE_TAG) for msg in before)
+            last = turn == len(positions) - 1
+            references = answers if (answers and last) else [conversation[position]["content"]]
+            yield Request(row["id"], turn, before[-1]["content"], before, row["image"][:tags], references)
+
+
+def _answers(sample) -> list[str] | None:
+    from ..integration.data import _BadSample
+
+    if not isinstance(sample, dict) or "answers" not in sample:
+        return None
+    answers = sample["answers"]
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        raise _BadSample(f"'answers' must be a non-empty list of non-empty strings, got {short_repr(answers)} (a JSON {json_type(answers)})")
+    return answers
+
+
+# ------------------------------------------------------------------ predicting
+
+
+def predict(
+    model,
+    processor_or_tokenizer,
+    samples: Iterable,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    sampling: bool = False,
+    num_beams: int = 1,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    turns: str = "last",
+    base_dir: str | os.PathLike = ".",
+    max_inp_length: int = 2048,
+    strict: bool = False,
+    skip: Iterable[tuple] = (),
+    **overrides,
+) -> Iterator[dict]:
+    """Answer and score `samples` (seed-format dicts, `Request`s, or a JSON/JSONL path); yield one result per row.
+
+    Defaults are greedy (`chat(sampling=False, num_beams=1)`); `num_beams=N` is beam search, `sampling=True` uses
+    chat's sampling defaults; `overrides` change those keys (e.g. `temperature`). A result is a dict with `id`,
+    `turn`, `question`, `prediction`, `reference` (a string, or the list of answers), one value per metric,
+    `finish_reason`, `prompt_tokens`, `generated_tokens` and `error` (None, or why the row could not run).
+    `skip` holds (id, turn) pairs not to run (resume). `strict=True` raises PredictionError at the first bad row.
+    """
+    if isinstance(samples, (str, os.PathLike)):
+        base_dir = Path(samples).parent
+        samples = read_sample_file(samples)
+    done = set(skip)
+    todo = [r for r in _as_requests(samples, base_dir, turns) if r.key not in done]
+    yield from _predict_requests(
+        model, processor_or_tokenizer, todo, batch_size=batch_size, max_new_tokens=max_new_tokens, sampling=sampling,
+        num_beams=num_beams, metrics=metrics, max_inp_length=max_inp_length, strict=strict, **overrides,
+    )
+
+
+def _as_requests(samples, base_dir, turns) -> list[Request]:
+    samples = list(samples)
+    if samples and all(isinstance(s, Request) for s in samples):
+        return samples
+    return list(requests_from_samples(samples, base_dir, turns))
+
+
+def _processor(model, processor_or_tokenizer) -> MiniCPMVProcessor:
+    if isinstance(processor_or_tokenizer, MiniCPMVProcessor):
+        return processor_or_tokenizer
+    return MiniCPMVProcessor.from_config(processor_or_tokenizer, model.config)
+
+
+def _predict_requests(model, processor_or_tokenizer, requests: list[Request], *, batch_size, max_new_tokens, sampling, num_beams,
+                      metrics, max_inp_length, strict, **overrides) -> Iterator[dict]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    metrics = parse_metrics(metrics)
+    processor = _processor(model, processor_or_tokenizer)
+    settings = dict(sampling=sampling, max_new_tokens=max_new_tokens, max_inp_length=max_inp_length, **overrides)
+    if not sampling:
+        settings["num_beams"] = num_beams
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        ready: list[tuple[Request, list]] = []
+        for request in requests:
+            images, error = (None, request.error) if request.error else _prepare(processor, request, max_inp_length)
+            if error:
+                yield _checked(_error_row(request, error, metrics), strict)
+                continue
+            ready.append((request, images))
+            if len(ready) == batch_size:
+                yield from (_checked(row, strict) for row in _run_batch(model, processor, ready, settings, metrics))
+                ready = []
+        if ready:
+            yield from (_checked(row, strict) for row in _run_batch(model, processor, ready, settings, metrics))
+    finally:
+        model.train(was_training)
+
+
+def _checked(row: dict, strict: bool) -> dict:
+    if strict and row["error"]:
+        raise PredictionError(row["error"])
+    return row
+
+
+def _prepare(processor: MiniCPMVProcessor, request: Request, max_inp_length: int) -> tuple[list | None, str | None]:
+    """Load the pictures and check the prompt's length before batching, so an error belongs to its row."""
+    try:
+        images = [load_image(im, what=f"image {str(im)!r}" if isinstance(im, (str, Path)) else f"image {k}")
+                  for k, im in enumerate(request.images)]
+        processor.encode_prompt(processor.prompt_text(request.conversation, [processor.layout(im) for im in images]), max_inp_length)
+    except InvalidInputError as err:
+        return None, f"sample {request.id!r} turn {request.turn}: {err}"
+    return images, None
+
+
+def _run_batch(model, processor, batch: list[tuple[Request, list]], settings: dict, metrics) -> list[dict]:
+    try:
+        answers = generate_answers(model, processor, [r.conversation for r, _ in batch], [ims for _, ims in batch], **settings)
+    except (InvalidInputError, RuntimeError, ValueError, OSError) as err:
+        if len(batch) > 1:  # find the row that fails: each one alone
+            return [row for one in batch for row in _run_batch(model, processor, [one], settings, metrics)]
+        request = batch[0][0]
+        return [_error_row(request, f"sample {request.id!r} turn {request.turn}: generation failed: {type(err).__name__}: {err}", metrics)]
+    rows = []
+    for (request, _), answer in zip(batch, answers):
+        rows.append({
+            "id": request.id,
+            "turn": request.turn,
+            "question": request.question,
+            "prediction": answer.text,
+            "reference": request.references[0] if len(request.references) == 1 else request.references,
+            **score(answer.text, request.references, metrics),
+            "finish_reason": answer.finish_reason,
+            "prompt_tokens": answer.prompt_tokens,
+            "generated_tokens": len(answer.token_ids),
+            "error": None,
+        })
+    return rows
+
+
+def _error_row(request: Request, error: str, metrics) -> dict:
+    reference = (request.references[0] if len(request.references) == 1 else request.references) if request.references else None
+    return {"id": request.id, "turn": request.turn, "question": request.question, "prediction": None, "reference": reference,
+            **{name: None for name in metrics}, "finish_reason": None, "prompt_tokens": None, "generated_tokens": None, "error": error}
+
+
+# ------------------------------------------------------------------ output file, resume and summary
+
+
+class PredictionsFile:
+    """The `--out` JSONL: one whole line per result, each written with one `write` and flushed at once.
+
+    `resume=True` keeps the rows already there (a line cut by a kill is removed) and reports their keys;
+    otherwise an existing non-empty file is refused unless `overwrite=True`.
+    """
+
+    def __init__(self, path: str | os.PathLike, resume: bool = False, overwrite: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        exists = self.path.is_file() and self.path.stat().st_size > 0
+        if exists and not (resume or overwrite):
+            raise PredictionError(f"--out {str(self.path)!r} already holds predictions: pass --resume to finish it, or --overwrite to start again")
+        if exists and resume:
+            self._drop_partial_line()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if overwrite and not resume else 0)
+        self._fd = os.open(self.path, flags, 0o644)
+        self.done = {(row["id"], row["turn"]) for row in read_predictions(self.path)} if resume else set()
+
+    def _drop_partial_line(self) -> None:
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            LOG.warning(f"{self.path}: removing an incomplete last line ({len(data) - keep} bytes) left by an interrupted run")
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+
+    def write(self, row: dict) -> None:
+        os.write(self._fd, (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_predictions(path: str | os.PathLike) -> list[dict]:
+    """The rows of a predictions file, one per (id, turn) (a later row replaces an earlier one)."""
+    rows: dict[tuple, dict] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[(row["id"], row["turn"])] = row
+    return list(rows.values())
+
+
+def summarize(rows: Sequence[dict], metrics: Sequence[str]) -> dict:
+    """Counts and each metric's mean over the rows that ran (failed rows are counted, not scored)."""
+    ok = [row for row in rows if not row.get("error")]
+    means = {name: round(sum(row[name] for row in ok) / len(ok), 4) if ok else None for name in metrics}
+    return {
+        "predictions": len(rows),
+        "samples": len({row["id"] for row in rows}),
+        "failed": len(rows) - len(ok),
+        "metrics": means,
+    }
+
+
+def summary_line(summary: dict, out: str | os.PathLike) -> str:
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in summary["metrics"].items() if v is not None) or "no scores"
+    run = summary.get("run", {})
+    speed = f" in {run['elapsed_s']:.1f} s ({run['samples_per_s']:.2f} samples/s, {run['generated_tokens_per_s']:.1f} tokens/s)" if run else ""
+    return (f"predict: {summary['predictions']} predictions of {summary['samples']} samples, {summary['failed']} failed; "
+            f"{scores}{speed} -> {out}")
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("axolotl-minicpmv", "torch", "transformers", "peft", "axolotl"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+# ------------------------------------------------------------------ the command
+
+
+def load_predictor(model_path: str, adapter: str | None = None, device: str | None = None, dtype: str | None = None,
+                   max_slice_nums: int | None = None):
+    """(model in eval mode on `device`, processor) for a base model (+ adapter)."""
+    from ..model.tokenization import load_tokenizer
+    from ..weights.loading import load_model
+    from .chat_helper import DEFAULT_DTYPES, pick_device
+
+    device = device or pick_device()
+    torch_dtype = getattr(torch, dtype) if dtype else DEFAULT_DTYPES[torch.device(device).type]
+    model = load_model(model_path, adapter=adapter, dtype=torch_dtype).to(device).eval()
+    processor = MiniCPMVProcessor.from_config(load_tokenizer(model_path), model.config, max_slice_nums=max_slice_nums)
+    return model, processor
+
+
+def run_prediction(
+    *,
+    data: str,
+    out: str,
+    model_path: str | None = None,
+    adapter: str | None = None,
+    source: str | None = None,
+    checkpoint: str | None = None,
+    metrics_out: str | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    sampling: bool = False,
+    num_beams: int = 1,
+    metrics: str | Sequence[str] | None = None,
+    turns: str = "last",
+    limit: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    strict: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    max_inp_length: int = 2048,
+    max_slice_nums: int | None = None,
+    seed: int | None = None,
+    command: str | None = None,
+    progress: bool | None = None,
+) -> dict:
+    """What `minicpmv-predict` does: load, predict into `out`, summarise (also into `metrics_out`); returns the summary.
+
+    `source` is an Axolotl run (its YAML or output_dir): its base model (unless `model_path`), trained adapter (or
+    `checkpoint`) and `minicpmv_max_slice_nums` are used.
+    """
+    metric_names = parse_metrics(metrics)
+    if source is not None:
+        from ..weights.export import ExportError, resolve_run
+
+        try:
+            run = resolve_run(source, checkpoint=checkpoint, base_model=model_path)
+        except (ExportError, FileNotFoundError) as err:
+            raise PredictionError(str(err)) from None
+        model_path, adapter = run.base_model, str(run.adapter_dir)
+        if max_slice_nums is None and run.axolotl_config:
+            max_slice_nums = run.axolotl_config.get("minicpmv_max_slice_nums")
+    if not model_path:
+        raise PredictionError("no model: pass --model DIR (and --adapter DIR), or an Axolotl run (CONFIG.yml or its output_dir)")
+    samples = read_sample_file(data)
+    requests = list(requests_from_samples(samples, Path(data).parent, turns, source=str(data)))
+    if limit is not None:
+        requests = requests[:limit]
+    with PredictionsFile(out, resume=resume, overwrite=overwrite) as predictions:
+        todo = [r for r in requests if r.key not in predictions.done]
+        if predictions.done:
+            LOG.info(f"{out}: resuming: {len(requests) - len(todo)} of {len(requests)} predictions already written")
+        LOG.info(f"loading {model_path}" + (f" with adapter {adapter}" if adapter else ""))
+        model, processor = load_predictor(model_path, adapter, device, dtype, max_slice_nums)
+        if seed is not None:
+            torch.manual_seed(seed)
+        start, tokens, written = time.perf_counter(), 0, 0
+        bar = _Progress(len(todo), progress)
+        try:
+            for row in _predict_requests(model, processor, todo, batch_size=batch_size, max_new_tokens=max_new_tokens, sampling=sampling,
+                                         num_beams=num_beams, metrics=metric_names, max_inp_length=max_inp_length, strict=False):
+                predictions.write(row)
+                written += 1
+                tokens += row["generated_tokens"] or 0
+                bar.update(row)
+                if strict and row["error"]:
+                    raise PredictionError(row["error"])
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - start
+    wanted = {r.key for r in requests}
+    summary = summarize([row for row in read_predictions(out) if (row["id"], row["turn"]) in wanted], metric_names)
+    summary["run"] = {
+        "predictions_this_run": written,
+        "resumed_from": len(requests) - len(todo),
+        "elapsed_s": round(elapsed, 3),
+        "samples_per_s": round(written / elapsed, 3) if elapsed > 0 else 0.0,
+        "generated_tokens": tokens,
+        "generated_tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else 0.0,
+    }
+    summary.update(
+        data=str(data), out=str(out), model=model_path, adapter=adapter, device=str(model.device), dtype=str(model.dtype).replace("torch.", ""),
+        generation={"sampling": sampling, "num_beams": None if sampling else num_beams, "max_new_tokens": max_new_tokens,
+                    "batch_size": batch_size, "turns": turns, "max_slice_nums": processor.image_processor.max_slice_nums},
+        command=command or " ".join(sys.argv), versions=versions(),
+    )
+    if metrics_out:
+        Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(metrics_out).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    return summary
+
+
+class _Progress:
+    """tqdm bar (samples/s, ETA) on a terminal; a log line every 10 s otherwise."""
+
+    def __init__(self, total: int, progress: bool | None):
+        self.total, self.count, self.failed = total, 0, 0
+        self.start = self.last = time.perf_counter()
+        interactive = sys.stderr.isatty() if progress is None else progress
+        self.bar = None
+        if interactive:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="sample", desc="predict", file=sys.stderr)
+
+    def update(self, row: dict) -> None:
+        self.count += 1
+        self.failed += bool(row["error"])
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.failed:
+                self.bar.set_postfix(failed=self.failed)
+            return
+        now = time.perf_counter()
+        if now - self.last >= 10 or self.count == self.total:
+            self.last = now
+            rate = self.count / (now - self.start) if now > self.start else 0.0
+            eta = (self.total - self.count) / rate if rate else float("nan")
+            LOG.info(f"predict: {self.count}/{self.total} ({self.failed} failed), {rate:.2f} samples/s, ETA {eta:.0f} s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,244 @@
+"""Batch prediction (inference/predict.py, `minicpmv-predict`) and `minicpmv_eval_generate`, on the tiny checkpoint:
+
+- batched greedy answers (mixed image sizes, sliced and unsliced, text-only and multi-image rows in one batch) equal
+  one-by-one `chat(sampling=False, num_beams=1)` answers in float32 (multi-image rows: a batch of one);
+- samples -> requests (`--turns last|all`, VQA-style `answers`, image tags of the turns before), bad rows (missing
+  image, malformed conversation, prompt too long, duplicate id) written with the reason, `strict=True` stops;
+- the real CLI: `python -m axolotl_minicpmv predict` uninterrupted vs `axolotl minicpmv-predict` killed (SIGKILL)
+  after its first lines and resumed: the same rows, each once, and only whole lines after the kill;
+- a real Axolotl training run with `minicpmv_eval_generate: 2` logs eval_exact / eval_rouge_l beside eval_loss, and
+  `minicpmv-predict CONFIG.yml` predicts with its base model and trained adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from axolotl_minicpmv.inference.predict import PredictionError, predict, read_predictions, requests_from_samples, run_prediction
+from conftest import EXAMPLES
+from PIL import Image
+from test_axolotl_cli import logged, run, tail, write_config
+
+PYTHON = sys.executable
+AXOLOTL = str(Path(sys.executable).parent / "axolotl")
+IMAGES = EXAMPLES / "images"
+TIMEOUT = 600
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+# ------------------------------------------------------------------ batching equality
+
+
+def test_batched_greedy_answers_equal_one_by_one_chat(tiny_model, tiny_tokenizer):
+    samples = [
+        {"id": "small", "image": str(IMAGES / "stop_sign.jpg"), "conversations": [
+            {"role": "user", "content": "What is this?"}, {"role": "assistant", "content": "A stop sign."}]},
+        {"id": "text", "conversations": [{"role": "user", "content": "What is 17 times 3?"}, {"role": "assistant", "content": "51"}]},
+        {"id": "sliced", "image": str(IMAGES / "handwritten_note.jpg"), "conversations": [
+            {"role": "user", "content": "Read it: <image>"}, {"role": "assistant", "content": "A note."}]},
+        {"id": "multi", "image": [str(IMAGES / "clock.jpg"), str(IMAGES / "stop_sign.jpg")], "conversations": [
+            {"role": "user", "content": "<image> and <image>: which is round?"}, {"role": "assistant", "content": "The clock."}]},
+        {"id": "two-turns", "image": str(IMAGES / "fruit_bowl.jpg"), "conversations": [
+            {"role": "user", "content": "<image>\nList the fruit."}, {"role": "assistant", "content": "Apples."},
+            {"role": "user", "content": "How many?"}, {"role": "assistant", "content": "Three."}]},
+    ]
+    batched = {row["id"]: row for row in predict(tiny_model, tiny_tokenizer, samples, batch_size=5, max_new_tokens=12)}
+    assert all(row["error"] is None for row in batched.values()), batched
+    assert len({row["prediction"] for row in batched.values()}) > 1  # not one degenerate answer for all
+    for sample in samples:
+        if sample["id"] == "multi":  # chat takes one picture: compare with a batch of one
+            alone = next(predict(tiny_model, tiny_tokenizer, [sample], batch_size=1, max_new_tokens=12))
+            assert batched["multi"]["prediction"] == alone["prediction"]
+            continue
+        image = Image.open(sample["image"]) if "image" in sample else None
+        msgs = [dict(m, content=m["content"].replace("<image>", "").strip()) for m in sample["conversations"][:-1]]
+        if sample["id"] == "sliced":
+            msgs = sample["conversations"][:-1]  # the tag stays where it is in the text
+        answer, _, _ = tiny_model.chat(image, msgs, tokenizer=tiny_tokenizer, sampling=False, num_beams=1, max_new_tokens=12)
+        assert batched[sample["id"]]["prediction"] == answer, sample["id"]
+
+
+# ------------------------------------------------------------------ requests and bad rows
+
+
+def test_requests_turns_answers_and_image_tags(tmp_path):
+    samples = [
+        {"id": "a", "image": [str(IMAGES / "clock.jpg"), str(IMAGES / "bookshelf.jpg")], "conversations": [
+            {"role": "user", "content": "Clock: <image>"}, {"role": "assistant", "content": "3:40"},
+            {"role": "user", "content": "Shelf: <image>"}, {"role": "assistant", "content": "four"}]},
+        {"id": "vqa", "image": str(IMAGES / "stop_sign.jpg"), "conversations": [{"role": "user", "content": "Colour?"}],
+         "answers": ["red", "red", "dark red"]},
+    ]
+    last = list(requests_from_samples(samples, tmp_path, turns="last"))
+    assert [(r.id, r.turn, r.references) for r in last] == [("a", 1, ["four"]), ("vqa", 0, ["red", "red", "dark red"])]
+    assert len(last[0].images) == 2 and last[1].conversation == [{"role": "user", "content": "<image>\nColour?"}]
+    every = list(requests_from_samples(samples, tmp_path, turns="all"))
+    assert [(r.id, r.turn) for r in every] == [("a", 0), ("a", 1), ("vqa", 0)]
+    assert len(every[0].images) == 1 and every[0].question == "Clock: <image>"  # only the picture tagged before turn 0
+
+
+def test_bad_rows_are_written_with_the_reason_and_strict_stops(tiny_model, tiny_tokenizer, tmp_path):
+    ok = {"id": "ok", "conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    samples = [
+        {"id": "no-image", "image": "missing.jpg", "conversations": ok["conversations"]},
+        ok,
+        {"id": "bad-roles", "conversations": [{"role": "assistant", "content": "x"}]},
+        {"id": "long", "conversations": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "x"}]},
+        {"id": "ok", "conversations": ok["conversations"]},
+        {"id": "bad-answers", "conversations": [{"role": "user", "content": "Q"}], "answers": []},
+    ]
+    rows = list(predict(tiny_model, tiny_tokenizer, samples, base_dir=tmp_path, batch_size=4, max_new_tokens=4, max_inp_length=300))
+    errors = {row["id"] + ("/dup" if "duplicate" in (row["error"] or "") else ""): row["error"] for row in rows}
+    assert len(rows) == 6
+    assert "image 'missing.jpg' not found" in errors["no-image"] and "sample 'no-image' (index 0)" in errors["no-image"]
+    assert "the first turn is 'assistant'" in errors["bad-roles"]
+    assert "longer than max_inp_length=300" in errors["long"] and "sample 'long'" in errors["long"]
+    assert "duplicate id 'ok'" in errors["ok/dup"]
+    assert "'answers' must be a non-empty list" in errors["bad-answers"]
+    good = [row for row in rows if row["error"] is None]
+    assert [row["id"] for row in good] == ["ok"] and isinstance(good[0]["prediction"], str) and good[0]["exact"] in (0.0, 1.0)
+    with pytest.raises(PredictionError, match="image 'missing.jpg' not found"):
+        list(predict(tiny_model, tiny_tokenizer, samples, base_dir=tmp_path, strict=True, max_new_tokens=4))
+
+
+def test_run_prediction_counts_bad_rows_and_strict_stops_at_the_first(tiny_checkpoint_fp32, tmp_path):
+    ok = {"id": "ok", "conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({**ok, "id": "gone", "image": "gone.png"}) + "\n{not json\n" + json.dumps(ok) + "\n")
+    common = {"data": str(data), "model_path": str(tiny_checkpoint_fp32), "max_new_tokens": 3, "progress": False}
+    summary = run_prediction(out=str(tmp_path / "p.jsonl"), metrics_out=str(tmp_path / "m.json"), **common)
+    assert (summary["predictions"], summary["failed"], summary["samples"]) == (3, 2, 3)
+    assert json.loads((tmp_path / "m.json").read_text())["failed"] == 2
+    errors = {row["id"]: row["error"] for row in read_predictions(tmp_path / "p.jsonl")}
+    assert "image 'gone.png' not found" in errors["gone"] and "line 2 is not valid JSON" in errors["line-2"] and errors["ok"] is None
+    with pytest.raises(PredictionError, match="sample 'gone' \\(index 0\\).*image 'gone.png' not found"):
+        run_prediction(out=str(tmp_path / "strict.jsonl"), strict=True, **common)
+    assert [row["id"] for row in read_predictions(tmp_path / "strict.jsonl")] == ["gone"]  # written, then stopped
+
+
+def test_eval_generate_key_is_checked():
+    from axolotl_minicpmv.integration.args import MiniCPMVArgs
+
+    assert MiniCPMVArgs.from_cfg({"minicpmv_eval_generate": 3}).minicpmv_eval_generate == 3
+    assert MiniCPMVArgs.from_cfg({}).minicpmv_eval_generate is None
+    with pytest.raises(ValueError, match="minicpmv_eval_generate must be a positive number of eval samples"):
+        MiniCPMVArgs.from_cfg({"minicpmv_eval_generate": 0})
+
+
+# ------------------------------------------------------------------ the command: resume after a kill
+
+
+def _dataset(folder: Path, count: int = 14) -> Path:
+    """`count` samples over the example pictures (small, unsliced with max_slice_nums 1), one text-only."""
+    pictures = ["stop_sign.jpg", "clock.jpg", "fruit_bowl.jpg", "street.jpg"]
+    samples = [{"id": f"s{i:02d}", "image": str(IMAGES / pictures[i % 4]),
+                "conversations": [{"role": "user", "content": f"Question {i}: what is shown?"}, {"role": "assistant", "content": "A picture."}]}
+               for i in range(count - 1)]
+    samples.append({"id": "text", "conversations": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}],
+                    "answers": ["hi", "hello"]})
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return path
+
+
+def _stable(rows):
+    return sorted(({k: v for k, v in row.items()} for row in rows), key=lambda r: (r["id"], r["turn"]))
+
+
+def test_cli_resume_after_kill_equals_an_uninterrupted_run(tiny_checkpoint, tmp_path):
+    data = _dataset(tmp_path)
+    common = ["--model", tiny_checkpoint, "--data", data, "--batch-size", "2", "--max-new-tokens", "6", "--max-slice-nums", "1"]
+    full = subprocess.Popen([PYTHON, "-m", "axolotl_minicpmv", "predict", *common, "--out", tmp_path / "full.jsonl",
+                             "--metrics-out", tmp_path / "full.json"], env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    killed_out = tmp_path / "resumed.jsonl"
+    killed = subprocess.Popen([AXOLOTL, "minicpmv-predict", *map(str, common), "--out", killed_out], env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and killed.poll() is None:
+        if killed_out.is_file() and killed_out.read_bytes().count(b"\n") >= 2:
+            break
+        time.sleep(0.05)
+    assert killed.poll() is None, "the run ended before it could be killed"
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    after_kill = killed_out.read_bytes()
+    lines = after_kill.decode().splitlines()
+    assert after_kill.endswith(b"\n") and all(json.loads(line)["id"] for line in lines), after_kill[-200:]
+    assert 2 <= len(lines) < 14
+
+    stdout, stderr = full.communicate(timeout=TIMEOUT)
+    assert full.returncode == 0, stderr[-3000:]
+    resume = subprocess.run([PYTHON, "-m", "axolotl_minicpmv", "predict", *map(str, common), "--out", killed_out, "--resume",
+                             "--metrics-out", tmp_path / "resumed.json"], env=_env(), text=True, capture_output=True, timeout=TIMEOUT, check=False)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+
+    written = [json.loads(line) for line in killed_out.read_text().splitlines()]
+    assert len(written) == 14 and len({(r["id"], r["turn"]) for r in written}) == 14  # each prediction once
+    assert _stable(written) == _stable(read_predictions(tmp_path / "full.jsonl"))
+    full_summary, resumed = json.loads((tmp_path / "full.json").read_text()), json.loads((tmp_path / "resumed.json").read_text())
+    for key in ("predictions", "samples", "failed", "metrics"):
+        assert resumed[key] == full_summary[key]
+    assert full_summary["predictions"] == 14 and full_summary["failed"] == 0
+    assert resumed["run"]["resumed_from"] == len(lines) and resumed["run"]["predictions_this_run"] == 14 - len(lines)
+    assert set(full_summary["metrics"]) == {"exact", "vqa", "anls", "rouge_l"} and full_summary["versions"]["torch"]
+    assert full_summary["run"]["samples_per_s"] > 0 and full_summary["run"]["generated_tokens_per_s"] > 0
+    # the last printed line is the summary
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("predict: 14 predictions of 14 samples, 0 failed; exact ") and "full.jsonl" in last
+    assert "resuming: " in resume.stderr
+    # a second run into the same file without --resume is refused, naming the fix
+    again = subprocess.run([PYTHON, "-m", "axolotl_minicpmv", "predict", *map(str, common), "--out", killed_out, "--limit", "1"],
+                           env=_env(), text=True, capture_output=True, timeout=TIMEOUT, check=False)
+    assert again.returncode != 0 and "pass --resume to finish it, or --overwrite" in again.stderr
+
+
+# ------------------------------------------------------------------ inside training, and a run as the source
+
+
+@pytest.fixture(scope="module")
+def trained_with_eval_generate(tiny_checkpoint, tmp_path_factory):
+    import shutil
+
+    folder = tmp_path_factory.mktemp("evalgen")
+    data = folder / "data"
+    shutil.copytree(EXAMPLES, data)
+    config = write_config(folder, tiny_checkpoint, data, minicpmv_eval_generate=2)
+    rc, output = run([PYTHON, "-m", "axolotl.cli.train", config], folder / "train.log")
+    assert rc == 0, tail(output)
+    return folder, config, data, output
+
+
+def test_eval_generate_logs_exact_and_rouge_l_beside_eval_loss(trained_with_eval_generate):
+    folder, _, _, output = trained_with_eval_generate
+    evals = logged(output, "eval_loss")
+    assert len(evals) >= 2, tail(output)  # eval at steps 2 and 4
+    for row in evals:
+        assert 0.0 <= float(row["eval_exact"]) <= 1.0 and 0.0 <= float(row["eval_rouge_l"]) <= 1.0
+    assert "minicpmv_eval_generate: greedy answers for 2 eval samples" in output
+    assert output.count("minicpmv_eval_generate: 2 of 2 eval samples answered at step ") == len(evals), tail(output)
+    state = json.loads((folder / "out" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert all("eval_rouge_l" in entry for entry in state["log_history"] if "eval_loss" in entry)
+
+
+def test_predict_from_the_run_config_uses_its_adapter(trained_with_eval_generate):
+    folder, config, data, _ = trained_with_eval_generate
+    out = folder / "pred.jsonl"
+    rc, output = run([AXOLOTL, "minicpmv-predict", config, "--data", data / "eval.json", "--out", out, "--metrics-out",
+                      folder / "pred.json", "--max-new-tokens", "6", "--turns", "all"], folder / "predict.log")
+    assert rc == 0, tail(output)
+    summary = json.loads((folder / "pred.json").read_text())
+    assert summary["adapter"] == str(folder / "out") and summary["model"].endswith("tiny-minicpmv")
+    assert summary["generation"]["max_slice_nums"] == 1  # the run's minicpmv_max_slice_nums
+    assert summary["predictions"] == 6 and summary["samples"] == 4  # --turns all: 1 + 2 + 1 + 2 assistant turns
+    assert any(line.startswith("predict: 6 predictions of 4 samples, 0 failed; exact ") for line in output.splitlines()), tail(output)

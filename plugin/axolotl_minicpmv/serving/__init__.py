@@ -1,0 +1,6 @@
+"""`minicpmv-serve`: an OpenAI-compatible chat completions server with request batching and a chat page.
+
+`api.create_app` builds the FastAPI app, `scheduler.Scheduler` batches requests through `generate_answers`,
+`protocol` turns request bodies into conversations (or OpenAI-style errors), `images` opens pictures safely.
+Tests: tests/test_serve.py (API, batching, limits) and tests/test_serve_page.py (the page in Chromium).
+"""

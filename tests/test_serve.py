@@ -58,12 +58,13 @@ def chat_answer(model, tokenizer, image, msgs, max_new_tokens=NEW) -> str:
 
 
 def ask(client, messages, **kwargs):
-    return client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=NEW, **kwargs)
+    kwargs = {"temperature": 0, "max_tokens": NEW, **kwargs}
+    return client.chat.completions.create(model="tiny", messages=messages, **kwargs)
 
 
 def ask_streamed(client, messages, **kwargs) -> tuple[str, str, list]:
-    chunks = list(client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=NEW,
-                                                 stream=True, **kwargs))
+    kwargs = {"temperature": 0, "max_tokens": NEW, **kwargs}
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, stream=True, **kwargs))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finish) == 1, finish
@@ -177,10 +178,19 @@ def test_eight_concurrent_clients_get_their_solo_answers(server, client, tiny_mo
 
 
 def test_stop_strings_and_max_tokens(client, tiny_model, tokenizer):
+    from axolotl_minicpmv import MiniCPMVProcessor
+    from axolotl_minicpmv.inference.chat import decode_answer
+    from axolotl_minicpmv.inference.generate import generate_answers
+
     msgs = [{"role": "user", "content": "Tell me a story."}]
-    full = chat_answer(tiny_model, tokenizer, None, msgs, max_new_tokens=40)
+    processor = MiniCPMVProcessor.from_config(tokenizer, tiny_model.config)
+    ids = generate_answers(tiny_model, processor, [msgs], max_new_tokens=40, num_beams=1)[0].token_ids
+    full = decode_answer(torch.tensor(ids), tokenizer)
     stop = full[len(full) // 2 : len(full) // 2 + 2]
-    expected = full[: full.find(stop)].rstrip()
+    # the answer ends at the first token whose text holds the stop string, and is cut before it
+    first = next(decode_answer(torch.tensor(ids[:k]), tokenizer) for k in range(1, len(ids) + 1)
+                 if stop in decode_answer(torch.tensor(ids[:k]), tokenizer))
+    expected = first[: first.find(stop)].rstrip()
     reply = client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=40, stop=[stop])
     assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "stop"
     text, finish, _ = ask_streamed(client, msgs, stop=stop, max_tokens=40)
@@ -281,9 +291,8 @@ def test_disconnected_clients_stop_their_generation(server):
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_checkpoint_fp32, tmp_path_factory):
     """A LoRA adapter with random (non-zero) weights on q/k/v, saved by PEFT: the `adapter` export layout."""
-    from peft import LoraConfig, get_peft_model
-
     from axolotl_minicpmv import MiniCPMV
+    from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     base = MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32)

@@ -70,7 +70,7 @@ class _Row:
         self.ids: list[int] = []
         self.reason: str | None = None
         self.text = ""  # the answer so far (decoded as `chat` decodes it, cut before a stop string)
-        self.sent = 0  # characters of `text` streamed already
+        self.sent = ""  # the text streamed already
         self.needs_text = job.request.stream or bool(job.request.stop)
         self.holdback = max((len(s) for s in job.request.stop), default=1) - 1
 
@@ -95,16 +95,19 @@ class _Row:
 
     def stream(self, final: bool) -> None:
         # Hold back what could still become a stop string, trailing spaces (`chat` strips the answer) and an
-        # incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives).
+        # incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives). Decoding is not always
+        # prefix-stable (spaces next to special pieces), so only text that extends what was sent goes out.
         text = self.text
         if not final:
             text = text.rstrip()
-            text = text[: max(self.sent, len(text) - self.holdback)] if self.holdback else text
-            while text.endswith("\ufffd") and len(text) > self.sent:
+            text = text[: len(text) - self.holdback] if self.holdback else text
+            while text.endswith("\ufffd"):
                 text = text[:-1]
-        if len(text) > self.sent and text.startswith(self.text[: self.sent]):
-            self.job.emit("delta", text[self.sent :])
-            self.sent = len(text)
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self.job.emit("delta", text[len(self.sent) :])
+            self.sent = text
+        elif final and not text.startswith(self.sent):
+            logger.warning("streamed text is not a prefix of the final answer (decoding changed earlier text)")
 
 
 class _Streamer:

@@ -32,15 +32,25 @@ sys.path.insert(0, str(HERE.parent / "plugin"))
 sys.path.insert(0, str(HERE))
 
 
-def _serve(port: int, max_batch_size: int, max_queue: int, ready) -> None:
-    """The server process: the real-size random model behind the real app."""
+def _serve(port: int, max_batch_size: int, max_queue: int, ready, tiny: bool = False) -> None:
+    """The server process: the real-size random model (with --tiny, the tests' tiny one on CPU) behind the real app."""
+    import tempfile
+
     import torch
     import uvicorn
+    from axolotl_minicpmv import MiniCPMV, MiniCPMVProcessor
     from axolotl_minicpmv.serving.api import ServerSettings, create_app
     from axolotl_minicpmv.serving.scheduler import Scheduler
+    from axolotl_minicpmv.testing.tiny_checkpoint import make_tiny_checkpoint
     from bench_chat import bench_model
 
-    model, tokenizer, processor = bench_model()
+    if tiny:  # a smoke run of this script without a GPU
+        checkpoint = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", dtype=torch.float32)
+        model = MiniCPMV.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        processor = MiniCPMVProcessor.from_pretrained(checkpoint)
+        tokenizer = processor.tokenizer
+    else:
+        model, tokenizer, processor = bench_model()
     with torch.no_grad():
         model.llm.lm_head.weight[tokenizer.eos_token_id] = 0  # no early eos: every answer is max_tokens long
     scheduler = Scheduler(model, processor, max_batch_size=max_batch_size, max_queue=max_queue)
@@ -109,6 +119,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--port", type=int, default=18777)
+    parser.add_argument("--tiny", action="store_true", help="the tests' tiny checkpoint on CPU: checks the script, measures nothing")
     parser.add_argument("--out", default=str(HERE / "results.jsonl"))
     args = parser.parse_args()
 
@@ -118,7 +129,8 @@ def main() -> None:
 
     context = multiprocessing.get_context("spawn")
     ready = context.Event()
-    server = context.Process(target=_serve, args=(args.port, args.max_batch_size, 4 * max(args.clients), ready), daemon=True)
+    server = context.Process(target=_serve, args=(args.port, args.max_batch_size, 4 * max(args.clients), ready, args.tiny),
+                             daemon=True)
     server.start()
     base = f"http://127.0.0.1:{args.port}"
     try:
@@ -140,7 +152,8 @@ def main() -> None:
     result = {"bench": "serve", "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "date": date.today().isoformat(), "versions": versions("torch", "transformers", "timm", "fastapi", "uvicorn"),
               "command": "python " + " ".join(sys.argv), "new_tokens": args.new_tokens, "image": "448x448",
-              "max_batch_size": args.max_batch_size, "levels": levels, "largest_batch": health.get("largest_batch")}
+              "max_batch_size": args.max_batch_size, "levels": levels, "largest_batch": health.get("largest_batch"),
+              **({"note": "--tiny smoke run (tiny checkpoint, CPU): not a measurement"} if args.tiny else {})}
     by_clients = {level["clients"]: level for level in levels}
     if 1 in by_clients and 32 in by_clients:
         result["tokens_per_s_32_over_1"] = round(by_clients[32]["tokens_per_s"] / by_clients[1]["tokens_per_s"], 2)

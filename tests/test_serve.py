@@ -206,11 +206,11 @@ def test_sampling_with_a_seed_repeats(client):
     assert first == second
 
 
-def raw(server, body, key=KEY, **kwargs):
+def raw(server, body, key=KEY, timeout=60):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(server.url + "/v1/chat/completions", content=content, headers={**headers, "Content-Type": "application/json"},
-                      timeout=60, **kwargs)
+                      timeout=timeout)
 
 
 def test_auth(server):

@@ -254,6 +254,7 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
         ({"model": "tiny", "messages": [user], "max_tokens": 100000}, 400, "max_tokens", "server's limit 512"),
         ({"model": "tiny", "messages": [user], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
         ({"model": "tiny", "messages": [user], "stream": "yes"}, 400, "stream", "true or false"),
+        ({"model": "tiny", "messages": [user], "max_tokens": 5, "min_tokens": 6}, 400, "min_tokens", "between 0 and max_tokens"),
     ]
     for body, status, param, reason in cases:
         response = raw(server, body)
@@ -269,7 +270,7 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
 
 def test_disconnected_clients_stop_their_generation(server):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Talk for a long time."}], "max_tokens": 512,
-            "temperature": 0}
+            "min_tokens": 512, "temperature": 0}
     before = server.health()["cancelled"]
     with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True},
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as response:
@@ -329,21 +330,23 @@ def test_adapter_is_served(adapter_server, adapter_dir, tiny_checkpoint_fp32, ti
 
 def test_full_queue_gets_503_with_retry_after(adapter_server):
     url = adapter_server.url + "/v1/chat/completions"
-    long = {"model": "tiny-lora", "messages": [{"role": "user", "content": "Go on and on."}], "max_tokens": 1024, "temperature": 0}
+    long = {"model": "tiny-lora", "messages": [{"role": "user", "content": "Go on and on."}], "max_tokens": 1024, "min_tokens": 1024,
+            "temperature": 0}
     waiting: dict = {}
     with httpx.stream("POST", url, json={**long, "stream": True}, timeout=60) as running:
         for line in running.iter_lines():
             if '"content": "' in line and '"content": ""' not in line:
                 break  # the first request runs (batch size 1)
-        thread = threading.Thread(target=lambda: waiting.update(r=httpx.post(url, json={**long, "max_tokens": 4}, timeout=120)))
+        thread = threading.Thread(target=lambda: waiting.update(r=httpx.post(url, json={**long, "max_tokens": 4, "min_tokens": 0}, timeout=120)))
         thread.start()
         deadline = time.monotonic() + 20
         while adapter_server.health()["queued"] < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        refused = httpx.post(url, json={**long, "max_tokens": 4}, timeout=30)
+        assert adapter_server.health()["running"] == 1
+        refused = httpx.post(url, json={**long, "max_tokens": 4, "min_tokens": 0}, timeout=30)
         assert refused.status_code == 503, refused.text
         assert int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["code"] == "server_busy" and "--max-queue" in refused.json()["error"]["message"]
     thread.join(timeout=120)  # leaving the stream cancelled the running request; the waiting one runs
     assert waiting["r"].status_code == 200 and waiting["r"].json()["choices"][0]["finish_reason"] == "length"
-    assert httpx.post(url, json={**long, "max_tokens": 2}, timeout=60).status_code == 200
+    assert httpx.post(url, json={**long, "max_tokens": 2, "min_tokens": 0}, timeout=60).status_code == 200

@@ -116,7 +116,7 @@ def tiny_checkpoint_command(out_dir, seed, full_size):
 @click.option("--served-model-name", default=None, help="The `model` name clients send (default: the adapter's or model's folder name).")
 @click.option("--api-key", default=None, envvar="MINICPMV_API_KEY", help="Require `Authorization: Bearer KEY` on /v1 routes (or set MINICPMV_API_KEY).")
 @click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(1, 256), help="Requests per generate call.")
-@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0), help="Requests waiting beyond the running batch; more get 503.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1), help="Requests waiting beyond the running batch; more get 503.")
 @click.option("--max-image-pixels", default=4096 * 4096, show_default=True, type=click.IntRange(1), help="Largest picture (width x height) accepted.")
 @click.option("--max-tokens", default=1024, show_default=True, type=click.IntRange(1), help="Most new tokens per answer (and the default).")
 @click.option("--max-request-bytes", default=32 * 1024 * 1024, show_default=True, type=click.IntRange(1), help="Largest request body.")

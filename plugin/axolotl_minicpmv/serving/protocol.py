@@ -43,12 +43,13 @@ class ChatRequest:
     overrides: dict  # generate_answers overrides: num_beams / temperature / top_p / top_k / repetition_penalty
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    min_tokens: int = 0  # vLLM's extra field: no eos before this many tokens
     stream: bool = False
     include_usage: bool = False
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one `generate` call (one generation config per call)."""
-        return (self.greedy, tuple(sorted(self.overrides.items())), self.seed)
+        return (self.greedy, tuple(sorted(self.overrides.items())), self.seed, self.min_tokens)
 
 
 def parse_chat_request(body, model_names: set[str], max_tokens_limit: int) -> ChatRequest:
@@ -93,6 +94,9 @@ def parse_chat_request(body, model_names: set[str], max_tokens_limit: int) -> Ch
         given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty}
         overrides = {k: v for k, v in given.items() if v is not None}
 
+    min_tokens = body.get("min_tokens", 0)
+    if min_tokens is not None and not 0 <= _int(min_tokens, "min_tokens") <= max_tokens:
+        raise RequestError(f"'min_tokens' must be between 0 and max_tokens ({max_tokens}), got {min_tokens}", "min_tokens")
     seed = body.get("seed")
     if seed is not None:
         _int(seed, "seed")
@@ -103,7 +107,7 @@ def parse_chat_request(body, model_names: set[str], max_tokens_limit: int) -> Ch
     if not isinstance(options, dict):
         raise RequestError("'stream_options' must be an object", "stream_options")
     return ChatRequest(conversation, image_urls, int(max_tokens), greedy, overrides, _stop(body.get("stop")), seed,
-                       bool(stream), bool(options.get("include_usage")))
+                       int(min_tokens or 0), bool(stream), bool(options.get("include_usage")))
 
 
 def _messages(messages) -> tuple[list[dict], list[tuple[str, str]]]:

@@ -3,7 +3,7 @@
 Batches form between `generate` calls: requests that arrive while a batch runs wait (up to `max_queue` of
 them) and join the next batch, up to `max_batch_size`, taking the oldest request's generation settings and
 every waiting request with equal settings (one `generate` call has one generation config; a request with a
-`seed` runs alone). Inside a batch, the vision tower sees the pictures of all requests grouped by size, and
+`seed` runs alone; `min_tokens` is part of the settings). Inside a batch, the vision tower sees the pictures of all requests grouped by size, and
 each row has its own end: eos, a stop string, its own `max_tokens`, or its client's disconnect. Greedy
 answers do not depend on the batch (tests/test_serve.py: 8 concurrent clients, float32).
 """
@@ -219,7 +219,7 @@ class Scheduler:
             generations = generate_answers(
                 self.model, self.processor, [j.request.conversation for j in batch], [j.images for j in batch],
                 sampling=not request.greedy, max_new_tokens=max(j.request.max_tokens for j in batch),
-                max_inp_length=self.max_inp_length, streamer=_Streamer(rows),
+                max_inp_length=self.max_inp_length, min_new_tokens=request.min_tokens, streamer=_Streamer(rows),
                 stopping_criteria=StoppingCriteriaList([_RowsEnded(rows, self._stopping)]), **request.overrides,
             )
         except Exception as err:  # a failed batch must not stop the server

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..inference.chat import decode_answer
 from ..inference.generate import generate_answers
 from ..model.conversation import InvalidInputError
 from .protocol import ChatRequest
@@ -63,14 +62,21 @@ class Result:
 
 
 class _Row:
-    """What one batch row has generated so far, and whether (and why) it has ended."""
+    """What one batch row has generated so far, and whether (and why) it has ended.
+
+    Text is decoded incrementally (each step decodes a few tokens, as other servers' detokenizers do: the new
+    tokens with the previous ones in front, so a piece's leading space survives), never the whole answer per
+    step, which would cost O(length^2) per row. The finished answer is decoded whole, as `chat` decodes it.
+    """
 
     def __init__(self, job: Job, tokenizer):
         self.job, self.tokenizer = job, tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # generated ids, eos included
+        self.text_ids: list[int] = []  # without eos / padding: what is decoded
+        self.window = (0, 0)  # (first, read) offsets into text_ids of the incremental decoder
         self.reason: str | None = None
-        self.text = ""  # the answer so far (decoded as `chat` decodes it, cut before a stop string)
-        self.sent = ""  # the text streamed already
+        self.text = ""  # the text decoded so far (cut before a stop string once one appears)
+        self.sent = ""  # the text streamed already (always a prefix of `text` until the end)
         self.needs_text = job.request.stream or bool(job.request.stop)
         self.holdback = max((len(s) for s in job.request.stop), default=1) - 1
 
@@ -80,34 +86,47 @@ class _Row:
         self.ids.append(token)
         if token == self.tokenizer.eos_token_id:
             self.reason = "stop"
-        if self.needs_text:
-            self.text = decode_answer(torch.tensor(self.ids), self.tokenizer)
+        elif token != 0:
+            self.text_ids.append(token)
+        if self.needs_text and self.reason is None:
+            before = len(self.text)
+            self.text += self._increment()
             for stop in self.job.request.stop:
-                at = self.text.find(stop)
+                at = self.text.find(stop, max(0, before - len(stop)))
                 if at >= 0:
                     self.text, self.reason = self.text[:at].rstrip(), "stop"
         if self.reason is None and len(self.ids) >= self.job.request.max_tokens:
             self.reason = "length"
         if self.reason is None and self.job.cancelled.is_set():
             self.reason = "cancelled"
-        if self.job.request.stream:
-            self.stream(final=self.reason is not None)
+        if self.job.request.stream and self.reason is None:
+            # hold back trailing spaces (`chat` strips the answer) and what could still become a stop string
+            ready = self.text.rstrip()
+            ready = ready[: len(ready) - self.holdback] if self.holdback else ready
+            if len(ready) > len(self.sent):
+                self.job.emit("delta", ready[len(self.sent) :])
+                self.sent = ready
 
-    def stream(self, final: bool) -> None:
-        # Hold back what could still become a stop string, trailing spaces (`chat` strips the answer) and an
-        # incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives). Decoding is not always
-        # prefix-stable (spaces next to special pieces), so only text that extends what was sent goes out.
-        text = self.text
-        if not final:
-            text = text.rstrip()
-            text = text[: len(text) - self.holdback] if self.holdback else text
-            while text.endswith("\ufffd"):
-                text = text[:-1]
-        if len(text) > len(self.sent) and text.startswith(self.sent):
-            self.job.emit("delta", text[len(self.sent) :])
-            self.sent = text
-        elif final and not text.startswith(self.sent):
-            logger.warning("streamed text is not a prefix of the final answer (decoding changed earlier text)")
+    def _increment(self) -> str:
+        first, read = self.window
+        before = self.tokenizer.decode(self.text_ids[first:read]) if read > first else ""
+        after = self.tokenizer.decode(self.text_ids[first:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):  # wait for the rest of a UTF-8 character
+            return ""
+        if not self.text:
+            after, before = after.lstrip(), before.lstrip()  # `chat` strips the answer's start
+        self.window = (read, len(self.text_ids))
+        return after[len(before) :]
+
+    def finish(self, answer: str) -> None:
+        """Stream the rest of the finished answer: exactly `answer` when what was sent is its start."""
+        if answer.startswith(self.sent):
+            rest = answer[len(self.sent) :]
+        else:  # incremental decoding differed from decoding the whole answer (rare): finish incrementally
+            logger.warning("streamed text differs from the whole answer's decoding; finishing the stream incrementally")
+            rest = (self.text + self._increment()).rstrip()[len(self.sent) :]
+        if rest:
+            self.job.emit("delta", rest)
 
 
 class _Streamer:
@@ -240,6 +259,5 @@ class Scheduler:
                 self.stats["completed"] += 1
             text = row.text if row.job.request.stop else generation.text
             if row.job.request.stream:
-                row.text = text
-                row.stream(final=True)
+                row.finish(text)
             row.job.emit("done", Result(text, reason, generation.prompt_tokens, len(generation.token_ids)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -184,8 +185,10 @@ def test_stop_strings_and_max_tokens(client, tiny_model, tokenizer):
     reply = client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=40, stop=[stop])
     answer = reply.choices[0].message.content
     assert reply.choices[0].finish_reason == "stop" and stop not in answer and reply.usage.completion_tokens < 40
-    # the answer up to the stop string (spaces aside: the text is decoded token by token while it is watched)
-    assert full.replace(" ", "").startswith(answer.replace(" ", "")) and len(answer) >= full.find(stop) // 2
+    # The answer up to the stop string. While stop strings are watched the text is decoded token by token, which
+    # on the tiny model's random byte pieces differs from decoding the whole in spaces and punctuation: compare letters.
+    letters = lambda text: re.sub(r"[\W_]", "", text)  # noqa: E731
+    assert letters(full).startswith(letters(answer)) and len(letters(answer)) >= len(letters(full[: full.find(stop)])) - 2
     text, finish, _ = ask_streamed(client, msgs, stop=stop, max_tokens=40)
     assert text == answer and finish == "stop"
     short = client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=3)

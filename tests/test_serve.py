@@ -330,9 +330,9 @@ def test_full_queue_gets_503_with_retry_after(adapter_server):
             "temperature": 0}
     waiting: dict = {}
     with httpx.stream("POST", url, json={**long, "stream": True}, timeout=60) as running:
-        for line in running.iter_lines():
-            if '"content": "' in line and '"content": ""' not in line:
-                break  # the first request runs (batch size 1)
+        lines = running.iter_lines()  # kept: closing this iterator would close the connection (and cancel the request)
+        while not ('"content": "' in (line := next(lines)) and '"content": ""' not in line):
+            pass  # until the first request runs (batch size 1)
         thread = threading.Thread(target=lambda: waiting.update(r=httpx.post(url, json={**long, "max_tokens": 4, "min_tokens": 0}, timeout=120)))
         thread.start()
         deadline = time.monotonic() + 20
@@ -343,6 +343,7 @@ def test_full_queue_gets_503_with_retry_after(adapter_server):
         assert refused.status_code == 503, refused.text
         assert int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["code"] == "server_busy" and "--max-queue" in refused.json()["error"]["message"]
+        lines.close()
     thread.join(timeout=120)  # leaving the stream cancelled the running request; the waiting one runs
     assert waiting["r"].status_code == 200 and waiting["r"].json()["choices"][0]["finish_reason"] == "length"
     assert httpx.post(url, json={**long, "max_tokens": 2, "min_tokens": 0}, timeout=60).status_code == 200

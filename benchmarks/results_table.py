@@ -54,6 +54,13 @@ def _summary(run: dict) -> str:
         if "note" in run:
             parts.append(run["note"])
         return "; ".join(parts)
+    if run["bench"] == "serve":
+        parts = [f"{lv['clients']} clients: {lv['requests_per_s']} req/s, {lv['tokens_per_s']} tok/s, TTFT p50/p95 "
+                 f"{lv['ttft_ms_p50']}/{lv['ttft_ms_p95']} ms, latency p50/p95 {lv['latency_s_p50']}/{lv['latency_s_p95']} s"
+                 for lv in run["levels"]]
+        if "tokens_per_s_32_over_1" in run:
+            parts.append(f"32 vs 1 client tokens/s x{run['tokens_per_s_32_over_1']}")
+        return "; ".join(parts)
     if run["rc"] != 0:
         return f"failed (exit {run['rc']}) after {run['steps_logged']} steps"
     rate = f"{round(float(run['samples_per_second_median']), 3)} samples/s (median step)"

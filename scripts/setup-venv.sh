@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import axolotl_minicpmv, axolotl, timm, deepspeed" 2>/dev/null; then
+if ! .venv/bin/python -c "import axolotl_minicpmv, axolotl, timm, deepspeed, openai, playwright" 2>/dev/null; then
   .venv/bin/python -m pip install -q --no-cache-dir --upgrade pip
   .venv/bin/python -m pip install -q --no-cache-dir "torch===2.13.0" "torchvision==0.28.0"
   .venv/bin/python -m pip install -q --no-cache-dir -e ".[test]"

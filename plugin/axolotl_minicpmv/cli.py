@@ -1,5 +1,5 @@
-"""Command line: `axolotl minicpmv-chat`, `axolotl minicpmv-export`, `axolotl minicpmv-predict` (Axolotl CLI plugins)
-and `python -m axolotl_minicpmv {chat,export,predict,tiny-checkpoint}`."""
+"""Command line: `axolotl minicpmv-chat`, `minicpmv-export`, `minicpmv-predict`, `minicpmv-serve` (Axolotl CLI plugins)
+and `python -m axolotl_minicpmv {chat,export,predict,serve,tiny-checkpoint}`."""
 
 from __future__ import annotations
 
@@ -193,12 +193,45 @@ def tiny_checkpoint_command(out_dir, seed, full_size):
     click.echo(f"wrote {make_tiny_checkpoint(out_dir, seed=seed, full_size=full_size)}")
 
 
+@click.command("minicpmv-serve")
+@click.option("--model", "model_path", required=True, help="Base model or merged export: hub id or directory in the official layout.")
+@click.option("--adapter", default=None, help="Adapter exported by minicpmv-export, served unmerged on top of --model.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback exposes the server.")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--served-model-name", default=None, help="The `model` name clients send (default: the adapter's or model's folder name).")
+@click.option("--api-key", default=None, envvar="MINICPMV_API_KEY", help="Require `Authorization: Bearer KEY` on /v1 routes (or set MINICPMV_API_KEY).")
+@click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(1, 256), help="Requests per generate call.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1), help="Requests waiting beyond the running batch; more get 503.")
+@click.option("--max-image-pixels", default=4096 * 4096, show_default=True, type=click.IntRange(1), help="Largest picture (width x height) accepted.")
+@click.option("--max-tokens", default=1024, show_default=True, type=click.IntRange(1), help="Most new tokens per answer (and the default).")
+@click.option("--max-request-bytes", default=32 * 1024 * 1024, show_default=True, type=click.IntRange(1), help="Largest request body.")
+@click.option("--image-root", default=None, type=click.Path(exists=True, file_okay=False), help="Allow image_url file paths inside this folder only.")
+@click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
+@click.option("--dtype", default=None, type=click.Choice(["bfloat16", "float16", "float32"]), help="Default: by device.")
+@click.option("--no-ui", is_flag=True, help="Do not serve the chat page at /.")
+def serve_command(model_path, adapter, host, port, served_model_name, api_key, max_batch_size, max_queue, max_image_pixels,
+                  max_tokens, max_request_bytes, image_root, device, dtype, no_ui):
+    """Serve MiniCPM-V 2.0 with an OpenAI-compatible API (POST /v1/chat/completions) and a chat page at /."""
+    from pathlib import Path
+
+    from .serving.server import serve
+
+    try:
+        serve(model_path, adapter, host=host, port=port, model_name=served_model_name, api_key=api_key,
+              max_batch_size=max_batch_size, max_queue=max_queue, max_image_pixels=max_image_pixels, max_tokens=max_tokens,
+              max_request_bytes=max_request_bytes, image_root=Path(image_root) if image_root else None, device=device,
+              dtype=dtype, ui=not no_ui)
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+
+
 @click.group()
 def main():
-    """MiniCPM-V 2.0 tools (the same commands exist as `axolotl minicpmv-chat` / `minicpmv-export` / `minicpmv-predict`)."""
+    """MiniCPM-V 2.0 tools (the same commands exist as `axolotl minicpmv-chat` / `-export` / `-predict` / `-serve`)."""
 
 
 main.add_command(chat_command, "chat")
 main.add_command(export_command, "export")
 main.add_command(predict_command, "predict")
 main.add_command(tiny_checkpoint_command, "tiny-checkpoint")
+main.add_command(serve_command, "serve")

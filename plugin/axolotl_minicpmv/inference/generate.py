@@ -39,13 +39,14 @@ def generate_answers(
     max_inp_length: int = 2048,
     streamer=None,
     stopping_criteria=None,
+    min_new_tokens: int = 0,
     **overrides,
 ) -> list[Generation]:
     """Answer the last user turn of each conversation (with its pictures, `<image>`-tagged or one in front).
 
     The generation settings are `chat`'s: the official defaults for `sampling` (beam search with 3 beams when
     False), with `overrides` for those keys (e.g. `num_beams=1` for greedy). `streamer` and `stopping_criteria`
-    go to `generate` unchanged.
+    go to `generate` unchanged; `min_new_tokens` (every row) keeps eos away until that many tokens.
     """
     batch = processor(conversations, images, padding_side="left", max_length=max_inp_length, device=model.device)
     embeds = model.embed_inputs(batch["input_ids"], batch.get("pixel_values"), batch.get("vision_order"), batch.get("image_bound"))
@@ -63,6 +64,7 @@ def generate_answers(
             max_new_tokens=max_new_tokens,
             streamer=streamer,
             stopping_criteria=stopping_criteria,
+            **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}),
             **config,
         )
     prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()

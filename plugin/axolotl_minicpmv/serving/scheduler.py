@@ -1,0 +1,263 @@
+"""The one thread that runs the model: queued requests are batched through `generate_answers`.
+
+Batches form between `generate` calls: requests that arrive while a batch runs wait (up to `max_queue` of
+them) and join the next batch, up to `max_batch_size`, taking the oldest request's generation settings and
+every waiting request with equal settings (one `generate` call has one generation config; a request with a
+`seed` runs alone; `min_tokens` is part of the settings). Inside a batch, the vision tower sees the pictures of all requests grouped by size, and
+each row has its own end: eos, a stop string, its own `max_tokens`, or its client's disconnect. Greedy
+answers do not depend on the batch (tests/test_serve.py: 8 concurrent clients, float32).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from ..inference.generate import generate_answers
+from ..model.conversation import InvalidInputError
+from .protocol import ChatRequest
+
+logger = logging.getLogger("axolotl_minicpmv.serving")
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    """One request on its way through the scheduler; events go to `events` on the server's event loop."""
+
+    request: ChatRequest
+    images: list
+    prompt_tokens: int
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    created: float = field(default_factory=time.monotonic)
+
+    def emit(self, kind: str, payload) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the server's loop is gone (shutdown)
+            pass
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class _Row:
+    """What one batch row has generated so far, and whether (and why) it has ended.
+
+    Text is decoded incrementally (each step decodes a few tokens, as other servers' detokenizers do: the new
+    tokens with the previous ones in front, so a piece's leading space survives), never the whole answer per
+    step, which would cost O(length^2) per row. The finished answer is decoded whole, as `chat` decodes it.
+    """
+
+    def __init__(self, job: Job, tokenizer):
+        self.job, self.tokenizer = job, tokenizer
+        self.ids: list[int] = []  # generated ids, eos included
+        self.text_ids: list[int] = []  # without eos / padding: what is decoded
+        self.window = (0, 0)  # (first, read) offsets into text_ids of the incremental decoder
+        self.reason: str | None = None
+        self.text = ""  # the text decoded so far (cut before a stop string once one appears)
+        self.sent = ""  # the text streamed already (always a prefix of `text` until the end)
+        self.needs_text = job.request.stream or bool(job.request.stop)
+        self.holdback = max((len(s) for s in job.request.stop), default=1) - 1
+
+    def add(self, token: int) -> None:
+        if self.reason is not None:
+            return  # an ended row gets padding
+        self.ids.append(token)
+        if token == self.tokenizer.eos_token_id:
+            self.reason = "stop"
+        elif token != 0:
+            self.text_ids.append(token)
+        if self.needs_text and self.reason is None:
+            before = len(self.text)
+            self.text += self._increment()
+            for stop in self.job.request.stop:
+                at = self.text.find(stop, max(0, before - len(stop)))
+                if at >= 0:
+                    self.text, self.reason = self.text[:at].rstrip(), "stop"
+        if self.reason is None and len(self.ids) >= self.job.request.max_tokens:
+            self.reason = "length"
+        if self.reason is None and self.job.cancelled.is_set():
+            self.reason = "cancelled"
+        if self.job.request.stream and self.reason is None:
+            # hold back trailing spaces (`chat` strips the answer) and what could still become a stop string
+            ready = self.text.rstrip()
+            ready = ready[: len(ready) - self.holdback] if self.holdback else ready
+            if len(ready) > len(self.sent):
+                self.job.emit("delta", ready[len(self.sent) :])
+                self.sent = ready
+
+    def _increment(self) -> str:
+        first, read = self.window
+        before = self.tokenizer.decode(self.text_ids[first:read]) if read > first else ""
+        after = self.tokenizer.decode(self.text_ids[first:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):  # wait for the rest of a UTF-8 character
+            return ""
+        if not self.text:
+            after, before = after.lstrip(), before.lstrip()  # `chat` strips the answer's start
+        self.window = (read, len(self.text_ids))
+        return after[len(before) :]
+
+    def finish(self, answer: str) -> None:
+        """Stream the rest of the finished answer: exactly `answer` when what was sent is its start."""
+        if answer.startswith(self.sent):
+            rest = answer[len(self.sent) :]
+        else:  # incremental decoding differed from decoding the whole answer (rare): finish incrementally
+            logger.warning("streamed text differs from the whole answer's decoding; finishing the stream incrementally")
+            rest = (self.text + self._increment()).rstrip()[len(self.sent) :]
+        if rest:
+            self.job.emit("delta", rest)
+
+
+class _Streamer:
+    """A transformers streamer: one `put` per generated step with a token per row."""
+
+    def __init__(self, rows: list[_Row]):
+        self.rows = rows
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() != 1:  # the prompt (empty: generation starts from embeddings)
+            return
+        for row, token in zip(self.rows, value.tolist()):
+            row.add(token)
+
+    def end(self) -> None:
+        pass
+
+
+class _RowsEnded(StoppingCriteria):
+    """Per-row end: the rows that `_Row.add` ended (stop string, own max_tokens, disconnect) or a shutdown."""
+
+    def __init__(self, rows: list[_Row], stopping: threading.Event):
+        self.rows, self.stopping = rows, stopping
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        for row in self.rows:
+            if row.reason is None and row.job.cancelled.is_set():
+                row.reason = "cancelled"
+        done = [row.reason is not None or self.stopping.is_set() for row in self.rows]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class Scheduler:
+    """Owns the model: `submit` queues a Job (or raises QueueFull); one worker thread runs the batches."""
+
+    def __init__(self, model, processor, *, max_batch_size: int = 8, max_queue: int = 64, max_inp_length: int = 2048):
+        self.model, self.processor = model, processor
+        self.max_batch_size, self.max_queue, self.max_inp_length = max_batch_size, max_queue, max_inp_length
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = threading.Event()
+        self.running = 0
+        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "batches": 0, "largest_batch": 0}
+        self._seconds_per_batch = 1.0  # for Retry-After
+        self._thread = threading.Thread(target=self._work, name="minicpmv-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has room again, roughly (for the 503's Retry-After)."""
+        return max(1, round(self._seconds_per_batch * (1 + self.queued / max(1, self.max_batch_size))))
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull
+            self._pending.append(job)
+            self._cond.notify()
+
+    def close(self) -> None:
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    def _take_batch(self) -> list[Job]:
+        with self._cond:
+            while not self._pending and not self._stopping.is_set():
+                self._cond.wait()
+            # drop requests whose clients left while they waited
+            for job in [j for j in self._pending if j.cancelled.is_set()]:
+                self._pending.remove(job)
+                self.stats["cancelled"] += 1
+                job.emit("done", Result("", "cancelled", job.prompt_tokens, 0))
+            if not self._pending:
+                return []
+            key = self._pending[0].request.batch_key()
+            limit = 1 if self._pending[0].request.seed is not None else self.max_batch_size
+            batch = [j for j in self._pending if j.request.batch_key() == key][:limit]
+            for job in batch:
+                self._pending.remove(job)
+            self.running = len(batch)
+            return batch
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            batch = self._take_batch()
+            if not batch:
+                continue
+            start = time.monotonic()
+            try:
+                self._run(batch)
+            finally:
+                self.running = 0
+                self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * (time.monotonic() - start)
+
+    def _run(self, batch: list[Job]) -> None:
+        request = batch[0].request
+        tokenizer = self.processor.tokenizer
+        rows = [_Row(job, tokenizer) for job in batch]
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+        try:
+            if request.seed is not None:
+                torch.manual_seed(request.seed)
+            generations = generate_answers(
+                self.model, self.processor, [j.request.conversation for j in batch], [j.images for j in batch],
+                sampling=not request.greedy, max_new_tokens=max(j.request.max_tokens for j in batch),
+                max_inp_length=self.max_inp_length, min_new_tokens=request.min_tokens, streamer=_Streamer(rows),
+                stopping_criteria=StoppingCriteriaList([_RowsEnded(rows, self._stopping)]), **request.overrides,
+            )
+        except Exception as err:  # a failed batch must not stop the server
+            if len(batch) > 1:  # find the request that fails; the others still get their answers
+                for job in batch:
+                    self._run([job])
+                return
+            self.stats["failed"] += 1
+            if not isinstance(err, InvalidInputError):
+                logger.exception("generation failed")
+            batch[0].emit("error", err)
+            return
+        for row, generation in zip(rows, generations):
+            reason = row.reason or generation.finish_reason
+            if reason == "cancelled":
+                self.stats["cancelled"] += 1
+            else:
+                self.stats["completed"] += 1
+            text = row.text if row.job.request.stop else generation.text
+            if row.job.request.stream:
+                row.finish(text)
+            row.job.emit("done", Result(text, reason, generation.prompt_tokens, len(generation.token_ids)))

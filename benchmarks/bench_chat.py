@@ -90,15 +90,26 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--fast", action="store_true", help="chat(fast=True) / FastDecoder: static KV cache + CUDA graphs")
     parser.add_argument("--attn", default="sdpa")
-    parser.add_argument("--sizes", nargs="*", default=["448x448", "1344x896"],
-                        help="images for time to first token, WxH; none (a bare --sizes) measures decoding only")
+    parser.add_argument(
+        "--sizes",
+        nargs="*",
+        default=["448x448", "1344x896"],
+        help="images for time to first token, WxH; none (a bare --sizes) measures decoding only",
+    )
     parser.add_argument("--ttft-only", action="store_true", help="skip the decode and memory measurements")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.jsonl")))
     args = parser.parse_args()
 
     model, tokenizer, processor = bench_model(args.attn)
-    result = {"bench": "chat", "gpu": torch.cuda.get_device_name(), "date": date.today().isoformat(), "fast": args.fast,
-              "versions": versions("torch", "transformers", "timm"), "attn": args.attn, "command": "python " + " ".join(sys.argv)}
+    result = {
+        "bench": "chat",
+        "gpu": torch.cuda.get_device_name(),
+        "date": date.today().isoformat(),
+        "fast": args.fast,
+        "versions": versions("torch", "transformers", "timm"),
+        "attn": args.attn,
+        "command": "python " + " ".join(sys.argv),
+    }
 
     msgs = [{"role": "user", "content": QUESTION}]
     for width, height in (tuple(int(v) for v in size.split("x")) for size in args.sizes):
@@ -106,7 +117,9 @@ def main() -> None:
         start = time.perf_counter()  # the first call includes --fast's compilations (dynamic shapes: once)
         model.chat(image, msgs, tokenizer=tokenizer, sampling=False, num_beams=1, max_new_tokens=1, fast=args.fast)
         result[f"first_call_s_{width}x{height}"] = round(time.perf_counter() - start, 1)
-        ttft = timed(lambda: model.chat(image, msgs, tokenizer=tokenizer, sampling=False, num_beams=1, max_new_tokens=1, fast=args.fast), args.runs)
+        ttft = timed(
+            lambda: model.chat(image, msgs, tokenizer=tokenizer, sampling=False, num_beams=1, max_new_tokens=1, fast=args.fast), args.runs
+        )
         _, prompt_len = prompt_embeds(model, processor, image, 1)
         result[f"ttft_ms_{width}x{height}"] = round(ttft * 1000, 1)
         result[f"prompt_tokens_{width}x{height}"] = prompt_len
@@ -121,9 +134,15 @@ def main() -> None:
         if fast:
             return decoder.generate(embeds, new_tokens, **kwargs)
         with torch.inference_mode():
-            return model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"),
-                                  do_sample=False, num_beams=1, max_new_tokens=new_tokens, pad_token_id=0,
-                                  **({"min_new_tokens": new_tokens} | kwargs))
+            return model.generate(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"),
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=new_tokens,
+                pad_token_id=0,
+                **({"min_new_tokens": new_tokens} | kwargs),
+            )
 
     image = picture(448, 448)
     for batch in (1, 8):

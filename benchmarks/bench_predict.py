@@ -25,9 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from axolotl_minicpmv.inference.predict import predict
 from bench_chat import bench_model, picture
 from results_table import record, versions
+
+from axolotl_minicpmv.inference.predict import predict
 
 SIZES = [(448, 448), (672, 448), (448, 672), (896, 672), (896, 896), (1344, 896), (896, 1344), (1344, 1344)]
 QUESTION = "What is shown in this picture?"
@@ -41,9 +42,14 @@ def make_samples(folder: Path, count: int, seed: int = 0) -> list[dict]:
         picture(width, height).save(path, quality=90)
         files[(width, height)] = str(path)
     rng = random.Random(seed)
-    return [{"id": f"bench-{i:04d}", "image": files[rng.choice(SIZES)],
-             "conversations": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "A picture."}]}
-            for i in range(count)]
+    return [
+        {
+            "id": f"bench-{i:04d}",
+            "image": files[rng.choice(SIZES)],
+            "conversations": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "A picture."}],
+        }
+        for i in range(count)
+    ]
 
 
 def main() -> None:
@@ -71,14 +77,25 @@ def main() -> None:
     assert not failed, failed[:3]
     tokens = sum(row["generated_tokens"] for row in rows)
     assert all(row["generated_tokens"] == args.new_tokens for row in rows), {row["generated_tokens"] for row in rows}
-    record({
-        "bench": "predict", "gpu": torch.cuda.get_device_name(), "date": date.today().isoformat(),
-        "versions": versions("torch", "transformers", "timm"), "attn": args.attn, "command": "python " + " ".join(sys.argv),
-        "samples": len(rows), "batch_size": args.batch_size, "new_tokens": args.new_tokens, "elapsed_s": round(elapsed, 2),
-        "samples_per_s": round(len(rows) / elapsed, 2), "generated_tokens_per_s": round(tokens / elapsed, 1),
-        "prompt_tokens_mean": round(sum(row["prompt_tokens"] for row in rows) / len(rows), 1),
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-    }, Path(args.out))
+    record(
+        {
+            "bench": "predict",
+            "gpu": torch.cuda.get_device_name(),
+            "date": date.today().isoformat(),
+            "versions": versions("torch", "transformers", "timm"),
+            "attn": args.attn,
+            "command": "python " + " ".join(sys.argv),
+            "samples": len(rows),
+            "batch_size": args.batch_size,
+            "new_tokens": args.new_tokens,
+            "elapsed_s": round(elapsed, 2),
+            "samples_per_s": round(len(rows) / elapsed, 2),
+            "generated_tokens_per_s": round(tokens / elapsed, 1),
+            "prompt_tokens_mean": round(sum(row["prompt_tokens"] for row in rows) / len(rows), 1),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        },
+        Path(args.out),
+    )
 
 
 if __name__ == "__main__":

@@ -38,11 +38,12 @@ def _serve(port: int, max_batch_size: int, max_queue: int, ready, tiny: bool = F
 
     import torch
     import uvicorn
+    from bench_chat import bench_model
+
     from axolotl_minicpmv import MiniCPMV, MiniCPMVProcessor
     from axolotl_minicpmv.serving.api import ServerSettings, create_app
     from axolotl_minicpmv.serving.scheduler import Scheduler
     from axolotl_minicpmv.testing.tiny_checkpoint import make_tiny_checkpoint
-    from bench_chat import bench_model
 
     if tiny:  # a smoke run of this script without a GPU
         checkpoint = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", dtype=torch.float32)
@@ -67,10 +68,20 @@ def _image_url(seed: int) -> str:
 
 
 async def _one(client, url: str, image: str, new_tokens: int) -> tuple[float, float, int]:
-    body = {"model": "bench", "temperature": 0, "max_tokens": new_tokens, "min_tokens": new_tokens, "stream": True,
-            "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                                      {"type": "text", "text": "What is shown in this picture?"}]}]}
+    body = {
+        "model": "bench",
+        "temperature": 0,
+        "max_tokens": new_tokens,
+        "min_tokens": new_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "What is shown in this picture?"}],
+            }
+        ],
+    }
     start = time.perf_counter()
     first, tokens = None, 0
     async with client.stream("POST", url, json=body) as response:
@@ -95,6 +106,7 @@ async def _level(url: str, clients: int, per_client: int, new_tokens: int, image
     import httpx
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as client:
+
         async def worker(k: int):
             return [await _one(client, url, images[(k * per_client + i) % len(images)], new_tokens) for i in range(per_client)]
 
@@ -102,11 +114,18 @@ async def _level(url: str, clients: int, per_client: int, new_tokens: int, image
         results = [r for rs in await asyncio.gather(*(worker(k) for k in range(clients))) for r in rs]
         wall = time.perf_counter() - start
     ttft, latency, tokens = [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
-    return {"clients": clients, "requests": len(results), "wall_s": round(wall, 2),
-            "requests_per_s": round(len(results) / wall, 3), "tokens_per_s": round(sum(tokens) / wall, 1),
-            "mean_completion_tokens": round(statistics.mean(tokens), 1),
-            "ttft_ms_p50": round(1000 * _pct(ttft, 0.5), 1), "ttft_ms_p95": round(1000 * _pct(ttft, 0.95), 1),
-            "latency_s_p50": round(_pct(latency, 0.5), 3), "latency_s_p95": round(_pct(latency, 0.95), 3)}
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(len(results) / wall, 3),
+        "tokens_per_s": round(sum(tokens) / wall, 1),
+        "mean_completion_tokens": round(statistics.mean(tokens), 1),
+        "ttft_ms_p50": round(1000 * _pct(ttft, 0.5), 1),
+        "ttft_ms_p95": round(1000 * _pct(ttft, 0.95), 1),
+        "latency_s_p50": round(_pct(latency, 0.5), 3),
+        "latency_s_p95": round(_pct(latency, 0.95), 3),
+    }
 
 
 def main() -> None:
@@ -126,8 +145,7 @@ def main() -> None:
 
     context = multiprocessing.get_context("spawn")
     ready = context.Event()
-    server = context.Process(target=_serve, args=(args.port, args.max_batch_size, 4 * max(args.clients), ready, args.tiny),
-                             daemon=True)
+    server = context.Process(target=_serve, args=(args.port, args.max_batch_size, 4 * max(args.clients), ready, args.tiny), daemon=True)
     server.start()
     base = f"http://127.0.0.1:{args.port}"
     try:
@@ -146,11 +164,19 @@ def main() -> None:
     finally:
         server.terminate()
         server.join(timeout=30)
-    result = {"bench": "serve", "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "date": date.today().isoformat(), "versions": versions("torch", "transformers", "timm", "fastapi", "uvicorn"),
-              "command": "python " + " ".join(sys.argv), "new_tokens": args.new_tokens, "image": "448x448",
-              "max_batch_size": args.max_batch_size, "levels": levels, "largest_batch": health.get("largest_batch"),
-              **({"note": "--tiny smoke run (tiny checkpoint, CPU): not a measurement"} if args.tiny else {})}
+    result = {
+        "bench": "serve",
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "date": date.today().isoformat(),
+        "versions": versions("torch", "transformers", "timm", "fastapi", "uvicorn"),
+        "command": "python " + " ".join(sys.argv),
+        "new_tokens": args.new_tokens,
+        "image": "448x448",
+        "max_batch_size": args.max_batch_size,
+        "levels": levels,
+        "largest_batch": health.get("largest_batch"),
+        **({"note": "--tiny smoke run (tiny checkpoint, CPU): not a measurement"} if args.tiny else {}),
+    }
     by_clients = {level["clients"]: level for level in levels}
     if 1 in by_clients and 32 in by_clients:
         result["tokens_per_s_32_over_1"] = round(by_clients[32]["tokens_per_s"] / by_clients[1]["tokens_per_s"], 2)

@@ -34,7 +34,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from results_table import record, versions  # noqa: E402
 
-WORDS = "the a photo shows red blue green car house tree sky river people street sign table book window light small large left right".split()
+WORDS = (
+    "the a photo shows red blue green car house tree sky river people street sign table book window light small large left right".split()
+)
 
 
 ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
@@ -60,8 +62,10 @@ def make_dataset(folder: Path, samples: int, seed: int = 0) -> Path:
         turns = []
         for turn in range(3):
             question = sentence(rng, 12)
-            turns += [{"role": "user", "content": ("<image>\n" if turn == 0 else "") + question},
-                      {"role": "assistant", "content": sentence(rng, 40)}]
+            turns += [
+                {"role": "user", "content": ("<image>\n" if turn == 0 else "") + question},
+                {"role": "assistant", "content": sentence(rng, 40)},
+            ]
         rows.append({"id": f"bench-{index:04d}", "image": f"images/{path.name}", "conversations": turns})
     target = folder / "train.json"
     target.write_text(json.dumps(rows))
@@ -110,20 +114,40 @@ def main() -> None:
     config_path = work / f"bench-{tag}.yml"
     config_path.write_text(yaml.safe_dump(cfg))
 
-    command = ["accelerate", "launch", "--num_processes", str(args.num_processes), "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "-m", "axolotl.cli.train", str(config_path)]
+    command = [
+        "accelerate",
+        "launch",
+        "--num_processes",
+        str(args.num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "axolotl.cli.train",
+        str(config_path),
+    ]
     log_path = work / f"train-{tag}.log"
     with open(log_path, "w") as log:
         rc = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    steps = [ast.literal_eval(line[line.index("{"):].strip()) for line in log_path.read_text().splitlines()
-             if "'minicpmv/samples_per_second'" in line and "{" in line]
+    steps = [
+        ast.literal_eval(line[line.index("{") :].strip())
+        for line in log_path.read_text().splitlines()
+        if "'minicpmv/samples_per_second'" in line and "{" in line
+    ]
     rates = [float(s["minicpmv/samples_per_second"]) for s in steps]
-    steady = rates[args.warmup_steps:]
+    steady = rates[args.warmup_steps :]
 
     import torch
 
     result = {
-        "bench": "train", "deepspeed": tag, "processes": args.num_processes, "rc": rc, "steps_logged": len(steps),
+        "bench": "train",
+        "deepspeed": tag,
+        "processes": args.num_processes,
+        "rc": rc,
+        "steps_logged": len(steps),
         "samples_per_second_median": statistics.median(steady) if steady else None,
         "samples_per_second_by_step": rates,
         # all steady-state samples over the time they took: each rate covers one step of the same samples
@@ -133,7 +157,8 @@ def main() -> None:
         "device_reserved_gib": max((float(s.get("memory/device_reserved (GiB)", 0)) for s in steps), default=None),
         "losses": [float(s["loss"]) for s in steps],
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "date": date.today().isoformat(), "overrides": args.set,
+        "date": date.today().isoformat(),
+        "overrides": args.set,
         "versions": versions("torch", "transformers", "peft", "axolotl", "deepspeed"),
         # the CUDA allocator setting changes the speed (`axolotl train` sets expandable segments itself)
         "command": "".join(f"{k}={os.environ[k]} " for k in ALLOCATOR_ENV if k in os.environ) + "python " + " ".join(sys.argv),

@@ -94,25 +94,41 @@ def main() -> None:
         make_tiny_checkpoint(checkpoint)
     started = time.perf_counter()
     source = make_data(work, args.samples, args.images)
-    print(f"data: {source} ({source.stat().st_size / 2**20:.1f} MiB, {args.samples} samples, {args.images} images) "
-          f"in {time.perf_counter() - started:.0f} s", flush=True)
+    print(
+        f"data: {source} ({source.stat().st_size / 2**20:.1f} MiB, {args.samples} samples, {args.images} images) "
+        f"in {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
 
     cfg = yaml.safe_load((REPO / "examples" / "tiny_cpu.yml").read_text())
-    cfg.update(base_model=str(checkpoint), datasets=[{"path": str(source), "type": "axolotl_minicpmv.minicpmv_chat"}],
-               dataset_prepared_path=str(work / f"prepared-{time.time_ns()}"), output_dir=str(work / "out"),
-               dataset_num_proc=args.num_proc)
+    cfg.update(
+        base_model=str(checkpoint),
+        datasets=[{"path": str(source), "type": "axolotl_minicpmv.minicpmv_chat"}],
+        dataset_prepared_path=str(work / f"prepared-{time.time_ns()}"),
+        output_dir=str(work / "out"),
+        dataset_num_proc=args.num_proc,
+    )
     cfg.pop("test_datasets", None)
     cfg.update(eval_strategy="no")
     cfg.pop("eval_steps", None)
     config = work / "bench.yml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "WANDB_MODE": "disabled",
+    }
     load_before = os.getloadavg()
     start = time.perf_counter()
-    process = subprocess.Popen([str(BIN / "axolotl"), "preprocess", str(config)], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [str(BIN / "axolotl"), "preprocess", str(config)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     stop, peak = threading.Event(), {}
     watcher = threading.Thread(target=peak_memory, args=(process.pid, stop, peak))
     watcher.start()
@@ -125,8 +141,14 @@ def main() -> None:
         print(output[-4000:])
         raise SystemExit(f"axolotl preprocess failed ({process.returncode}); log: {work / 'preprocess.log'}")
     plugin = re.search(r"(\d+) samples validated and written to .*?\((\d+) read in ([\d.]+) s: (\d+) samples/s\)", output)
-    print(f"plugin preparation: {plugin.group(2)} samples in {plugin.group(3)} s = {plugin.group(4)} samples/s" if plugin else "plugin line not found")
-    print(f"axolotl preprocess total: {seconds:.1f} s = {args.samples / seconds:.0f} samples/s (start-up, preparation, tokenization, cache)")
+    print(
+        f"plugin preparation: {plugin.group(2)} samples in {plugin.group(3)} s = {plugin.group(4)} samples/s"
+        if plugin
+        else "plugin line not found"
+    )
+    print(
+        f"axolotl preprocess total: {seconds:.1f} s = {args.samples / seconds:.0f} samples/s (start-up, preparation, tokenization, cache)"
+    )
     print(f"peak memory of the process tree: PSS {peak['pss'] / 2**30:.2f} GiB, RSS summed {peak['rss'] / 2**30:.2f} GiB")
     print(f"cpu cores: {os.cpu_count()}, load average before: {load_before[0]:.1f}, after: {os.getloadavg()[0]:.1f}")
 

@@ -44,8 +44,10 @@ CHAT_FIELDS = [  # (key, label) in the order shown; runs may lack some (e.g. --t
 
 def _summary(run: dict) -> str:
     if run["bench"] == "predict":
-        return (f"{run['generated_tokens_per_s']} generated tokens/s, {run['samples_per_s']} samples/s at batch {run['batch_size']} "
-                f"({run['samples']} samples, {run['new_tokens']} new tokens each); peak {run['peak_mem_gib']} GiB")
+        return (
+            f"{run['generated_tokens_per_s']} generated tokens/s, {run['samples_per_s']} samples/s at batch {run['batch_size']} "
+            f"({run['samples']} samples, {run['new_tokens']} new tokens each); peak {run['peak_mem_gib']} GiB"
+        )
     if run["bench"] == "chat":
         parts = [label.format(run[key]) for key, label in CHAT_FIELDS if key in run]
         if "fast_vs_plain_first_diff" in run:
@@ -55,9 +57,11 @@ def _summary(run: dict) -> str:
             parts.append(run["note"])
         return "; ".join(parts)
     if run["bench"] == "serve":
-        parts = [f"{lv['clients']} clients: {lv['requests_per_s']} req/s, {lv['tokens_per_s']} tok/s, TTFT p50/p95 "
-                 f"{lv['ttft_ms_p50']}/{lv['ttft_ms_p95']} ms, latency p50/p95 {lv['latency_s_p50']}/{lv['latency_s_p95']} s"
-                 for lv in run["levels"]]
+        parts = [
+            f"{lv['clients']} clients: {lv['requests_per_s']} req/s, {lv['tokens_per_s']} tok/s, TTFT p50/p95 "
+            f"{lv['ttft_ms_p50']}/{lv['ttft_ms_p95']} ms, latency p50/p95 {lv['latency_s_p50']}/{lv['latency_s_p95']} s"
+            for lv in run["levels"]
+        ]
         if "tokens_per_s_32_over_1" in run:
             parts.append(f"32 vs 1 client tokens/s x{run['tokens_per_s_32_over_1']}")
         return "; ".join(parts)

@@ -34,8 +34,13 @@ def main() -> None:
                 size = (rng.randrange(32, 97, 8), rng.randrange(32, 97, 8))
                 file = f"images/{split}-{name}-{k}.png"
                 Image.new("RGB", size, shade).save(ROOT / file)
-                samples.append({"id": f"{split}-{name}-{k}", "image": file,
-                                "conversations": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": name}]})
+                samples.append(
+                    {
+                        "id": f"{split}-{name}-{k}",
+                        "image": file,
+                        "conversations": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": name}],
+                    }
+                )
         rng.shuffle(samples)
         (ROOT / f"{split}.json").write_text(json.dumps(samples, indent=1) + "\n")
         print(f"wrote {ROOT / f'{split}.json'}: {len(samples)} samples")

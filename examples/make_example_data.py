@@ -123,8 +123,9 @@ def draw_landscape():
     scene.paste((236, 240, 248, 255), mask=snow_mask)
     near, _ = mountain_range(rng, w, horizon, 330, 410, 6)
     sd.polygon(near, fill=(60, 84, 78))
-    sd.polygon([(0, horizon - 18)] + [(x, horizon - 18 - 10 * math.sin(x / 70)) for x in range(0, w + 1, 32)] + [(w, horizon)],
-               fill=(44, 92, 52))
+    sd.polygon(
+        [(0, horizon - 18)] + [(x, horizon - 18 - 10 * math.sin(x / 70)) for x in range(0, w + 1, 32)] + [(w, horizon)], fill=(44, 92, 52)
+    )
     for x in range(10, w, 22):  # tree line along the shore
         th = rng.randint(22, 46)
         sd.polygon([(x, horizon - 12 - th), (x - 9, horizon - 8), (x + 9, horizon - 8)], fill=(28, 62, 38))
@@ -189,7 +190,7 @@ def draw_street():
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(58, 130, 60))
     for _ in range(60):
         x, y = rng.randint(585, 720), rng.randint(185, 350)
-        if (x - 652) ** 2 + (y - 265) ** 2 < 80 ** 2:
+        if (x - 652) ** 2 + (y - 265) ** 2 < 80**2:
             d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(80, 155, 75))
 
     # red car, facing right, on the road in front of the house
@@ -260,17 +261,29 @@ def draw_receipt():
     f, fb, fs = font(17), font(26), font(14)
     L, R = px0 + 16, px1 - 16
     y = 95
-    text_center(d, (w // 2, y), "GREEN LEAF MARKET", font(22), ink); y += 40
-    text_center(d, (w // 2, y), "12 Elm Street, Springfield", fs, ink); y += 27
-    text_center(d, (w // 2, y), "Tel 555-0142", fs, ink); y += 46
+    text_center(d, (w // 2, y), "GREEN LEAF MARKET", font(22), ink)
+    y += 40
+    text_center(d, (w // 2, y), "12 Elm Street, Springfield", fs, ink)
+    y += 27
+    text_center(d, (w // 2, y), "Tel 555-0142", fs, ink)
+    y += 46
     d.text((L, y), "2024-03-14", font=f, fill=ink)
-    d.text((R, y), "17:42", font=f, fill=ink, anchor="ra"); y += 30
-    d.text((L, y), "Receipt #004817", font=f, fill=ink); y += 38
+    d.text((R, y), "17:42", font=f, fill=ink, anchor="ra")
+    y += 30
+    d.text((L, y), "Receipt #004817", font=f, fill=ink)
+    y += 38
     dash = lambda yy: d.text((w // 2, yy), "-" * 38, font=fs, fill=ink, anchor="mm")  # noqa: E731
-    dash(y); y += 30
+    dash(y)
+    y += 30
     items = [
-        ("Bananas 1 kg", 129), ("Whole milk 2 L", 249), ("Sourdough bread", 375), ("Eggs x12", 310),
-        ("Cheddar 200 g", 420), ("Apples 1 kg", 285), ("Coffee beans 500 g", 899), ("Tomatoes", 160),
+        ("Bananas 1 kg", 129),
+        ("Whole milk 2 L", 249),
+        ("Sourdough bread", 375),
+        ("Eggs x12", 310),
+        ("Cheddar 200 g", 420),
+        ("Apples 1 kg", 285),
+        ("Coffee beans 500 g", 899),
+        ("Tomatoes", 160),
     ]
     money = lambda c: f"{c // 100}.{c % 100:02d}"  # noqa: E731
     for name, cents in items:
@@ -278,18 +291,26 @@ def draw_receipt():
         d.text((R, y), money(cents), font=f, fill=ink, anchor="ra")
         y += 40
     y += 5
-    dash(y); y += 32
+    dash(y)
+    y += 32
     total = sum(c for _, c in items)
-    d.text((L, y), f"{len(items)} items", font=f, fill=ink); y += 40
+    d.text((L, y), f"{len(items)} items", font=f, fill=ink)
+    y += 40
     d.text((L, y), "TOTAL", font=fb, fill=ink)
-    d.text((R, y), money(total), font=fb, fill=ink, anchor="ra"); y += 54
+    d.text((R, y), money(total), font=fb, fill=ink, anchor="ra")
+    y += 54
     d.text((L, y), "CARD  **** 4821", font=f, fill=ink)
-    d.text((R, y), money(total), font=f, fill=ink, anchor="ra"); y += 32
+    d.text((R, y), money(total), font=f, fill=ink, anchor="ra")
+    y += 32
     d.text((L, y), "Change", font=f, fill=ink)
-    d.text((R, y), "0.00", font=f, fill=ink, anchor="ra"); y += 40
-    dash(y); y += 54
-    text_center(d, (w // 2, y), "Thank you for shopping!", f, ink); y += 32
-    text_center(d, (w // 2, y), "Please keep your receipt", fs, ink); y += 68
+    d.text((R, y), "0.00", font=f, fill=ink, anchor="ra")
+    y += 40
+    dash(y)
+    y += 54
+    text_center(d, (w // 2, y), "Thank you for shopping!", f, ink)
+    y += 32
+    text_center(d, (w // 2, y), "Please keep your receipt", fs, ink)
+    y += 68
     x = 48
     while x < 252:  # barcode
         bw = rng.choice([1, 2, 2, 3, 4])
@@ -298,9 +319,18 @@ def draw_receipt():
     y += 116
     text_center(d, (w // 2, y), "0 04817 20240314 7", fs, ink)
     img = img.filter(ImageFilter.GaussianBlur(0.4))  # a touch of softness, like a phone photo
-    return save(img, "receipt", dict(shop="Green Leaf Market", date="2024-03-14", time="17:42",
-                                     items=[(n, money(c)) for n, c in items], total=money(total),
-                                     priciest=max(items, key=lambda it: it[1])))
+    return save(
+        img,
+        "receipt",
+        dict(
+            shop="Green Leaf Market",
+            date="2024-03-14",
+            time="17:42",
+            items=[(n, money(c)) for n, c in items],
+            total=money(total),
+            priciest=max(items, key=lambda it: it[1]),
+        ),
+    )
 
 
 def draw_stop_sign():
@@ -333,8 +363,18 @@ def draw_bookshelf():
     n_shelves = 4
     side, board = 34, 26
     inner_h = (fy1 - fy0 - board * (n_shelves + 1)) / n_shelves
-    palette = [(170, 40, 45), (40, 85, 150), (45, 120, 70), (220, 180, 60), (120, 60, 130), (230, 120, 40),
-               (30, 40, 60), (200, 200, 190), (90, 140, 160), (150, 100, 60)]
+    palette = [
+        (170, 40, 45),
+        (40, 85, 150),
+        (45, 120, 70),
+        (220, 180, 60),
+        (120, 60, 130),
+        (230, 120, 40),
+        (30, 40, 60),
+        (200, 200, 190),
+        (90, 140, 160),
+        (150, 100, 60),
+    ]
     counts = []
     for s in range(n_shelves):
         top = fy0 + board + s * (inner_h + board)
@@ -518,15 +558,24 @@ def draw_document():
     volunteers, beds, kg = 24, 18, 312
     author = "Maria Lopez"
     sections = [
-        ("1. Summary", f"During the third quarter, {volunteers} volunteers looked after {beds} raised beds in the "
-                       "Riverside community garden. Attendance at the Saturday work mornings stayed high through the "
-                       "summer holidays, and two new families joined the project."),
-        ("2. Harvest", f"The beds produced a total of {kg} kg of vegetables. Tomatoes and courgettes made up more than "
-                       "half of the harvest. About a third of the produce was donated to the local food bank; the rest "
-                       "was shared among the members."),
-        ("3. Next steps", "Before winter we plan to build a second compost bay, repair the tool shed roof and plant "
-                          "garlic and broad beans. The next members' meeting will be held on 12 October at 10:00 in "
-                          "the church hall."),
+        (
+            "1. Summary",
+            f"During the third quarter, {volunteers} volunteers looked after {beds} raised beds in the "
+            "Riverside community garden. Attendance at the Saturday work mornings stayed high through the "
+            "summer holidays, and two new families joined the project.",
+        ),
+        (
+            "2. Harvest",
+            f"The beds produced a total of {kg} kg of vegetables. Tomatoes and courgettes made up more than "
+            "half of the harvest. About a third of the produce was donated to the local food bank; the rest "
+            "was shared among the members.",
+        ),
+        (
+            "3. Next steps",
+            "Before winter we plan to build a second compost bay, repair the tool shed roof and plant "
+            "garlic and broad beans. The next members' meeting will be held on 12 October at 10:00 in "
+            "the church hall.",
+        ),
     ]
     L, R = 90, w - 90
     d.text((L, 80), title, font=font(40), fill=(20, 40, 80))
@@ -542,8 +591,7 @@ def draw_document():
             y += 31
         y += 34
     # small table
-    rows = [("Crop", "Harvest (kg)"), ("Tomatoes", "104"), ("Courgettes", "61"), ("Potatoes", "58"),
-            ("Beans", "47"), ("Other", "42")]
+    rows = [("Crop", "Harvest (kg)"), ("Tomatoes", "104"), ("Courgettes", "61"), ("Potatoes", "58"), ("Beans", "47"), ("Other", "42")]
     assert sum(int(r[1]) for r in rows[1:]) == kg
     tx0, tx1, rh = L, L + 420, 36
     for i, (a, b) in enumerate(rows):
@@ -557,16 +605,30 @@ def draw_document():
     y += len(rows) * rh + 50
     d.text((L, y), "4. Thanks", font=fh, fill=(20, 40, 80))
     y += 48
-    thanks = ("We thank the Riverside Residents' Association for the two new water butts, and everyone who "
-              "brought seedlings to the spring plant swap.")
+    thanks = (
+        "We thank the Riverside Residents' Association for the two new water butts, and everyone who "
+        "brought seedlings to the spring plant swap."
+    )
     for line in wrap(thanks, fb, R - L):
         d.text((L, y), line, font=fb, fill=(35, 35, 35))
         y += 31
     d.text((L, y + 30), f"Prepared by {author}, garden coordinator", font=font(18), fill=(90, 90, 90))
     d.line([(L, h - 90), (R, h - 90)], fill=(200, 200, 200), width=1)
     text_center(d, (w // 2, h - 60), "Page 1 of 3", font(16), (110, 110, 110))
-    return save(img, "document", dict(title=title, subtitle=subtitle, volunteers=volunteers, beds=beds, kg=kg,
-                                      meeting="12 October at 10:00", author=author, top_crop=("Tomatoes", 104)))
+    return save(
+        img,
+        "document",
+        dict(
+            title=title,
+            subtitle=subtitle,
+            volunteers=volunteers,
+            beds=beds,
+            kg=kg,
+            meeting="12 October at 10:00",
+            author=author,
+            top_crop=("Tomatoes", 104),
+        ),
+    )
 
 
 # --------------------------------------------------------------------------
@@ -603,135 +665,192 @@ def build_samples(im):
     h, m = K["hour"], K["minute"]
 
     train = [
-        dict(image=L["path"], conversations=conv(
-            "<image>\nDescribe this picture.",
-            "A mountain landscape at sunset: the sky fades from deep blue to warm orange, a low sun glows on the "
-            f"right, and a range of mountains with {num(L['snow_peaks'])} snow-capped peaks stands behind a calm lake.",
-            "What can you see on the water?",
-            "The lake reflects the mountains and the shoreline trees, and there is a golden strip of glitter "
-            "from the sun along with a few small ripples.",
-        )),
-        dict(image=S["path"], conversations=conv(
-            "Look at this: <image>\nWhat colour is the car?",
-            f"The car is {S['car']}.",
-            "Where is it?",
-            f"It is on the road in front of a {S['house']} house with a {S['roof']} roof, facing to the right.",
-        )),
-        dict(image=C["path"], conversations=conv(
-            "Which month had the highest sales in this chart?",
-            f"{months_full[best]}, with {vals[best]} units sold.",
-            "What is the total over all six months?",
-            f"Adding the bars up ({' + '.join(map(str, C['values']))}) gives {sum(C['values'])} units.",
-            "How much did sales grow from January to June?",
-            f"They rose from {first} to {last} units, an increase of {last - first} units, or about "
-            f"{round(100 * (last - first) / first)}%.",
-        )),
-        dict(image=R["path"], conversations=conv(
-            "<image>\nWhat is the total on this receipt?",
-            f"The total is {R['total']}, paid by card.",
-            "How many items were bought, and which was the most expensive?",
-            f"{num(len(R['items']), cap=True)} items were bought; the most expensive was {R['priciest'][0].lower()} at "
-            f"{R['priciest'][1] // 100}.{R['priciest'][1] % 100:02d}.",
-            "Where and when was it printed?",
-            f"At {R['shop']} on {R['date']} at {R['time']}.",
-        )),
-        dict(image=G["path"], conversations=conv(
-            "What does the sign in <image> tell drivers to do?",
-            "It is a red octagonal STOP sign, so drivers must come to a complete stop before going on.",
-        )),
-        dict(image=B["path"], conversations=conv(
-            "<image>\n这个书架有几层？",
-            f"这个书架有{B['shelves']}层，每层都摆着颜色各异的书。",
-            "最上面一层除了书还有什么？",
-            "最上面一层的右边放着一盆绿色的小盆栽，花盆是橙红色的。",
-            "最下面一层有几本书？",
-            f"最下面一层有{books[-1]}本书。",
-        )),
-        dict(image=F["path"], conversations=conv(
-            "How many apples are in the bowl?",
-            f"There are {num(F['apples'])} red apples.",
-            "What other fruit is there?",
-            f"Behind the apples there are {num(F['bananas'])} yellow bananas and {num(F['oranges'])} orange, "
-            f"all in a {F['bowl']} bowl on a wooden table.",
-        )),
-        dict(image=K["path"], conversations=conv(
-            "<image>What time does the clock show?",
-            f"It shows {K['time']}: the minute hand points at the {m // 5} and the hour hand is two thirds of the "
-            f"way from {h} to {h + 1}.",
-        )),
-        dict(image=N["path"], conversations=conv(
-            "Can you read this note? <image>",
-            f"It says: \"{N['lines'][0]} {N['lines'][1].split('  ')[0]}\" and it is signed by {N['author']}.",
-            "When will the writer be back?",
-            f"At {N['back_at']}.",
-        )),
-        dict(image=D["path"], conversations=conv(
-            "<image>\nWhat is this document about?",
-            f"It is page 1 of the \"{D['title']}\" quarterly report for July-September 2024, summarising the "
-            "garden's work, harvest and next steps.",
-            "How many volunteers took part, and how much was harvested?",
-            f"{D['volunteers']} volunteers looked after {D['beds']} raised beds, and they harvested {D['kg']} kg "
-            "of vegetables in total.",
-        )),
-        dict(conversations=conv(
-            "Explain in one sentence what a vision-language model is.",
-            "A vision-language model is a neural network that takes both images and text as input and produces "
-            "text, so it can describe pictures, answer questions about them or read the text they contain.",
-            "Give one practical use.",
-            "Reading receipts or forms from phone photos and turning them into structured data.",
-        )),
-        dict(image=[L["path"], S["path"]], conversations=conv(
-            "<image>\nWhat is in this picture?",
-            "A lake at the foot of snow-capped mountains under an orange evening sky, with the sun low on the right.",
-            "And this one? <image>\nWhich of the two pictures shows a car?",
-            "The second one: it shows a red car on a road in front of a yellow house. The first picture has no "
-            "car, only mountains, a lake and the sky.",
-        )),
-        dict(image=[R["path"], K["path"]], conversations=conv(
-            "<image>\n这张收据的总金额是多少？",
-            f"这张收据的总金额是{R['total']}，共{len(R['items'])}件商品，用银行卡支付。",
-            "<image>\n这个钟显示的是几点？",
-            f"这个钟显示的是{h}点{m}分。",
-        )),
-        dict(image=C["path"], conversations=conv(
-            "图表中哪个月的销量最低？<image>",
-            f"{zh_months[worst]}的销量最低，只有{vals[worst]}件。",
-        )),
-        dict(image=S["path"], conversations=conv(
-            "<image>\nDescribe the scene briefly.",
-            f"A quiet street on a sunny day: a {S['car']} car on the road in front of a {S['house']} house with a "
-            f"{S['roof']} roof, and a leafy tree beside the house.",
-            "What colour is the front door?",
-            f"The front door is {S['door']}.",
-            "How many windows can you see on the house?",
-            f"{num(S['windows'], cap=True)}, one on each side of the door.",
-        )),
-        dict(conversations=conv(
-            "用一句话解释什么是光合作用。",
-            "光合作用是绿色植物利用阳光，把二氧化碳和水转化为葡萄糖并释放氧气的过程。",
-        )),
+        dict(
+            image=L["path"],
+            conversations=conv(
+                "<image>\nDescribe this picture.",
+                "A mountain landscape at sunset: the sky fades from deep blue to warm orange, a low sun glows on the "
+                f"right, and a range of mountains with {num(L['snow_peaks'])} snow-capped peaks stands behind a calm lake.",
+                "What can you see on the water?",
+                "The lake reflects the mountains and the shoreline trees, and there is a golden strip of glitter "
+                "from the sun along with a few small ripples.",
+            ),
+        ),
+        dict(
+            image=S["path"],
+            conversations=conv(
+                "Look at this: <image>\nWhat colour is the car?",
+                f"The car is {S['car']}.",
+                "Where is it?",
+                f"It is on the road in front of a {S['house']} house with a {S['roof']} roof, facing to the right.",
+            ),
+        ),
+        dict(
+            image=C["path"],
+            conversations=conv(
+                "Which month had the highest sales in this chart?",
+                f"{months_full[best]}, with {vals[best]} units sold.",
+                "What is the total over all six months?",
+                f"Adding the bars up ({' + '.join(map(str, C['values']))}) gives {sum(C['values'])} units.",
+                "How much did sales grow from January to June?",
+                f"They rose from {first} to {last} units, an increase of {last - first} units, or about "
+                f"{round(100 * (last - first) / first)}%.",
+            ),
+        ),
+        dict(
+            image=R["path"],
+            conversations=conv(
+                "<image>\nWhat is the total on this receipt?",
+                f"The total is {R['total']}, paid by card.",
+                "How many items were bought, and which was the most expensive?",
+                f"{num(len(R['items']), cap=True)} items were bought; the most expensive was {R['priciest'][0].lower()} at "
+                f"{R['priciest'][1] // 100}.{R['priciest'][1] % 100:02d}.",
+                "Where and when was it printed?",
+                f"At {R['shop']} on {R['date']} at {R['time']}.",
+            ),
+        ),
+        dict(
+            image=G["path"],
+            conversations=conv(
+                "What does the sign in <image> tell drivers to do?",
+                "It is a red octagonal STOP sign, so drivers must come to a complete stop before going on.",
+            ),
+        ),
+        dict(
+            image=B["path"],
+            conversations=conv(
+                "<image>\n这个书架有几层？",
+                f"这个书架有{B['shelves']}层，每层都摆着颜色各异的书。",
+                "最上面一层除了书还有什么？",
+                "最上面一层的右边放着一盆绿色的小盆栽，花盆是橙红色的。",
+                "最下面一层有几本书？",
+                f"最下面一层有{books[-1]}本书。",
+            ),
+        ),
+        dict(
+            image=F["path"],
+            conversations=conv(
+                "How many apples are in the bowl?",
+                f"There are {num(F['apples'])} red apples.",
+                "What other fruit is there?",
+                f"Behind the apples there are {num(F['bananas'])} yellow bananas and {num(F['oranges'])} orange, "
+                f"all in a {F['bowl']} bowl on a wooden table.",
+            ),
+        ),
+        dict(
+            image=K["path"],
+            conversations=conv(
+                "<image>What time does the clock show?",
+                f"It shows {K['time']}: the minute hand points at the {m // 5} and the hour hand is two thirds of the "
+                f"way from {h} to {h + 1}.",
+            ),
+        ),
+        dict(
+            image=N["path"],
+            conversations=conv(
+                "Can you read this note? <image>",
+                f'It says: "{N["lines"][0]} {N["lines"][1].split("  ")[0]}" and it is signed by {N["author"]}.',
+                "When will the writer be back?",
+                f"At {N['back_at']}.",
+            ),
+        ),
+        dict(
+            image=D["path"],
+            conversations=conv(
+                "<image>\nWhat is this document about?",
+                f'It is page 1 of the "{D["title"]}" quarterly report for July-September 2024, summarising the '
+                "garden's work, harvest and next steps.",
+                "How many volunteers took part, and how much was harvested?",
+                f"{D['volunteers']} volunteers looked after {D['beds']} raised beds, and they harvested {D['kg']} kg "
+                "of vegetables in total.",
+            ),
+        ),
+        dict(
+            conversations=conv(
+                "Explain in one sentence what a vision-language model is.",
+                "A vision-language model is a neural network that takes both images and text as input and produces "
+                "text, so it can describe pictures, answer questions about them or read the text they contain.",
+                "Give one practical use.",
+                "Reading receipts or forms from phone photos and turning them into structured data.",
+            )
+        ),
+        dict(
+            image=[L["path"], S["path"]],
+            conversations=conv(
+                "<image>\nWhat is in this picture?",
+                "A lake at the foot of snow-capped mountains under an orange evening sky, with the sun low on the right.",
+                "And this one? <image>\nWhich of the two pictures shows a car?",
+                "The second one: it shows a red car on a road in front of a yellow house. The first picture has no "
+                "car, only mountains, a lake and the sky.",
+            ),
+        ),
+        dict(
+            image=[R["path"], K["path"]],
+            conversations=conv(
+                "<image>\n这张收据的总金额是多少？",
+                f"这张收据的总金额是{R['total']}，共{len(R['items'])}件商品，用银行卡支付。",
+                "<image>\n这个钟显示的是几点？",
+                f"这个钟显示的是{h}点{m}分。",
+            ),
+        ),
+        dict(
+            image=C["path"],
+            conversations=conv(
+                "图表中哪个月的销量最低？<image>",
+                f"{zh_months[worst]}的销量最低，只有{vals[worst]}件。",
+            ),
+        ),
+        dict(
+            image=S["path"],
+            conversations=conv(
+                "<image>\nDescribe the scene briefly.",
+                f"A quiet street on a sunny day: a {S['car']} car on the road in front of a {S['house']} house with a "
+                f"{S['roof']} roof, and a leafy tree beside the house.",
+                "What colour is the front door?",
+                f"The front door is {S['door']}.",
+                "How many windows can you see on the house?",
+                f"{num(S['windows'], cap=True)}, one on each side of the door.",
+            ),
+        ),
+        dict(
+            conversations=conv(
+                "用一句话解释什么是光合作用。",
+                "光合作用是绿色植物利用阳光，把二氧化碳和水转化为葡萄糖并释放氧气的过程。",
+            )
+        ),
     ]
     evals = [
-        dict(image=F["path"], conversations=conv(
-            "<image>\nList the fruit you can see.",
-            f"{num(F['apples'], cap=True)} red apples, {num(F['bananas'])} bananas and {num(F['oranges'])} orange, in a {F['bowl']} bowl.",
-        )),
-        dict(image=[K["path"], B["path"]], conversations=conv(
-            "Here is a clock: <image>\nWhat time is it?",
-            f"It is {K['time']}.",
-            "Now look at this shelf: <image>\nHow many shelves does it have, and what is on the top one?",
-            f"It has {num(B['shelves'])} shelves. The top one holds {books[0]} books and a small potted plant on the right.",
-        )),
-        dict(conversations=conv(
-            "What is 17 times 3?",
-            "17 times 3 is 51.",
-        )),
-        dict(image=D["path"], conversations=conv(
-            "<image>\n这份文件的标题是什么？",
-            f"标题是“{D['title']}”，副标题是“{D['subtitle']}”。",
-            "收成最多的是哪种作物？",
-            f"是西红柿（Tomatoes），共{D['top_crop'][1]}公斤。",
-        )),
+        dict(
+            image=F["path"],
+            conversations=conv(
+                "<image>\nList the fruit you can see.",
+                f"{num(F['apples'], cap=True)} red apples, {num(F['bananas'])} bananas and {num(F['oranges'])} orange, in a {F['bowl']} bowl.",
+            ),
+        ),
+        dict(
+            image=[K["path"], B["path"]],
+            conversations=conv(
+                "Here is a clock: <image>\nWhat time is it?",
+                f"It is {K['time']}.",
+                "Now look at this shelf: <image>\nHow many shelves does it have, and what is on the top one?",
+                f"It has {num(B['shelves'])} shelves. The top one holds {books[0]} books and a small potted plant on the right.",
+            ),
+        ),
+        dict(
+            conversations=conv(
+                "What is 17 times 3?",
+                "17 times 3 is 51.",
+            )
+        ),
+        dict(
+            image=D["path"],
+            conversations=conv(
+                "<image>\n这份文件的标题是什么？",
+                f"标题是“{D['title']}”，副标题是“{D['subtitle']}”。",
+                "收成最多的是哪种作物？",
+                f"是西红柿（Tomatoes），共{D['top_crop'][1]}公斤。",
+            ),
+        ),
     ]
     return train, evals
 
@@ -754,9 +873,16 @@ def check(samples):
 def main():
     IMG_DIR.mkdir(parents=True, exist_ok=True)
     images = dict(
-        landscape=draw_landscape(), street=draw_street(), chart=draw_chart(), receipt=draw_receipt(),
-        sign=draw_stop_sign(), bookshelf=draw_bookshelf(), fruit=draw_fruit_bowl(), clock=draw_clock(),
-        note=draw_note(), document=draw_document(),
+        landscape=draw_landscape(),
+        street=draw_street(),
+        chart=draw_chart(),
+        receipt=draw_receipt(),
+        sign=draw_stop_sign(),
+        bookshelf=draw_bookshelf(),
+        fruit=draw_fruit_bowl(),
+        clock=draw_clock(),
+        note=draw_note(),
+        document=draw_document(),
     )
     train, evals = build_samples(images)
     for i, s in enumerate(train + evals, start=1):

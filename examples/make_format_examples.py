@@ -79,8 +79,11 @@ def main() -> None:
         images=datasets.List(datasets.Image()),
     )
     rows = [
-        {"id": s["id"], "messages": [{"role": t["role"], "content": parts(t["content"])} for t in s["conversations"]],
-         "images": embedded(s["images"])}
+        {
+            "id": s["id"],
+            "messages": [{"role": t["role"], "content": parts(t["content"])} for t in s["conversations"]],
+            "images": embedded(s["images"]),
+        }
         for s in samples
     ]
     datasets.Dataset.from_list(rows, features=features).to_parquet(str(ROOT / "content_parts.parquet"))

@@ -33,7 +33,11 @@ class Server:
         self._log = open(log_path, "wb")  # noqa: SIM115 - the server writes to it until stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "axolotl_minicpmv", "serve", "--port", str(self.port), "--device", "cpu", *args],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
         deadline = time.monotonic() + startup_s
         while time.monotonic() < deadline:

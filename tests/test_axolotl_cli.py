@@ -36,9 +36,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
-
 from conftest import EXAMPLES, REPO
+from safetensors import safe_open
 
 BIN = Path(sys.executable).parent
 PYTHON = sys.executable
@@ -65,8 +64,9 @@ def run(args, log: Path, timeout: int = 300, **extra_env: str) -> tuple[int, str
     }
     # Its own process group, so a run past `timeout` is stopped with every process it started (the
     # ranks of `accelerate launch` would otherwise live on, waiting for each other).
-    process = subprocess.Popen([str(a) for a in args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [str(a) for a in args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -190,14 +190,33 @@ def overfit(tiny_checkpoint, data, tmp_path_factory) -> Run:
     samples = json.loads((data / "train.json").read_text())[:2]
     (data / "two.json").write_text(json.dumps(samples))
     config = write_config(
-        folder, tiny_checkpoint, data,
+        folder,
+        tiny_checkpoint,
+        data,
         datasets=[{"path": str(data / "two.json"), "type": DATASET_TYPE}],
-        max_steps=8, save_steps=1000, eval_strategy="no", learning_rate=0.01,
+        max_steps=8,
+        save_steps=1000,
+        eval_strategy="no",
+        learning_rate=0.01,
         drop=("test_datasets", "eval_steps"),
     )
     rc, output = run(
-        [ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "axolotl.cli.train", config],
+        [
+            ACCELERATE,
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "axolotl.cli.train",
+            config,
+        ],
         folder / "train.log",
     )
     return Run(config, folder, rc, output)
@@ -245,8 +264,16 @@ def test_preprocess_reports_bad_samples_by_id_and_reason_or_skips_them(tiny_chec
     assert "minicpmv_skip_bad_samples" in output  # names the way out
     assert not list((tmp_path / "prepared").rglob("*.parquet"))  # nothing half-prepared
 
-    config = write_config(tmp_path, tiny_checkpoint, data, datasets=datasets, drop=("test_datasets", "eval_steps"), eval_strategy="no",
-                          minicpmv_skip_bad_samples=True, name="skip.yml")
+    config = write_config(
+        tmp_path,
+        tiny_checkpoint,
+        data,
+        datasets=datasets,
+        drop=("test_datasets", "eval_steps"),
+        eval_strategy="no",
+        minicpmv_skip_bad_samples=True,
+        name="skip.yml",
+    )
     rc, output = run([AXOLOTL, "preprocess", config], tmp_path / "skip.log")
     assert rc == 0, tail(output)
     assert "skipped 2 of 4 samples (minicpmv_skip_bad_samples: true)" in output
@@ -360,13 +387,31 @@ def test_compiled_decoder_layers_train_with_the_eager_losses(overfit, tmp_path):
     like the eager, checkpointed run from the same first loss, and the plugin says what it compiled."""
     assert overfit.rc == 0, tail(overfit.output)
     cfg = yaml.safe_load(overfit.config.read_text())
-    cfg.update(minicpmv_compile_layers=True, gradient_checkpointing=False,
-               output_dir=str(tmp_path / "out"), dataset_prepared_path=str(tmp_path / "prepared"))
+    cfg.update(
+        minicpmv_compile_layers=True,
+        gradient_checkpointing=False,
+        output_dir=str(tmp_path / "out"),
+        dataset_prepared_path=str(tmp_path / "prepared"),
+    )
     config = tmp_path / "compiled.yml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     rc, output = run(
-        [ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "axolotl.cli.train", config],
+        [
+            ACCELERATE,
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "axolotl.cli.train",
+            config,
+        ],
         tmp_path / "train.log",
     )
     assert rc == 0, tail(output)
@@ -432,8 +477,16 @@ def formats_trained(tiny_checkpoint, data, tmp_path_factory) -> Run:
         for entry in yaml.safe_load((REPO / "examples" / f"{name}.yml").read_text())["datasets"]:
             entries.append({**entry, "path": str(data / Path(entry["path"]).relative_to("examples/data"))})
     folder = tmp_path_factory.mktemp("formats")
-    config = write_config(folder, tiny_checkpoint, data, datasets=entries, drop=("test_datasets", "eval_steps"),
-                          eval_strategy="no", max_steps=2, save_steps=1000)
+    config = write_config(
+        folder,
+        tiny_checkpoint,
+        data,
+        datasets=entries,
+        drop=("test_datasets", "eval_steps"),
+        eval_strategy="no",
+        max_steps=2,
+        save_steps=1000,
+    )
     rc, output = run([PYTHON, "-m", "axolotl.cli.train", config], folder / "train.log")
     return Run(config, folder, rc, output)
 
@@ -444,7 +497,11 @@ def test_one_run_trains_on_json_jsonl_parquet_bytes_and_a_saved_dataset(formats_
     minicpmv_data = run_.prepared / "minicpmv_data"
     metas = {p.name.split("-")[0]: json.loads(p.read_text()) for p in minicpmv_data.glob("*.json")}
     assert {k: (v["num_samples"], v["format"]) for k, v in metas.items()} == {
-        "llava": (5, "llava"), "messages": (5, "messages"), "content_parts": (5, "content_parts"), "sharegpt_hf": (5, "auto")}
+        "llava": (5, "llava"),
+        "messages": (5, "messages"),
+        "content_parts": (5, "content_parts"),
+        "sharegpt_hf": (5, "auto"),
+    }
     assert len(re.findall(r"5 samples validated and written to .* samples/s\)", run_.output)) == 4, tail(run_.output)
     losses = values(run_.output, "loss")
     assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses), losses
@@ -462,18 +519,60 @@ def test_one_run_trains_on_json_jsonl_parquet_bytes_and_a_saved_dataset(formats_
 def test_skip_mode_on_a_file_mixing_formats_with_bad_samples_in_each(tiny_checkpoint, data, tmp_path):
     stop_sign = base64.b64encode((data / "images" / "stop_sign.jpg").read_bytes()).decode()
     rows = [
-        {"id": "seed-ok", "image": "images/stop_sign.jpg", "conversations": [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "A stop sign."}]},
-        {"id": "seed-bad", "image": "images/nope.jpg", "conversations": [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "?"}]},
-        {"id": "llava-ok", "image": "images/clock.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat time is it?"}, {"from": "gpt", "value": "3:40."}]},
-        {"id": "llava-bad", "image": "images/clock.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat time is it?"}, {"from": "gpt"}]},
-        {"id": "messages-ok", "images": ["images/fruit_bowl.jpg"], "messages": [{"role": "user", "content": "<image>Fruit?"}, {"role": "assistant", "content": "Apples."}]},
+        {
+            "id": "seed-ok",
+            "image": "images/stop_sign.jpg",
+            "conversations": [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "A stop sign."}],
+        },
+        {
+            "id": "seed-bad",
+            "image": "images/nope.jpg",
+            "conversations": [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "?"}],
+        },
+        {
+            "id": "llava-ok",
+            "image": "images/clock.jpg",
+            "conversations": [{"from": "human", "value": "<image>\nWhat time is it?"}, {"from": "gpt", "value": "3:40."}],
+        },
+        {
+            "id": "llava-bad",
+            "image": "images/clock.jpg",
+            "conversations": [{"from": "human", "value": "<image>\nWhat time is it?"}, {"from": "gpt"}],
+        },
+        {
+            "id": "messages-ok",
+            "images": ["images/fruit_bowl.jpg"],
+            "messages": [{"role": "user", "content": "<image>Fruit?"}, {"role": "assistant", "content": "Apples."}],
+        },
         {"id": "messages-bad", "messages": [{"role": "user", "content": "<image>Fruit?"}, {"role": "assistant", "content": "Apples."}]},
-        {"id": "parts-ok", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{stop_sign}"}}, {"type": "text", "text": "Sign?"}]}, {"role": "assistant", "content": "Stop."}]},
-        {"id": "parts-bad", "messages": [{"role": "user", "content": [{"type": "video", "path": "x.mp4"}]}, {"role": "assistant", "content": "?"}]},
+        {
+            "id": "parts-ok",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{stop_sign}"}},
+                        {"type": "text", "text": "Sign?"},
+                    ],
+                },
+                {"role": "assistant", "content": "Stop."},
+            ],
+        },
+        {
+            "id": "parts-bad",
+            "messages": [{"role": "user", "content": [{"type": "video", "path": "x.mp4"}]}, {"role": "assistant", "content": "?"}],
+        },
     ]
     (data / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    config = write_config(tmp_path, tiny_checkpoint, data, datasets=[{"path": str(data / "mixed.jsonl"), "type": DATASET_TYPE}],
-                          drop=("test_datasets", "eval_steps"), eval_strategy="no", minicpmv_skip_bad_samples=True)
+    config = write_config(
+        tmp_path,
+        tiny_checkpoint,
+        data,
+        datasets=[{"path": str(data / "mixed.jsonl"), "type": DATASET_TYPE}],
+        drop=("test_datasets", "eval_steps"),
+        eval_strategy="no",
+        minicpmv_skip_bad_samples=True,
+    )
     rc, output = run([AXOLOTL, "preprocess", config], tmp_path / "skip.log")
     assert rc == 0, tail(output)
     assert "skipped 4 of 8 samples (minicpmv_skip_bad_samples: true)" in output, tail(output)
@@ -483,7 +582,10 @@ def test_skip_mode_on_a_file_mixing_formats_with_bad_samples_in_each(tiny_checkp
         ("messages-bad", "1 '<image>' tag(s) but the sample has no 'images'"),
         ("parts-bad", "messages[0].content[0] has type 'video'"),
     ]:
-        assert f"skipping sample {sample_id!r} (index {[r['id'] for r in rows].index(sample_id)}): {reason}" in output, (sample_id, tail(output))
+        assert f"skipping sample {sample_id!r} (index {[r['id'] for r in rows].index(sample_id)}): {reason}" in output, (
+            sample_id,
+            tail(output),
+        )
     (meta,) = [json.loads(p.read_text()) for p in (tmp_path / "prepared" / "minicpmv_data").glob("*.json")]
     assert (meta["num_samples"], meta["num_skipped"]) == (4, 4)
     assert "Success! Preprocessed data path" in output

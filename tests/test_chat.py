@@ -13,14 +13,13 @@ import logging
 
 import pytest
 import torch
+from conftest import EXAMPLES
 from PIL import Image
 
 from axolotl_minicpmv import InvalidInputError, MiniCPMVChat, img2base64
-from axolotl_minicpmv.inference.chat_helper import pick_device
 from axolotl_minicpmv.inference.chat import decode_answer, image_features
+from axolotl_minicpmv.inference.chat_helper import pick_device
 from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds
-
-from conftest import EXAMPLES
 
 CLOCK = EXAMPLES / "images" / "clock.jpg"  # 448x448: one image, no slices
 SAMPLING_DEFAULTS = {"top_p": 0.8, "top_k": 100, "temperature": 0.7, "do_sample": True, "repetition_penalty": 1.05}
@@ -283,9 +282,8 @@ def test_session_with_a_missing_adapter(tiny_checkpoint, tmp_path):
 
 def test_image_markers_in_an_earlier_answer_stay_text(tiny_model, tiny_tokenizer):
     """An answer may contain `</image>` or `<image>` as text; the next turn still pairs the image's own slots."""
-    from PIL import Image
-
     from conftest import EXAMPLES
+    from PIL import Image
 
     image = Image.open(EXAMPLES / "images" / "clock.jpg")
     msgs = [

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import EXAMPLES, REFERENCE
 from safetensors.torch import load_file
 
 from axolotl_minicpmv import MiniCPMVChat, img2base64
-
-from conftest import EXAMPLES, REFERENCE
 
 PYTHON = sys.executable
 AXOLOTL = str(Path(sys.executable).parent / "axolotl")
@@ -52,27 +51,71 @@ def runs(tiny_checkpoint, tmp_path_factory):
     work = tmp_path_factory.mktemp("cli-cwd")  # `/image missing.jpg` is resolved here, where nothing exists
     commands = {
         "questions": (
-            [PYTHON, "-m", "axolotl_minicpmv", "chat", "--model", str(tiny_checkpoint), "--image", str(IMAGE),
-             "--question", "What is this?", "--question", "Why?", "--beam", "--max-new-tokens", MAX_NEW_TOKENS],
+            [
+                PYTHON,
+                "-m",
+                "axolotl_minicpmv",
+                "chat",
+                "--model",
+                str(tiny_checkpoint),
+                "--image",
+                str(IMAGE),
+                "--question",
+                "What is this?",
+                "--question",
+                "Why?",
+                "--beam",
+                "--max-new-tokens",
+                MAX_NEW_TOKENS,
+            ],
             None,
         ),
         "interactive": (
-            [AXOLOTL, "minicpmv-chat", "--model", str(tiny_checkpoint), "--image", str(IMAGE), "--beam",
-             "--max-new-tokens", MAX_NEW_TOKENS],
+            [
+                AXOLOTL,
+                "minicpmv-chat",
+                "--model",
+                str(tiny_checkpoint),
+                "--image",
+                str(IMAGE),
+                "--beam",
+                "--max-new-tokens",
+                MAX_NEW_TOKENS,
+            ],
             INTERACTIVE_INPUT,
         ),
         "tiny": ([PYTHON, "-m", "axolotl_minicpmv", "tiny-checkpoint", str(out_dir), "--seed", "0"], None),
         "fast": (
-            [PYTHON, "-m", "axolotl_minicpmv", "chat", "--model", str(tiny_checkpoint), "--image", str(IMAGE),
-             "--question", "What is this?", "--question", "Why?", "--fast", "--max-new-tokens", MAX_NEW_TOKENS],
+            [
+                PYTHON,
+                "-m",
+                "axolotl_minicpmv",
+                "chat",
+                "--model",
+                str(tiny_checkpoint),
+                "--image",
+                str(IMAGE),
+                "--question",
+                "What is this?",
+                "--question",
+                "Why?",
+                "--fast",
+                "--max-new-tokens",
+                MAX_NEW_TOKENS,
+            ],
             None,
         ),
     }
     procs = {
         name: subprocess.Popen(
-            argv, cwd=work, env=_env(), text=True, encoding="utf-8",
+            argv,
+            cwd=work,
+            env=_env(),
+            text=True,
+            encoding="utf-8",
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         for name, (argv, stdin) in commands.items()
     }
@@ -151,7 +194,7 @@ def test_interactive_session_over_stdin(runs, session):
     result = runs["interactive"]
     _ok(result)
     assert "MiniCPM-V chat. /image PATH, /reset, /quit" in result.stdout.splitlines()  # after axolotl's banner
-    answers = [line[len("assistant: "):] for line in result.stdout.splitlines() if line.startswith("assistant: ")]
+    answers = [line[len("assistant: ") :] for line in result.stdout.splitlines() if line.startswith("assistant: ")]
     assert len(answers) == 3, "three questions before /quit; the line after /quit is never asked"
     # the failed /image keeps the image and the conversation; /reset starts a new conversation
     expected = _conversation(session, ["What is this?", "Still there?"]) + _conversation(session, ["Hello"])

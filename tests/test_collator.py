@@ -13,8 +13,8 @@ from fixtures_data import conv, images, load_prepared, make_cfg, prepared_exampl
 from axolotl_minicpmv.integration.collator import collator_cls_and_kwargs
 from axolotl_minicpmv.integration.data import prepare_minicpmv_datasets
 from axolotl_minicpmv.integration.prompt_strategy import MiniCPMVChatStrategy
-from axolotl_minicpmv.model.processing_minicpmv import InvalidInputError, MiniCPMVProcessor, load_image
 from axolotl_minicpmv.model.image_processing_minicpmv import MiniCPMVImageProcessor
+from axolotl_minicpmv.model.processing_minicpmv import InvalidInputError, MiniCPMVProcessor, load_image
 
 IM_START, IM_END = 101, 102
 

@@ -36,9 +36,14 @@ def batch(length: int, images: int, seed: int) -> dict:
     bounds = [[i % 2, 2 + 66 * (i // 2), 66 + 66 * (i // 2)] for i in range(images)]
     for row, start, end in bounds:
         ids[row, start:end] = 0
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone(),
-                pixel_values=[torch.randn(images, 3, 448, 448, generator=generator)],
-                vision_order=torch.arange(images), image_bound=torch.tensor(bounds))
+    return dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        labels=ids.clone(),
+        pixel_values=[torch.randn(images, 3, 448, 448, generator=generator)],
+        vision_order=torch.arange(images),
+        image_bound=torch.tensor(bounds),
+    )
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -14,15 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from axolotl.utils.dict import DictDefault
-from axolotl_minicpmv.integration import formats
-from axolotl_minicpmv.integration.collator import MiniCPMVDataCollator
-from axolotl_minicpmv.integration.data import (
-    InvalidDatasetError,
-    prepare_dataset_file,
-    prepare_minicpmv_datasets,
-    row_images,
-)
-from axolotl_minicpmv.integration.prompt_strategy import MiniCPMVChatStrategy
 from fixtures_data import (  # noqa: F401
     DATASET_TYPE,
     EXAMPLES,
@@ -32,6 +23,16 @@ from fixtures_data import (  # noqa: F401
     make_cfg,
     write_json,
 )
+
+from axolotl_minicpmv.integration import formats
+from axolotl_minicpmv.integration.collator import MiniCPMVDataCollator
+from axolotl_minicpmv.integration.data import (
+    InvalidDatasetError,
+    prepare_dataset_file,
+    prepare_minicpmv_datasets,
+    row_images,
+)
+from axolotl_minicpmv.integration.prompt_strategy import MiniCPMVChatStrategy
 
 SHAREGPT = {"system": "system", "user": "human", "assistant": "gpt"}
 PART = {"type": datasets.Value("string"), "text": datasets.Value("string")}
@@ -76,21 +77,30 @@ def write_all_formats(folder: Path, images) -> dict[str, dict]:
         seed.append(row)
     entries["seed"] = {"path": str(write_json(folder / "seed.json", seed))}
 
-    llava = [{"id": r["id"], "conversations": [{"from": SHAREGPT[t["role"]], "value": t["content"]} for t in s["turns"]],
-              **({"image": r["image"]} if "image" in r else {})} for r, s in zip(seed, samples)]
+    llava = [
+        {
+            "id": r["id"],
+            "conversations": [{"from": SHAREGPT[t["role"]], "value": t["content"]} for t in s["turns"]],
+            **({"image": r["image"]} if "image" in r else {}),
+        }
+        for r, s in zip(seed, samples)
+    ]
     entries["llava"] = {"path": str(write_json(folder / "llava.json", llava)), "minicpmv_format": "llava"}
 
-    (folder / "messages.jsonl").write_text("\n".join(
-        json.dumps({"id": s["id"], "messages": s["turns"], "images": [str(images[n]) for n in s["images"]]}) for s in samples))
+    (folder / "messages.jsonl").write_text(
+        "\n".join(json.dumps({"id": s["id"], "messages": s["turns"], "images": [str(images[n]) for n in s["images"]]}) for s in samples)
+    )
     entries["messages"] = {"path": str(folder / "messages.jsonl")}
 
     # content parts whose image parts carry their own source, one kind of source each
-    sources = iter([
-        {"type": "image", "path": "../" + rel["small"]},
-        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(raw["square"]).decode()}},
-        {"type": "image", "base64": base64.b64encode(raw["wide"]).decode()},
-        {"type": "image", "url": images["grid"].as_uri()},
-    ])
+    sources = iter(
+        [
+            {"type": "image", "path": "../" + rel["small"]},
+            {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(raw["square"]).decode()}},
+            {"type": "image", "base64": base64.b64encode(raw["wide"]).decode()},
+            {"type": "image", "url": images["grid"].as_uri()},
+        ]
+    )
     rows = []
     for s in samples:
         messages = []
@@ -107,8 +117,14 @@ def write_all_formats(folder: Path, images) -> dict[str, dict]:
         messages=datasets.List({"role": datasets.Value("string"), "content": datasets.List(PART)}),
         images=datasets.List(datasets.Image()),
     )
-    rows = [{"id": s["id"], "messages": [{"role": t["role"], "content": to_parts(t["content"])} for t in s["turns"]],
-             "images": [{"bytes": raw[n], "path": f"{n}.jpg"} for n in s["images"]]} for s in samples]
+    rows = [
+        {
+            "id": s["id"],
+            "messages": [{"role": t["role"], "content": to_parts(t["content"])} for t in s["turns"]],
+            "images": [{"bytes": raw[n], "path": f"{n}.jpg"} for n in s["images"]],
+        }
+        for s in samples
+    ]
     datasets.Dataset.from_list(rows, features=features).to_parquet(str(folder / "parts_bytes.parquet"))
     entries["parquet_bytes"] = {"path": str(folder / "parts_bytes.parquet")}
 
@@ -118,8 +134,10 @@ def write_all_formats(folder: Path, images) -> dict[str, dict]:
         conversations=datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")}),
         images=datasets.List(datasets.Image()),
     )
-    rows = [{"id": r["id"], "conversations": r["conversations"], "images": [{"bytes": raw[n], "path": None} for n in s["images"]]}
-            for r, s in zip(llava, samples)]
+    rows = [
+        {"id": r["id"], "conversations": r["conversations"], "images": [{"bytes": raw[n], "path": None} for n in s["images"]]}
+        for r, s in zip(llava, samples)
+    ]
     sharegpt = datasets.Dataset.from_list(rows, features=features)
     sharegpt.save_to_disk(str(folder / "saved"))
     entries["save_to_disk"] = {"path": str(folder / "saved")}
@@ -127,12 +145,23 @@ def write_all_formats(folder: Path, images) -> dict[str, dict]:
     entries["dataset_folder"] = {"path": str(folder / "hub"), "split": "train"}
 
     # other names, mapped Axolotl-style
-    custom = [{"uid": s["id"], "dialog": [{"speaker": {"system": "sys", "user": "customer", "assistant": "agent"}[t["role"]], "text": t["content"]}
-                                          for t in s["turns"]], "pictures": [str(images[n]) for n in s["images"]]} for s in samples]
+    custom = [
+        {
+            "uid": s["id"],
+            "dialog": [
+                {"speaker": {"system": "sys", "user": "customer", "assistant": "agent"}[t["role"]], "text": t["content"]}
+                for t in s["turns"]
+            ],
+            "pictures": [str(images[n]) for n in s["images"]],
+        }
+        for s in samples
+    ]
     for row, s in zip(custom, samples):
         row["id"] = s["id"]
     entries["mapped"] = {
-        "path": str(write_json(folder / "custom.json", custom)), "field_messages": "dialog", "field_images": "pictures",
+        "path": str(write_json(folder / "custom.json", custom)),
+        "field_messages": "dialog",
+        "field_images": "pictures",
         "message_property_mappings": {"role": "speaker", "content": "text"},
         "roles": {"user": ["customer"], "assistant": ["agent"], "system": ["sys"]},
     }
@@ -175,45 +204,125 @@ def test_the_same_conversations_in_every_format_give_identical_training_rows(tmp
 def test_auto_detection_reads_a_file_that_mixes_formats(tmp_path, images):
     rows = [
         {"id": "seed", "image": str(images["small"]), "conversations": conv("q", "a")},
-        {"id": "llava", "image": str(images["small"]), "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]},
+        {
+            "id": "llava",
+            "image": str(images["small"]),
+            "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+        },
         {"id": "messages", "images": [str(images["small"])], "messages": conv("<image>\nq", "a")},
-        {"id": "parts", "messages": [{"role": "user", "content": [{"type": "image", "path": str(images["small"])}, {"type": "text", "text": "q"}]},
-                                     {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]},
+        {
+            "id": "parts",
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "path": str(images["small"])}, {"type": "text", "text": "q"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "a"}]},
+            ],
+        },
     ]
     source = tmp_path / "mixed.jsonl"
     source.write_text("\n".join(json.dumps(r) for r in rows))
     result = prepare_dataset_file(source, tmp_path / "out")
     prepared = pq.read_table(result.path).to_pylist()
-    assert {r["id"]: r["conversations"][0]["content"] for r in prepared} == {k: "<image>\nq" for k in ("seed", "llava", "messages", "parts")}
+    assert {r["id"]: r["conversations"][0]["content"] for r in prepared} == {
+        k: "<image>\nq" for k in ("seed", "llava", "messages", "parts")
+    }
 
 
 # (format, row, expected reason): each bad row sits at index 1 of a JSONL file, after a good seed row
 BAD_ROWS = {
-    "llava turn without value": (None, {"id": "bad-1", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]},
-                                 "conversations[1] must be an object with 'from' and 'value', got {'from': 'gpt'}"),
-    "llava unknown role": (None, {"id": "bad-1", "conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]},
-                           "conversations[1] has unknown role 'bot'"),
-    "llava image missing": ("llava", {"id": "bad-1", "image": "nope.jpg", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]},
-                            "image 'nope.jpg' not found"),
-    "messages image missing": (None, {"id": "bad-1", "images": ["nope.jpg"], "messages": conv("<image>q", "a")}, "image 'nope.jpg' not found"),
-    "messages tag without image": ("messages", {"id": "bad-1", "messages": conv("<image>q", "a")}, "1 '<image>' tag(s) but the sample has no 'images'"),
-    "messages roles": (None, {"id": "bad-1", "images": [], "messages": conv("q", "a")[::-1]},
-                       "the first turn is 'assistant'; it must be 'user' (messages[0]"),
-    "part of unknown type": (None, {"id": "bad-1", "messages": [{"role": "user", "content": [{"type": "text", "text": "q"}, {"type": "audio"}]}, {"role": "assistant", "content": "a"}]},
-                             "messages[0].content[1] has type 'audio'; expected 'text', 'image' or 'image_url'"),
-    "remote image url": (None, {"id": "bad-1", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/a.jpg"}}]}, {"role": "assistant", "content": "a"}]},
-                         "images[0] is a remote URL ('https://x.org/a.jpg'); download the images and give their paths"),
-    "invalid base64 part": (None, {"id": "bad-1", "messages": [{"role": "user", "content": [{"type": "image", "base64": "not base64!"}]}, {"role": "assistant", "content": "a"}]},
-                            "messages[0].content[0]: 'base64' is not valid base64"),
-    "data url of no image": (None, {"id": "bad-1", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}, {"role": "assistant", "content": "a"}]},
-                             "images[0] (embedded, 5 bytes) cannot be read as an image"),
-    "image part without a source": (None, {"id": "bad-1", "messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "a"}]},
-                                    "messages[0].content[0] (image) has no 'path', 'url', 'image' or 'base64', and no image is left in the row's images"),
-    "images left over": (None, {"id": "bad-1", "images": ["a.jpg", "b.jpg"], "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}, {"role": "assistant", "content": "a"}]},
-                         "1 images in 'images' are left over"),
+    "llava turn without value": (
+        None,
+        {"id": "bad-1", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]},
+        "conversations[1] must be an object with 'from' and 'value', got {'from': 'gpt'}",
+    ),
+    "llava unknown role": (
+        None,
+        {"id": "bad-1", "conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]},
+        "conversations[1] has unknown role 'bot'",
+    ),
+    "llava image missing": (
+        "llava",
+        {"id": "bad-1", "image": "nope.jpg", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]},
+        "image 'nope.jpg' not found",
+    ),
+    "messages image missing": (
+        None,
+        {"id": "bad-1", "images": ["nope.jpg"], "messages": conv("<image>q", "a")},
+        "image 'nope.jpg' not found",
+    ),
+    "messages tag without image": (
+        "messages",
+        {"id": "bad-1", "messages": conv("<image>q", "a")},
+        "1 '<image>' tag(s) but the sample has no 'images'",
+    ),
+    "messages roles": (
+        None,
+        {"id": "bad-1", "images": [], "messages": conv("q", "a")[::-1]},
+        "the first turn is 'assistant'; it must be 'user' (messages[0]",
+    ),
+    "part of unknown type": (
+        None,
+        {
+            "id": "bad-1",
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "q"}, {"type": "audio"}]},
+                {"role": "assistant", "content": "a"},
+            ],
+        },
+        "messages[0].content[1] has type 'audio'; expected 'text', 'image' or 'image_url'",
+    ),
+    "remote image url": (
+        None,
+        {
+            "id": "bad-1",
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/a.jpg"}}]},
+                {"role": "assistant", "content": "a"},
+            ],
+        },
+        "images[0] is a remote URL ('https://x.org/a.jpg'); download the images and give their paths",
+    ),
+    "invalid base64 part": (
+        None,
+        {
+            "id": "bad-1",
+            "messages": [{"role": "user", "content": [{"type": "image", "base64": "not base64!"}]}, {"role": "assistant", "content": "a"}],
+        },
+        "messages[0].content[0]: 'base64' is not valid base64",
+    ),
+    "data url of no image": (
+        None,
+        {
+            "id": "bad-1",
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]},
+                {"role": "assistant", "content": "a"},
+            ],
+        },
+        "images[0] (embedded, 5 bytes) cannot be read as an image",
+    ),
+    "image part without a source": (
+        None,
+        {"id": "bad-1", "messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "a"}]},
+        "messages[0].content[0] (image) has no 'path', 'url', 'image' or 'base64', and no image is left in the row's images",
+    ),
+    "images left over": (
+        None,
+        {
+            "id": "bad-1",
+            "images": ["a.jpg", "b.jpg"],
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
+                {"role": "assistant", "content": "a"},
+            ],
+        },
+        "1 images in 'images' are left over",
+    ),
     "no messages at all": (None, {"id": "bad-1", "dialog": []}, "has no 'conversations' (nor 'messages'); set field_messages"),
-    "named format, other layout": ("seed", {"id": "bad-1", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
-                                   "conversations[0] must be an object with 'role' and 'content'"),
+    "named format, other layout": (
+        "seed",
+        {"id": "bad-1", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        "conversations[0] must be an object with 'role' and 'content'",
+    ),
 }
 
 
@@ -249,11 +358,16 @@ def test_embedded_bytes_that_are_no_image_are_named_by_file_and_index(tmp_path, 
         image=datasets.Image(),
     )
     turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
-    rows = [{"conversations": turns, "image": {"bytes": images["small"].read_bytes(), "path": None}},
-            {"conversations": turns, "image": {"bytes": b"not an image", "path": "x.jpg"}}]
+    rows = [
+        {"conversations": turns, "image": {"bytes": images["small"].read_bytes(), "path": None}},
+        {"conversations": turns, "image": {"bytes": b"not an image", "path": "x.jpg"}},
+    ]
     source = tmp_path / "d.parquet"
     datasets.Dataset.from_list(rows, features=features).to_parquet(str(source))
-    with pytest.raises(InvalidDatasetError, match=r"d\.parquet: 1 of 2 samples are invalid:\n  - sample at index 1: 'image' \(embedded, 12 bytes\) cannot be read"):
+    with pytest.raises(
+        InvalidDatasetError,
+        match=r"d\.parquet: 1 of 2 samples are invalid:\n  - sample at index 1: 'image' \(embedded, 12 bytes\) cannot be read",
+    ):
         prepare_dataset_file(source, tmp_path / "out")
     result = prepare_dataset_file(source, tmp_path / "out", skip_bad_samples=True)
     (row,) = pq.read_table(result.path).to_pylist()

@@ -92,23 +92,62 @@ def _good(**extra):
 # (sample, expected reason) -- each bad sample sits at index 1, after a good one
 BAD_SAMPLES = {
     "missing image file": ({"id": "bad-1", "image": "nope.jpg", "conversations": conv("<image>q", "a")}, "image 'nope.jpg' not found"),
-    "unreadable image": ({"id": "bad-1", "image": "broken.jpg", "conversations": conv("q", "a")}, "image 'broken.jpg' cannot be read as an image"),
-    "first turn not user": ({"id": "bad-1", "conversations": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}, "the first turn is 'assistant'; it must be 'user'"),
-    "unknown role": ({"id": "bad-1", "conversations": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}]}, "conversations[1] has unknown role 'system'"),
-    "roles not alternating": ({"id": "bad-1", "conversations": conv("q", "a")[:1] * 2 + conv("q", "a")[1:]}, "roles do not alternate: conversations[0] and conversations[1] are both 'user'"),
+    "unreadable image": (
+        {"id": "bad-1", "image": "broken.jpg", "conversations": conv("q", "a")},
+        "image 'broken.jpg' cannot be read as an image",
+    ),
+    "first turn not user": (
+        {"id": "bad-1", "conversations": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]},
+        "the first turn is 'assistant'; it must be 'user'",
+    ),
+    "unknown role": (
+        {"id": "bad-1", "conversations": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}]},
+        "conversations[1] has unknown role 'system'",
+    ),
+    "roles not alternating": (
+        {"id": "bad-1", "conversations": conv("q", "a")[:1] * 2 + conv("q", "a")[1:]},
+        "roles do not alternate: conversations[0] and conversations[1] are both 'user'",
+    ),
     "no assistant turn": ({"id": "bad-1", "conversations": conv("just a question")}, "no assistant turn"),
     "empty content": ({"id": "bad-1", "conversations": conv("q", "   ")}, "conversations[1] (assistant) has empty content"),
-    "content not a string": ({"id": "bad-1", "conversations": [{"role": "user", "content": ["q"]}, {"role": "assistant", "content": "a"}]}, "conversations[0] (user): content must be a string"),
-    "more tags than images": ({"id": "bad-1", "image": "ok.jpg", "conversations": conv("<image> and <image>", "a")}, "more '<image>' tags (2) than images (1)"),
-    "fewer tags than images": ({"id": "bad-1", "image": ["ok.jpg", "ok.jpg"], "conversations": conv("<image> only one", "a")}, "fewer '<image>' tags (1) than images (2)"),
-    "list image without its tag": ({"id": "bad-1", "image": ["ok.jpg"], "conversations": conv("no tag", "a")}, "fewer '<image>' tags (0) than images (1)"),
+    "content not a string": (
+        {"id": "bad-1", "conversations": [{"role": "user", "content": ["q"]}, {"role": "assistant", "content": "a"}]},
+        "conversations[0] (user): content must be a string",
+    ),
+    "more tags than images": (
+        {"id": "bad-1", "image": "ok.jpg", "conversations": conv("<image> and <image>", "a")},
+        "more '<image>' tags (2) than images (1)",
+    ),
+    "fewer tags than images": (
+        {"id": "bad-1", "image": ["ok.jpg", "ok.jpg"], "conversations": conv("<image> only one", "a")},
+        "fewer '<image>' tags (1) than images (2)",
+    ),
+    "list image without its tag": (
+        {"id": "bad-1", "image": ["ok.jpg"], "conversations": conv("no tag", "a")},
+        "fewer '<image>' tags (0) than images (1)",
+    ),
     "tags but no image": ({"id": "bad-1", "conversations": conv("<image> what?", "a")}, "1 '<image>' tag(s) but the sample has no 'image'"),
-    "tag in assistant turn": ({"id": "bad-1", "image": "ok.jpg", "conversations": conv("q", "see <image>")}, "conversations[1] (assistant) contains '<image>'"),
-    "reserved </image> in text": ({"id": "bad-1", "conversations": conv("a </image> b", "a")}, "conversations[0] (user) contains '</image>', which is reserved"),
-    "conversations not a list": ({"id": "bad-1", "conversations": "hi"}, "'conversations' must be a list of {role, content} objects, got a JSON string"),
+    "tag in assistant turn": (
+        {"id": "bad-1", "image": "ok.jpg", "conversations": conv("q", "see <image>")},
+        "conversations[1] (assistant) contains '<image>'",
+    ),
+    "reserved </image> in text": (
+        {"id": "bad-1", "conversations": conv("a </image> b", "a")},
+        "conversations[0] (user) contains '</image>', which is reserved",
+    ),
+    "conversations not a list": (
+        {"id": "bad-1", "conversations": "hi"},
+        "'conversations' must be a list of {role, content} objects, got a JSON string",
+    ),
     "conversations missing": ({"id": "bad-1", "image": "ok.jpg"}, "has no 'conversations'"),
-    "message not an object": ({"id": "bad-1", "conversations": ["hi", "there"]}, "conversations[0] must be an object with 'role' and 'content'"),
-    "image not a path": ({"id": "bad-1", "image": 7, "conversations": conv("q", "a")}, "'image' must be a path or a list of paths, got a JSON number"),
+    "message not an object": (
+        {"id": "bad-1", "conversations": ["hi", "there"]},
+        "conversations[0] must be an object with 'role' and 'content'",
+    ),
+    "image not a path": (
+        {"id": "bad-1", "image": 7, "conversations": conv("q", "a")},
+        "'image' must be a path or a list of paths, got a JSON number",
+    ),
     "sample not an object": (["not", "a", "sample"], "is a JSON list, expected an object"),
 }
 

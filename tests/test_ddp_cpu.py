@@ -28,9 +28,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import EXAMPLES, REPO
+from safetensors.torch import load_file
 from test_axolotl_cli import ACCELERATE, base_tensors, run, tail, values, write_config
 
 WORLD_SIZE = 2
@@ -50,14 +49,34 @@ def ddp_run(tiny_checkpoint, tmp_path_factory):
     shutil.copytree(EXAMPLES, data)
     samples = json.loads((data / "train.json").read_text())
     config = write_config(
-        folder, tiny_checkpoint, data,
-        micro_batch_size=1, num_epochs=1, save_steps=1000, eval_strategy="no", ddp_find_unused_parameters=False,
+        folder,
+        tiny_checkpoint,
+        data,
+        micro_batch_size=1,
+        num_epochs=1,
+        save_steps=1000,
+        eval_strategy="no",
+        ddp_find_unused_parameters=False,
         drop=("max_steps", "test_datasets", "eval_steps"),
     )
     rc, output = run(
-        [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(WORLD_SIZE), "--num_machines", "1",
-         "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-         LAUNCHER, config],
+        [
+            ACCELERATE,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(WORLD_SIZE),
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(free_port()),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            LAUNCHER,
+            config,
+        ],
         folder / "train.log",
         timeout=240,  # about 40 s; a rank that waits for the other's gradients would wait forever
         ACCELERATE_USE_CPU="true",

@@ -18,7 +18,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-
 from conftest import EXAMPLES, REPO
 
 IMAGE = EXAMPLES / "images" / "clock.jpg"
@@ -254,7 +253,14 @@ def test_merged_bf16_export_is_in_the_official_format(trained_run, exports):
                 assert new.get_slice(name).get_dtype() == "BF16", name
                 size += new.get_tensor(name).numel() * 2
     assert index["metadata"]["total_size"] == size
-    for name in ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "preprocessor_config.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ):
         assert (out / name).read_bytes() == (base / name).read_bytes(), name
     assert not (out / "adapter_config.json").exists()
     # the bf16 shards are the float32 merge rounded once
@@ -381,7 +387,9 @@ def test_adapter_from_another_base_names_the_tensor(trained_run, tmp_path):
     with pytest.raises(AdapterError, match="trained on another base model"):
         MiniCPMVChat(str(trained_run.base), adapter=str(run), device="cpu")
 
-    state = {k: (torch.empty(0) if "lora_A" in k else v) for k, v in load_file(trained_run.output_dir / "adapter_model.safetensors").items()}
+    state = {
+        k: (torch.empty(0) if "lora_A" in k else v) for k, v in load_file(trained_run.output_dir / "adapter_model.safetensors").items()
+    }
     save_file(state, run / "adapter_model.safetensors")
     with pytest.raises(ExportError, match="stage3_gather_16bit_weights_on_model_save"):
         do_export(trained_run, "adapter", tmp_path / "out", source=run)

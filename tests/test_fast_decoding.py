@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import EXAMPLES
 from PIL import Image
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from axolotl_minicpmv.inference.fast_decoding import FastDecoder, Sampling, choose_tokens
 from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds
-
-from conftest import EXAMPLES
 
 MSGS = [{"role": "user", "content": "What is in the image?"}]
 

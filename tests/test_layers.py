@@ -73,7 +73,7 @@ def test_no_import_cycle_among_the_package_modules():
             if nxt == "__init__" or nxt.endswith(".__init__"):
                 continue
             if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [nxt] if nxt in path else path + [nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt] if nxt in path else path + [nxt])
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2

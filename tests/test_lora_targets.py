@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import REFERENCE
 from peft import LoraConfig, get_peft_model
 
 from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig
+from axolotl_minicpmv.integration.args import modules_to_save
 from axolotl_minicpmv.integration.lora_targets import (
     DEFAULT_TARGETS,
     PRESETS,
@@ -14,9 +16,6 @@ from axolotl_minicpmv.integration.lora_targets import (
     count_parameters,
     expand_targets,
 )
-from axolotl_minicpmv.integration.args import modules_to_save
-
-from conftest import REFERENCE
 
 
 @pytest.fixture(scope="module")

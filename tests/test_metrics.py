@@ -5,6 +5,7 @@ the ST-VQA / DocVQA ANLS table (answers "Coca Cola" / "Coca Cola Company") and V
 from __future__ import annotations
 
 import pytest
+
 from axolotl_minicpmv.inference.metrics import (
     anls,
     exact,

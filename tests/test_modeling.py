@@ -14,14 +14,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import EXAMPLES, REFERENCE
 from PIL import Image
 
 from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig
 from axolotl_minicpmv.model.processing_minicpmv import InvalidInputError, MiniCPMVProcessor, group_by_size, image_bounds
 from axolotl_minicpmv.model.resampler import Resampler, sincos_2d
-
-from conftest import EXAMPLES, REFERENCE
-
 
 # ---------------------------------------------------------------- the real architecture (meta device)
 
@@ -151,8 +149,7 @@ def _reference_logits(model: MiniCPMV, input_ids: torch.Tensor) -> torch.Tensor:
         p = f"model.layers.{i}."
         x = _rms(h, w[p + "input_layernorm.weight"], c.rms_norm_eps)
         q, k, v = (
-            (x @ w[p + f"self_attn.{name}.weight"].T).view(n, heads, head_dim).transpose(0, 1)
-            for name in ("q_proj", "k_proj", "v_proj")
+            (x @ w[p + f"self_attn.{name}.weight"].T).view(n, heads, head_dim).transpose(0, 1) for name in ("q_proj", "k_proj", "v_proj")
         )
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(head_dim) + causal, dim=-1) @ v
@@ -368,7 +365,9 @@ def test_resampler_of_the_model_equals_the_manual_computation(tiny_model):
     torch.manual_seed(1)
     x = torch.randn(2, 3 * 4, tiny_model.vpm.embed_dim)
     with torch.no_grad():
-        torch.testing.assert_close(tiny_model.resampler(x, (3, 4)), _manual_resampler(tiny_model.resampler, x, (3, 4)), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            tiny_model.resampler(x, (3, 4)), _manual_resampler(tiny_model.resampler, x, (3, 4)), rtol=1e-4, atol=1e-4
+        )
 
 
 # ---------------------------------------------------------------- vision tower
@@ -501,8 +500,15 @@ def test_forward_with_labels_gives_the_shifted_cross_entropy_and_backward_works(
     assert loss is not None and torch.isfinite(loss)
     torch.testing.assert_close(loss.double(), manual, rtol=1e-5, atol=1e-5)
     loss.backward()
-    for name in ("llm.model.embed_tokens.weight", "llm.model.layers.0.self_attn.q_proj.weight", "llm.lm_head.weight",
-                 "resampler.query", "resampler.kv_proj.weight", "vpm.patch_embed.proj.weight", "vpm.blocks.0.attn.qkv.weight"):
+    for name in (
+        "llm.model.embed_tokens.weight",
+        "llm.model.layers.0.self_attn.q_proj.weight",
+        "llm.lm_head.weight",
+        "resampler.query",
+        "resampler.kv_proj.weight",
+        "vpm.patch_embed.proj.weight",
+        "vpm.blocks.0.attn.qkv.weight",
+    ):
         grad = fresh_model.get_parameter(name).grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
@@ -562,7 +568,9 @@ def test_generate_without_attention_mask_still_sees_the_image(tiny_model, proces
     kwargs = dict(do_sample=False, num_beams=1, max_new_tokens=8, pad_token_id=0)
     with torch.inference_mode():
         with_image = tiny_model.generate(input_ids=ids, pixel_values=pixels, vision_order=order, image_bound=bound, **kwargs)
-        masked = tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, vision_order=order, image_bound=bound, **kwargs)
+        masked = tiny_model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, vision_order=order, image_bound=bound, **kwargs
+        )
         without_image = tiny_model.generate(input_ids=ids, **kwargs)
     assert torch.equal(with_image, masked)
     assert not torch.equal(with_image, without_image)

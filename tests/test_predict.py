@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 
 import pytest
-from axolotl_minicpmv.inference.predict import PredictionError, predict, read_predictions, requests_from_samples, run_prediction
 from conftest import EXAMPLES
 from PIL import Image
 from test_axolotl_cli import logged, run, tail, write_config
+
+from axolotl_minicpmv.inference.predict import PredictionError, predict, read_predictions, requests_from_samples, run_prediction
 
 PYTHON = sys.executable
 AXOLOTL = str(Path(sys.executable).parent / "axolotl")
@@ -33,8 +34,13 @@ TIMEOUT = 600
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
 
 
 # ------------------------------------------------------------------ batching equality
@@ -42,16 +48,35 @@ def _env() -> dict:
 
 def test_batched_greedy_answers_equal_one_by_one_chat(tiny_model, tiny_tokenizer):
     samples = [
-        {"id": "small", "image": str(IMAGES / "stop_sign.jpg"), "conversations": [
-            {"role": "user", "content": "What is this?"}, {"role": "assistant", "content": "A stop sign."}]},
+        {
+            "id": "small",
+            "image": str(IMAGES / "stop_sign.jpg"),
+            "conversations": [{"role": "user", "content": "What is this?"}, {"role": "assistant", "content": "A stop sign."}],
+        },
         {"id": "text", "conversations": [{"role": "user", "content": "What is 17 times 3?"}, {"role": "assistant", "content": "51"}]},
-        {"id": "sliced", "image": str(IMAGES / "handwritten_note.jpg"), "conversations": [
-            {"role": "user", "content": "Read it: <image>"}, {"role": "assistant", "content": "A note."}]},
-        {"id": "multi", "image": [str(IMAGES / "clock.jpg"), str(IMAGES / "stop_sign.jpg")], "conversations": [
-            {"role": "user", "content": "<image> and <image>: which is round?"}, {"role": "assistant", "content": "The clock."}]},
-        {"id": "two-turns", "image": str(IMAGES / "fruit_bowl.jpg"), "conversations": [
-            {"role": "user", "content": "<image>\nList the fruit."}, {"role": "assistant", "content": "Apples."},
-            {"role": "user", "content": "How many?"}, {"role": "assistant", "content": "Three."}]},
+        {
+            "id": "sliced",
+            "image": str(IMAGES / "handwritten_note.jpg"),
+            "conversations": [{"role": "user", "content": "Read it: <image>"}, {"role": "assistant", "content": "A note."}],
+        },
+        {
+            "id": "multi",
+            "image": [str(IMAGES / "clock.jpg"), str(IMAGES / "stop_sign.jpg")],
+            "conversations": [
+                {"role": "user", "content": "<image> and <image>: which is round?"},
+                {"role": "assistant", "content": "The clock."},
+            ],
+        },
+        {
+            "id": "two-turns",
+            "image": str(IMAGES / "fruit_bowl.jpg"),
+            "conversations": [
+                {"role": "user", "content": "<image>\nList the fruit."},
+                {"role": "assistant", "content": "Apples."},
+                {"role": "user", "content": "How many?"},
+                {"role": "assistant", "content": "Three."},
+            ],
+        },
     ]
     batched = {row["id"]: row for row in predict(tiny_model, tiny_tokenizer, samples, batch_size=5, max_new_tokens=12)}
     assert all(row["error"] is None for row in batched.values()), batched
@@ -74,11 +99,22 @@ def test_batched_greedy_answers_equal_one_by_one_chat(tiny_model, tiny_tokenizer
 
 def test_requests_turns_answers_and_image_tags(tmp_path):
     samples = [
-        {"id": "a", "image": [str(IMAGES / "clock.jpg"), str(IMAGES / "bookshelf.jpg")], "conversations": [
-            {"role": "user", "content": "Clock: <image>"}, {"role": "assistant", "content": "3:40"},
-            {"role": "user", "content": "Shelf: <image>"}, {"role": "assistant", "content": "four"}]},
-        {"id": "vqa", "image": str(IMAGES / "stop_sign.jpg"), "conversations": [{"role": "user", "content": "Colour?"}],
-         "answers": ["red", "red", "dark red"]},
+        {
+            "id": "a",
+            "image": [str(IMAGES / "clock.jpg"), str(IMAGES / "bookshelf.jpg")],
+            "conversations": [
+                {"role": "user", "content": "Clock: <image>"},
+                {"role": "assistant", "content": "3:40"},
+                {"role": "user", "content": "Shelf: <image>"},
+                {"role": "assistant", "content": "four"},
+            ],
+        },
+        {
+            "id": "vqa",
+            "image": str(IMAGES / "stop_sign.jpg"),
+            "conversations": [{"role": "user", "content": "Colour?"}],
+            "answers": ["red", "red", "dark red"],
+        },
     ]
     last = list(requests_from_samples(samples, tmp_path, turns="last"))
     assert [(r.id, r.turn, r.references) for r in last] == [("a", 1, ["four"]), ("vqa", 0, ["red", "red", "dark red"])]
@@ -142,11 +178,21 @@ def test_eval_generate_key_is_checked():
 def _dataset(folder: Path, count: int = 14) -> Path:
     """`count` samples over the example pictures (small, unsliced with max_slice_nums 1), one text-only."""
     pictures = ["stop_sign.jpg", "clock.jpg", "fruit_bowl.jpg", "street.jpg"]
-    samples = [{"id": f"s{i:02d}", "image": str(IMAGES / pictures[i % 4]),
-                "conversations": [{"role": "user", "content": f"Question {i}: what is shown?"}, {"role": "assistant", "content": "A picture."}]}
-               for i in range(count - 1)]
-    samples.append({"id": "text", "conversations": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}],
-                    "answers": ["hi", "hello"]})
+    samples = [
+        {
+            "id": f"s{i:02d}",
+            "image": str(IMAGES / pictures[i % 4]),
+            "conversations": [{"role": "user", "content": f"Question {i}: what is shown?"}, {"role": "assistant", "content": "A picture."}],
+        }
+        for i in range(count - 1)
+    ]
+    samples.append(
+        {
+            "id": "text",
+            "conversations": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}],
+            "answers": ["hi", "hello"],
+        }
+    )
     path = folder / "data.jsonl"
     path.write_text("".join(json.dumps(s) + "\n" for s in samples))
     return path
@@ -159,11 +205,21 @@ def _stable(rows):
 def test_cli_resume_after_kill_equals_an_uninterrupted_run(tiny_checkpoint, tmp_path):
     data = _dataset(tmp_path)
     common = ["--model", tiny_checkpoint, "--data", data, "--batch-size", "2", "--max-new-tokens", "6", "--max-slice-nums", "1"]
-    full = subprocess.Popen([PYTHON, "-m", "axolotl_minicpmv", "predict", *common, "--out", tmp_path / "full.jsonl",
-                             "--metrics-out", tmp_path / "full.json"], env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    full = subprocess.Popen(
+        [PYTHON, "-m", "axolotl_minicpmv", "predict", *common, "--out", tmp_path / "full.jsonl", "--metrics-out", tmp_path / "full.json"],
+        env=_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     killed_out = tmp_path / "resumed.jsonl"
-    killed = subprocess.Popen([AXOLOTL, "minicpmv-predict", *map(str, common), "--out", killed_out], env=_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    killed = subprocess.Popen(
+        [AXOLOTL, "minicpmv-predict", *map(str, common), "--out", killed_out],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline and killed.poll() is None:
         if killed_out.is_file() and killed_out.read_bytes().count(b"\n") >= 2:
@@ -179,8 +235,25 @@ def test_cli_resume_after_kill_equals_an_uninterrupted_run(tiny_checkpoint, tmp_
 
     stdout, stderr = full.communicate(timeout=TIMEOUT)
     assert full.returncode == 0, stderr[-3000:]
-    resume = subprocess.run([PYTHON, "-m", "axolotl_minicpmv", "predict", *map(str, common), "--out", killed_out, "--resume",
-                             "--metrics-out", tmp_path / "resumed.json"], env=_env(), text=True, capture_output=True, timeout=TIMEOUT, check=False)
+    resume = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "axolotl_minicpmv",
+            "predict",
+            *map(str, common),
+            "--out",
+            killed_out,
+            "--resume",
+            "--metrics-out",
+            tmp_path / "resumed.json",
+        ],
+        env=_env(),
+        text=True,
+        capture_output=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
     assert resume.returncode == 0, resume.stderr[-3000:]
 
     written = [json.loads(line) for line in killed_out.read_text().splitlines()]
@@ -198,8 +271,14 @@ def test_cli_resume_after_kill_equals_an_uninterrupted_run(tiny_checkpoint, tmp_
     assert last.startswith("predict: 14 predictions of 14 samples, 0 failed; exact ") and "full.jsonl" in last
     assert "resuming: " in resume.stderr
     # a second run into the same file without --resume is refused, naming the fix
-    again = subprocess.run([PYTHON, "-m", "axolotl_minicpmv", "predict", *map(str, common), "--out", killed_out, "--limit", "1"],
-                           env=_env(), text=True, capture_output=True, timeout=TIMEOUT, check=False)
+    again = subprocess.run(
+        [PYTHON, "-m", "axolotl_minicpmv", "predict", *map(str, common), "--out", killed_out, "--limit", "1"],
+        env=_env(),
+        text=True,
+        capture_output=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
     assert again.returncode != 0 and "pass --resume to finish it, or --overwrite" in again.stderr
 
 
@@ -234,8 +313,24 @@ def test_eval_generate_logs_exact_and_rouge_l_beside_eval_loss(trained_with_eval
 def test_predict_from_the_run_config_uses_its_adapter(trained_with_eval_generate):
     folder, config, data, _ = trained_with_eval_generate
     out = folder / "pred.jsonl"
-    rc, output = run([AXOLOTL, "minicpmv-predict", config, "--data", data / "eval.json", "--out", out, "--metrics-out",
-                      folder / "pred.json", "--max-new-tokens", "6", "--turns", "all"], folder / "predict.log")
+    rc, output = run(
+        [
+            AXOLOTL,
+            "minicpmv-predict",
+            config,
+            "--data",
+            data / "eval.json",
+            "--out",
+            out,
+            "--metrics-out",
+            folder / "pred.json",
+            "--max-new-tokens",
+            "6",
+            "--turns",
+            "all",
+        ],
+        folder / "predict.log",
+    )
     assert rc == 0, tail(output)
     summary = json.loads((folder / "pred.json").read_text())
     assert summary["adapter"] == str(folder / "out") and summary["model"].endswith("tiny-minicpmv")

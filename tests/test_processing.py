@@ -13,9 +13,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import EXAMPLES
 from PIL import Image
 
 from axolotl_minicpmv.model.conversation import validate_conversation as validate_messages  # noqa: E402
+from axolotl_minicpmv.model.image_processing_minicpmv import MiniCPMVImageProcessor  # noqa: E402
 from axolotl_minicpmv.model.processing_minicpmv import (
     InvalidInputError,
     MiniCPMVProcessor,
@@ -23,9 +25,6 @@ from axolotl_minicpmv.model.processing_minicpmv import (
     image_bounds,
     load_image,
 )
-from axolotl_minicpmv.model.image_processing_minicpmv import MiniCPMVImageProcessor  # noqa: E402
-
-from conftest import EXAMPLES
 
 to_pixel_values = MiniCPMVImageProcessor().to_pixel_values
 

@@ -77,7 +77,11 @@ def test_processor_output_equals_what_training_feeds_the_model(tiny_tokenizer, i
 
 def test_processor_output_equals_what_chat_feeds_the_model(tiny_model, tiny_tokenizer, images):
     """`processor(...)` for one conversation = chat's prompt ids, its image features' pixels and its bounds."""
-    msgs = [{"role": "user", "content": "What is in the image?"}, {"role": "assistant", "content": "A grid."}, {"role": "user", "content": "Colours?"}]
+    msgs = [
+        {"role": "user", "content": "What is in the image?"},
+        {"role": "assistant", "content": "A grid."},
+        {"role": "user", "content": "Colours?"},
+    ]
     picture = Image.open(images["grid"]).convert("RGB")
     processor = MiniCPMVProcessor.from_config(tiny_tokenizer, tiny_model.config)
     batch = processor([msgs], [[picture]])
@@ -92,8 +96,16 @@ def test_processor_output_equals_what_chat_feeds_the_model(tiny_model, tiny_toke
     answer, _, _ = tiny_model.chat(picture, msgs, tokenizer=tiny_tokenizer, sampling=False, num_beams=1, max_new_tokens=12)
     embeds = tiny_model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["vision_order"], batch["image_bound"])
     with torch.no_grad():
-        out = tiny_model.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=12,
-                                  num_beams=1, do_sample=False, repetition_penalty=1.2, pad_token_id=0, eos_token_id=2)
+        out = tiny_model.generate(
+            inputs_embeds=embeds,
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=12,
+            num_beams=1,
+            do_sample=False,
+            repetition_penalty=1.2,
+            pad_token_id=0,
+            eos_token_id=2,
+        )
     from axolotl_minicpmv.inference.chat import decode_answer
 
     assert decode_answer(out[0], tiny_tokenizer) == answer

@@ -10,8 +10,8 @@ from fixtures_data import DATASET_TYPE, EXAMPLES, PH, conv, images, load_prepare
 
 from axolotl_minicpmv.integration.data import normalize_sample, prepare_minicpmv_datasets
 from axolotl_minicpmv.integration.prompt_strategy import MiniCPMVChatDatasetStrategy, MiniCPMVChatStrategy
-from axolotl_minicpmv.model.processing_minicpmv import InvalidInputError, MiniCPMVProcessor
 from axolotl_minicpmv.model.image_processing_minicpmv import MiniCPMVImageProcessor
+from axolotl_minicpmv.model.processing_minicpmv import InvalidInputError, MiniCPMVProcessor
 
 X = -100
 BOS, EOS, IM_START, IM_END, SLICE_START, SLICE_END = 1, 2, 101, 102, 111, 112
@@ -79,12 +79,16 @@ def test_multi_turn_predicts_eos_after_every_assistant_turn(strategy, tiny_token
     describe, answer = [495, 374, 408, 671], [393, 589, 380, 419, 390, 671, EOS]  # "Describe the image.", "The answer is yes.</s>"
     row = tokenize(strategy, {"conversations": conv("Describe the image.", "A cat.", "What is in the image?", "The answer is yes.")})
     assert row["input_ids"] == [*USER, *describe, *AI, *CAT_EOS[:-1], *USER, *WHAT, *AI, *answer]
-    assert row["labels"] == (
-        [X] * 8  # <用户>, user text, <AI>
-        + CAT_EOS[:-1]  # "A cat."
-        + [EOS, X]  # the last answer token predicts eos; the rest of <用户> is input only
-        + [X] * 6 + [X, X]  # user text, <AI>
-        + answer
+    assert (
+        row["labels"]
+        == (
+            [X] * 8  # <用户>, user text, <AI>
+            + CAT_EOS[:-1]  # "A cat."
+            + [EOS, X]  # the last answer token predicts eos; the rest of <用户> is input only
+            + [X] * 6
+            + [X, X]  # user text, <AI>
+            + answer
+        )
     )
 
 
@@ -219,7 +223,10 @@ def test_over_long_samples_are_dropped_never_truncated(prepared_examples, tiny_t
 def test_over_long_with_excess_length_strategy_raise_names_the_samples(prepared_examples, tiny_tokenizer):
     cfg = prepared_examples.copy()
     cfg.update(sequence_len=600, excess_length_strategy="raise")
-    with pytest.raises(ValueError, match=r"4 samples are longer than sequence_len 600 \(excess_length_strategy: raise\): \['sample-0001', 'sample-0006', 'sample-0010', 'sample-0012'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"4 samples are longer than sequence_len 600 \(excess_length_strategy: raise\): \['sample-0001', 'sample-0006', 'sample-0010', 'sample-0012'\]",
+    ):
         _wrapped(cfg, cfg.datasets[0], tiny_tokenizer)
 
 

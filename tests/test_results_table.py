@@ -13,13 +13,33 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import results_table  # noqa: E402
 
-CHAT = {"bench": "chat", "gpu": "GPU-X", "date": "2026-01-02", "fast": True, "versions": {"torch": "9.9", "transformers": "8.8"},
-        "command": "python benchmarks/bench_chat.py --fast", "ttft_ms_448x448": 41.5, "ttft_ms_1344x896": 77.0,
-        "decode_tokens_per_s_batch1": 301.2, "total_tokens_per_s_batch8": 1800.0, "peak_mem_gib_batch1": 6.5,
-        "peak_mem_gib_batch8": 9.0, "fast_vs_plain_first_diff": None}
-TRAIN = {"bench": "train", "deepspeed": "zero2", "rc": 0, "steps_logged": 20, "samples_per_second_median": 3.3,
-         "peak_mem_allocated_gib": 30.1, "device_reserved_gib": 33.0, "gpu": "GPU-X", "date": "2026-01-03",
-         "command": "python benchmarks/bench_train.py --deepspeed configs/deepspeed/zero2.json"}
+CHAT = {
+    "bench": "chat",
+    "gpu": "GPU-X",
+    "date": "2026-01-02",
+    "fast": True,
+    "versions": {"torch": "9.9", "transformers": "8.8"},
+    "command": "python benchmarks/bench_chat.py --fast",
+    "ttft_ms_448x448": 41.5,
+    "ttft_ms_1344x896": 77.0,
+    "decode_tokens_per_s_batch1": 301.2,
+    "total_tokens_per_s_batch8": 1800.0,
+    "peak_mem_gib_batch1": 6.5,
+    "peak_mem_gib_batch8": 9.0,
+    "fast_vs_plain_first_diff": None,
+}
+TRAIN = {
+    "bench": "train",
+    "deepspeed": "zero2",
+    "rc": 0,
+    "steps_logged": 20,
+    "samples_per_second_median": 3.3,
+    "peak_mem_allocated_gib": 30.1,
+    "device_reserved_gib": 33.0,
+    "gpu": "GPU-X",
+    "date": "2026-01-03",
+    "command": "python benchmarks/bench_train.py --deepspeed configs/deepspeed/zero2.json",
+}
 
 
 def write_pair(tmp_path, runs):

@@ -34,9 +34,25 @@ def image_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint_fp32, image_root, tmp_path_factory):
-    srv = Server(["--model", str(tiny_checkpoint_fp32), "--served-model-name", "tiny", "--api-key", KEY,
-                  "--image-root", str(image_root), "--max-image-pixels", str(IMAGE_PIXELS_LIMIT), "--max-batch-size", "8",
-                  "--max-tokens", "512"], tmp_path_factory.mktemp("logs") / "server.log")
+    srv = Server(
+        [
+            "--model",
+            str(tiny_checkpoint_fp32),
+            "--served-model-name",
+            "tiny",
+            "--api-key",
+            KEY,
+            "--image-root",
+            str(image_root),
+            "--max-image-pixels",
+            str(IMAGE_PIXELS_LIMIT),
+            "--max-batch-size",
+            "8",
+            "--max-tokens",
+            "512",
+        ],
+        tmp_path_factory.mktemp("logs") / "server.log",
+    )
     yield srv
     srv.stop()
 
@@ -123,8 +139,12 @@ def test_two_images_are_placed_where_their_parts_are(client, tiny_model, tokeniz
     conversation = [{"role": "user", "content": "First:\n<image>\nSecond:\n<image>\nWhich differs?"}]
     solo = generate_answers(tiny_model, processor, [conversation], [[left, right]], max_new_tokens=NEW, num_beams=1)[0]
     swapped = generate_answers(tiny_model, processor, [conversation], [[right, left]], max_new_tokens=NEW, num_beams=1)[0]
-    messages = [{"role": "user", "content": [text_part("First:"), image_part(left), text_part("Second:"), image_part(right),
-                                             text_part("Which differs?")]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [text_part("First:"), image_part(left), text_part("Second:"), image_part(right), text_part("Which differs?")],
+        }
+    ]
     reply = ask(client, messages)
     assert reply.choices[0].message.content == solo.text != swapped.text
     assert reply.usage.prompt_tokens == solo.prompt_tokens
@@ -132,8 +152,11 @@ def test_two_images_are_placed_where_their_parts_are(client, tiny_model, tokeniz
 
 def test_multi_turn_and_system_message_equal_chat(client, tiny_model, tokenizer):
     image = picture(80, 80, seed=4)
-    msgs = [{"role": "user", "content": "What colour dominates?"}, {"role": "assistant", "content": "Mostly grey noise."},
-            {"role": "user", "content": "And in the corners?"}]
+    msgs = [
+        {"role": "user", "content": "What colour dominates?"},
+        {"role": "assistant", "content": "Mostly grey noise."},
+        {"role": "user", "content": "And in the corners?"},
+    ]
     expected = chat_answer(tiny_model, tokenizer, image, msgs)
     messages = [{"role": "user", "content": [image_part(image), text_part(msgs[0]["content"])]}, msgs[1], msgs[2]]
     assert ask(client, messages).choices[0].message.content == expected
@@ -185,9 +208,12 @@ def test_stop_strings_and_max_tokens(client, tiny_model, tokenizer):
     reply = client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=40, stop=[stop])
     answer = reply.choices[0].message.content
     assert reply.choices[0].finish_reason == "stop" and stop not in answer and reply.usage.completion_tokens < 40
+
     # The answer up to the stop string. While stop strings are watched the text is decoded token by token, which
     # on the tiny model's random byte pieces differs from decoding the whole in spaces and punctuation: compare letters.
-    letters = lambda text: re.sub(r"[\W_]", "", text)
+    def letters(text):
+        return re.sub(r"[\W_]", "", text)
+
     assert letters(full).startswith(letters(answer)) and len(letters(answer)) >= len(letters(full[: full.find(stop)])) - 2
     text, finish, _ = ask_streamed(client, msgs, stop=stop, max_tokens=40)
     assert text == answer and finish == "stop"
@@ -197,16 +223,18 @@ def test_stop_strings_and_max_tokens(client, tiny_model, tokenizer):
 
 def test_sampling_with_a_seed_repeats(client):
     msgs = [{"role": "user", "content": "Say something."}]
-    first, second = (client.chat.completions.create(model="tiny", messages=msgs, seed=5, max_tokens=12).choices[0].message.content
-                     for _ in range(2))
+    first, second = (
+        client.chat.completions.create(model="tiny", messages=msgs, seed=5, max_tokens=12).choices[0].message.content for _ in range(2)
+    )
     assert first == second
 
 
 def raw(server, body, key=KEY, timeout=60):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(server.url + "/v1/chat/completions", content=content, headers={**headers, "Content-Type": "application/json"},
-                      timeout=timeout)
+    return httpx.post(
+        server.url + "/v1/chat/completions", content=content, headers={**headers, "Content-Type": "application/json"}, timeout=timeout
+    )
 
 
 def test_auth(server):
@@ -236,12 +264,27 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
         ({"model": "tiny", "messages": [user, {"role": "assistant", "content": "ok"}]}, 400, "messages[1]", "last message"),
         ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "messages[0].content[0].type", "type"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "<image> trick"}]}, 400, "messages[0].content", "image_url parts"),
-        ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]}]},
-         400, "messages[0].content[0].image_url.url", "http(s) image URLs are not fetched"),
-        ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": junk}}]}]},
-         400, "messages[0].content[0].image_url.url", "cannot decode"),
-        ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": big}}]}]},
-         400, "messages[0].content[0].image_url.url", "--max-image-pixels"),
+        (
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]}],
+            },
+            400,
+            "messages[0].content[0].image_url.url",
+            "http(s) image URLs are not fetched",
+        ),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": junk}}]}]},
+            400,
+            "messages[0].content[0].image_url.url",
+            "cannot decode",
+        ),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": big}}]}]},
+            400,
+            "messages[0].content[0].image_url.url",
+            "--max-image-pixels",
+        ),
         ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "messages", "max_inp_length"),
         ({"model": "tiny", "messages": [user], "n": 2}, 400, "n", "must be 1"),
         ({"model": "tiny", "messages": [user], "temperature": "hot"}, 400, "temperature", "must be a number"),
@@ -265,11 +308,17 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
 
 
 def test_disconnected_clients_stop_their_generation(server):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Talk for a long time."}], "max_tokens": 512,
-            "min_tokens": 512, "temperature": 0}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Talk for a long time."}],
+        "max_tokens": 512,
+        "min_tokens": 512,
+        "temperature": 0,
+    }
     before = server.health()["cancelled"]
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True},
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as response:
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as response:
         for line in response.iter_lines():
             if '"content": "' in line and '"content": ""' not in line:
                 break  # the answer is streaming: leave
@@ -288,13 +337,15 @@ def test_disconnected_clients_stop_their_generation(server):
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_checkpoint_fp32, tmp_path_factory):
     """A LoRA adapter with random (non-zero) weights on q/k/v, saved by PEFT: the `adapter` export layout."""
-    from axolotl_minicpmv import MiniCPMV
     from peft import LoraConfig, get_peft_model
+
+    from axolotl_minicpmv import MiniCPMV
 
     torch.manual_seed(0)
     base = MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=16, target_modules=r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)",
-                        init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=16, target_modules=r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)", init_lora_weights=False
+    )
     out = tmp_path_factory.mktemp("adapter") / "tiny-lora"
     get_peft_model(base, config).save_pretrained(out)
     return out
@@ -302,8 +353,10 @@ def adapter_dir(tiny_checkpoint_fp32, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapter_server(tiny_checkpoint_fp32, adapter_dir, tmp_path_factory):
-    srv = Server(["--model", str(tiny_checkpoint_fp32), "--adapter", str(adapter_dir), "--max-batch-size", "1",
-                  "--max-queue", "1", "--no-ui"], tmp_path_factory.mktemp("logs") / "adapter-server.log")
+    srv = Server(
+        ["--model", str(tiny_checkpoint_fp32), "--adapter", str(adapter_dir), "--max-batch-size", "1", "--max-queue", "1", "--no-ui"],
+        tmp_path_factory.mktemp("logs") / "adapter-server.log",
+    )
     yield srv
     srv.stop()
 
@@ -318,22 +371,33 @@ def test_adapter_is_served(adapter_server, adapter_dir, tiny_checkpoint_fp32, ti
     assert expected != chat_answer(tiny_model, tokenizer, image, msgs)
     client = openai.OpenAI(base_url=adapter_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     assert [m.id for m in client.models.list().data] == ["tiny-lora"]
-    reply = client.chat.completions.create(model="tiny-lora", temperature=0, max_tokens=NEW,
-                                           messages=[{"role": "user", "content": [image_part(image), text_part("What is this?")]}])
+    reply = client.chat.completions.create(
+        model="tiny-lora",
+        temperature=0,
+        max_tokens=NEW,
+        messages=[{"role": "user", "content": [image_part(image), text_part("What is this?")]}],
+    )
     assert reply.choices[0].message.content == expected
     assert httpx.get(adapter_server.url + "/").status_code == 404  # --no-ui
 
 
 def test_full_queue_gets_503_with_retry_after(adapter_server):
     url = adapter_server.url + "/v1/chat/completions"
-    long = {"model": "tiny-lora", "messages": [{"role": "user", "content": "Go on and on."}], "max_tokens": 1024, "min_tokens": 1024,
-            "temperature": 0}
+    long = {
+        "model": "tiny-lora",
+        "messages": [{"role": "user", "content": "Go on and on."}],
+        "max_tokens": 1024,
+        "min_tokens": 1024,
+        "temperature": 0,
+    }
     waiting: dict = {}
     with httpx.stream("POST", url, json={**long, "stream": True}, timeout=60) as running:
         lines = running.iter_lines()  # kept: closing this iterator would close the connection (and cancel the request)
         while not ('"content": "' in (line := next(lines)) and '"content": ""' not in line):
             pass  # until the first request runs (batch size 1)
-        thread = threading.Thread(target=lambda: waiting.update(r=httpx.post(url, json={**long, "max_tokens": 4, "min_tokens": 0}, timeout=120)))
+        thread = threading.Thread(
+            target=lambda: waiting.update(r=httpx.post(url, json={**long, "max_tokens": 4, "min_tokens": 0}, timeout=120))
+        )
         thread.start()
         deadline = time.monotonic() + 20
         while adapter_server.health()["queued"] < 1 and time.monotonic() < deadline:

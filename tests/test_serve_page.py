@@ -15,8 +15,15 @@ from serving_server import Server, picture, png_bytes
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _browser_available() -> str | None:
@@ -37,8 +44,10 @@ pytestmark = pytest.mark.skipif(missing is not None, reason=missing or "")
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint_fp32, tmp_path_factory):
-    srv = Server(["--model", str(tiny_checkpoint_fp32), "--served-model-name", "tiny", "--max-tokens", "16"],
-                 tmp_path_factory.mktemp("logs") / "page-server.log")
+    srv = Server(
+        ["--model", str(tiny_checkpoint_fp32), "--served-model-name", "tiny", "--max-tokens", "16"],
+        tmp_path_factory.mktemp("logs") / "page-server.log",
+    )
     yield srv
     srv.stop()
 
@@ -50,8 +59,7 @@ def test_chat_page_uploads_asks_streams_and_starts_over(server, tmp_path):
     image_file.write_bytes(png_bytes(picture(120, 80, seed=3)))
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
-                                                        args=FLAGS)
+        context = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS)
         try:
             page = context.new_page()
             errors = []

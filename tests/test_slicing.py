@@ -13,11 +13,10 @@ import math
 
 import numpy as np
 import pytest
+from conftest import EXAMPLES
 from PIL import Image
 
 from axolotl_minicpmv.model.slicing import best_grid_for, slice_image, slice_sizes
-
-from conftest import EXAMPLES
 
 # Official outputs (max_slice_nums=9, scale_resolution=448, patch_size=14) for hand-picked sizes:
 # tiny, huge, extreme aspect ratios, and the boundaries around one/two/four/nine 448x448 tiles.
@@ -139,12 +138,31 @@ OFFICIAL_MAX_SLICE = [
 # row, for the example images (official slice_image, Pillow 12.3; Pillow 10.1..12.3 agree).
 OFFICIAL_PIXELS = {
     "bar_chart.jpg": ("ef3cc6b4d54634fd", ["7ca029c99a558ef6", "0a4bab1ff3024870", "7483a0add76550fa", "09a6d7f0d56a9874"]),
-    "bookshelf.jpg": ("c857e4e7a117f8b1", ["6d921ed427f0f4c0", "b45906f34c43077b", "f1114d4ad01718d6", "f438b6e9f459ab30", "3b9fd6b030a22161", "1bbb8e1c0339d731", "8adc5f22a6f5931a", "3b3cb637f6a8f8f4", "26914c20d3053bed"]),
+    "bookshelf.jpg": (
+        "c857e4e7a117f8b1",
+        [
+            "6d921ed427f0f4c0",
+            "b45906f34c43077b",
+            "f1114d4ad01718d6",
+            "f438b6e9f459ab30",
+            "3b9fd6b030a22161",
+            "1bbb8e1c0339d731",
+            "8adc5f22a6f5931a",
+            "3b3cb637f6a8f8f4",
+            "26914c20d3053bed",
+        ],
+    ),
     "clock.jpg": ("012b4a7431675616", []),
-    "document.jpg": ("f349f7c4f47f75f1", ["cbb15ddc8037b9f0", "059be34d06172ec8", "ad96828b271034a7", "51c0a6933660a3d6", "3a932e93245b159e", "7a83afe034f72d63"]),
+    "document.jpg": (
+        "f349f7c4f47f75f1",
+        ["cbb15ddc8037b9f0", "059be34d06172ec8", "ad96828b271034a7", "51c0a6933660a3d6", "3a932e93245b159e", "7a83afe034f72d63"],
+    ),
     "fruit_bowl.jpg": ("bd56ecf8a84225b2", ["ddd416586ec46621", "24afd03c2493d92b"]),
     "handwritten_note.jpg": ("ffd9b08c381de612", ["718e278aec827e8d", "4b7c10379afdc1c6", "a5fb863358357302"]),
-    "landscape.jpg": ("742c3865172f1fe0", ["304eccacefa532a4", "bf89abc52caf97c2", "52a82847fc59b47b", "d07d18850ba98068", "3c19d6ca8c6630ef", "6f9e6b02ab6ea46b"]),
+    "landscape.jpg": (
+        "742c3865172f1fe0",
+        ["304eccacefa532a4", "bf89abc52caf97c2", "52a82847fc59b47b", "d07d18850ba98068", "3c19d6ca8c6630ef", "6f9e6b02ab6ea46b"],
+    ),
     "receipt.jpg": ("2d998606d10eb764", ["483848a63a55fd28", "9cce0150546688bb", "82caf09fc09c9996"]),
     "stop_sign.jpg": ("e9f4195ed6b7415d", []),
     "street.jpg": ("c0d3c26ecdd91a86", ["3cedafb244429e09", "70d8d4c960dcd189", "5ec451b273fbeb6d", "a5fb126172b98c89"]),

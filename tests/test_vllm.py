@@ -48,7 +48,9 @@ pytestmark = pytest.mark.timeout(3600)  # the first vLLM test may also create .v
 def vllm_python() -> Path:
     """.venv-vllm's python; the environment is created on first use (a few minutes, about 4 GB)."""
     try:
-        setup = subprocess.run(["bash", str(REPO / "scripts" / "setup-vllm-venv.sh")], check=False, capture_output=True, text=True, timeout=1500)
+        setup = subprocess.run(
+            ["bash", str(REPO / "scripts" / "setup-vllm-venv.sh")], check=False, capture_output=True, text=True, timeout=1500
+        )
     except subprocess.TimeoutExpired:
         pytest.skip("vLLM could not be installed: scripts/setup-vllm-venv.sh ran over 25 minutes")
     if setup.returncode != 0:
@@ -71,15 +73,18 @@ def vllm_env() -> dict:
 def export_dir(tiny_checkpoint_fp32, tmp_path_factory) -> Path:
     """A LoRA run on the tiny fp32 checkpoint (LoRA on the decoder's attention, resampler trained in full, seeded
     noise as training), exported merged in float32 for vLLM."""
+    from peft import LoraConfig, get_peft_model
+
     from axolotl_minicpmv import MiniCPMV
     from axolotl_minicpmv.integration.lora_targets import PRESETS
     from axolotl_minicpmv.serving.vllm.export import prepare_for_vllm
     from axolotl_minicpmv.weights.export import export
-    from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("vllm")
     base = MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=PRESETS["llm_attn"], modules_to_save=["resampler"], task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=PRESETS["llm_attn"], modules_to_save=["resampler"], task_type="CAUSAL_LM"
+    )
     model = get_peft_model(base, lora)
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -144,7 +149,9 @@ def prompt_and_logprobs(model, tokenizer, image, msgs, ids: list[int]) -> tuple[
     inputs = {"input_ids": full}
     if image is not None:
         pixel_values, order = group_by_size(processor.pixel_values(image))
-        inputs.update(pixel_values=pixel_values, vision_order=order, image_bound=image_bounds(full, tokenizer.im_start_id, tokenizer.im_end_id))
+        inputs.update(
+            pixel_values=pixel_values, vision_order=order, image_bound=image_bounds(full, tokenizer.im_start_id, tokenizer.im_end_id)
+        )
     with torch.no_grad():
         logprobs = torch.log_softmax(model(**inputs).logits[0].float(), dim=-1)
     start = len(prompt) - 1
@@ -268,8 +275,9 @@ def test_export_for_vllm_keeps_the_merged_export(export_dir, tiny_checkpoint_fp3
 
 
 def test_cli_export_for_vllm(export_dir, tmp_path):
-    from axolotl_minicpmv.cli import export_command
     from click.testing import CliRunner
+
+    from axolotl_minicpmv.cli import export_command
 
     run = export_dir.parent / "run"
     out = tmp_path / "merged-vllm"

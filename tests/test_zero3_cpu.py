@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import EXAMPLES
 
 SCRIPT = r"""
@@ -78,8 +77,15 @@ def runs(tiny_checkpoint_fp32, tmp_path_factory):
     procs = {}
     for port, mode in ((29611, "plugin"), (29612, "bare")):
         work = tmp_path_factory.mktemp(f"zero3-{mode}")
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+        env = {
+            **os.environ,
+            "DS_ACCELERATOR": "cpu",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+        }
         argv = [sys.executable, "-c", SCRIPT, str(tiny_checkpoint_fp32), str(EXAMPLES / "train.json"), str(work), mode]
         procs[mode] = subprocess.Popen(argv, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=work)
     results = {}

@@ -52,8 +52,13 @@ def teacher_forced(model, decoder, embeds, tokens) -> dict:
         margins.append(float(top2[0] - top2[1]))
         agree += bool(eager.argmax() == compiled.argmax())
     close_calls = [round(m, 5) for m, d in zip(margins, diffs) if m <= 2 * d]
-    return {"teacher_forced_steps": len(diffs), "argmax_agree": agree, "max_abs_logit_diff": max(diffs),
-            "steps_with_margin_below_2x_diff": len(close_calls), "those_margins": close_calls[:10]}
+    return {
+        "teacher_forced_steps": len(diffs),
+        "argmax_agree": agree,
+        "max_abs_logit_diff": max(diffs),
+        "steps_with_margin_below_2x_diff": len(close_calls),
+        "those_margins": close_calls[:10],
+    }
 
 
 def main() -> None:
@@ -71,12 +76,22 @@ def main() -> None:
         processor = MiniCPMVProcessor.from_config(tokenizer, config)
         embeds, _ = prompt_embeds(model, processor, picture(448, 448), 1)
         with torch.inference_mode():
-            plain = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"),
-                                   do_sample=False, num_beams=1, max_new_tokens=NEW_TOKENS, pad_token_id=0, **stop)
+            plain = model.generate(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"),
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=NEW_TOKENS,
+                pad_token_id=0,
+                **stop,
+            )
             decoder = FastDecoder(model)
             fast = decoder.generate(embeds, NEW_TOKENS, **stop)
-            row = {"dtype": name, "fast_equals_generate": bool(torch.equal(fast, plain)),
-                   "first_diff": None if torch.equal(fast, plain) else int((fast != plain).nonzero()[0, 1])}
+            row = {
+                "dtype": name,
+                "fast_equals_generate": bool(torch.equal(fast, plain)),
+                "first_diff": None if torch.equal(fast, plain) else int((fast != plain).nonzero()[0, 1]),
+            }
             row.update(teacher_forced(model, decoder, embeds, plain))
         print(json.dumps(row), flush=True)
         del model, decoder

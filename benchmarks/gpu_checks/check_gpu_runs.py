@@ -53,23 +53,62 @@ def main() -> None:
     for ds in args.deepspeed:
         tag = args.tag or Path(ds).stem
         cfg = yaml.safe_load((REPO / "examples" / "tiny_cpu.yml").read_text())
-        cfg.update(base_model=str(base), output_dir=str(work / f"out-{tag}"), dataset_prepared_path=str(work / "prepared"),
-                   deepspeed=None if ds == "none" else str(REPO / ds), bf16=True, max_steps=args.steps, save_steps=args.steps, eval_steps=args.steps,
-                   datasets=[{"path": str(REPO / "examples/data/train.json"), "type": "axolotl_minicpmv.minicpmv_chat"}],
-                   test_datasets=[{"path": str(REPO / "examples/data/eval.json"), "type": "axolotl_minicpmv.minicpmv_chat", "split": "train"}])
+        cfg.update(
+            base_model=str(base),
+            output_dir=str(work / f"out-{tag}"),
+            dataset_prepared_path=str(work / "prepared"),
+            deepspeed=None if ds == "none" else str(REPO / ds),
+            bf16=True,
+            max_steps=args.steps,
+            save_steps=args.steps,
+            eval_steps=args.steps,
+            datasets=[{"path": str(REPO / "examples/data/train.json"), "type": "axolotl_minicpmv.minicpmv_chat"}],
+            test_datasets=[{"path": str(REPO / "examples/data/eval.json"), "type": "axolotl_minicpmv.minicpmv_chat", "split": "train"}],
+        )
         for item in args.set:
             key, value = item.split("=", 1)
             cfg[key] = yaml.safe_load(value)
         config = work / f"{tag}.yml"
         config.write_text(yaml.safe_dump(cfg))
         start = time.time()
-        rc = run(["accelerate", "launch", "--num_processes", str(args.num_processes), "--num_machines", "1", "--mixed_precision", "no",
-                  "--dynamo_backend", "no", "-m", "axolotl.cli.train", str(config)], work / f"train-{tag}.log")
+        rc = run(
+            [
+                "accelerate",
+                "launch",
+                "--num_processes",
+                str(args.num_processes),
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                "-m",
+                "axolotl.cli.train",
+                str(config),
+            ],
+            work / f"train-{tag}.log",
+        )
         result = {"run": tag, "deepspeed": ds, "overrides": args.set, "train_rc": rc, "train_s": round(time.time() - start, 1)}
         if rc == 0:
             for fmt in ("adapter", "merged"):
-                result[f"export_{fmt}_rc"] = run([sys.executable, "-m", "axolotl_minicpmv", "export", str(config), "--format", fmt,
-                                                  "--out", str(work / f"{tag}-{fmt}"), "--overwrite", "--dtype", "float32"], work / f"export-{tag}-{fmt}.log")
+                result[f"export_{fmt}_rc"] = run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "axolotl_minicpmv",
+                        "export",
+                        str(config),
+                        "--format",
+                        fmt,
+                        "--out",
+                        str(work / f"{tag}-{fmt}"),
+                        "--overwrite",
+                        "--dtype",
+                        "float32",
+                    ],
+                    work / f"export-{tag}-{fmt}.log",
+                )
             tokenizer = load_tokenizer(base)
             image = Image.open(REPO / "examples/data/images/clock.jpg")
             processor = MiniCPMVProcessor.from_pretrained(base)

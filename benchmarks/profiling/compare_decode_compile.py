@@ -43,9 +43,18 @@ def main() -> None:
             first = timed(lambda: decoder.generate(embeds, 1), 3)
             full = timed(lambda: decoder.generate(embeds, NEW_TOKENS), 3)
         out = decoder.generate(embeds, 64)
-        print(json.dumps({"variant": name, "tok_s": round((NEW_TOKENS - 1) / (full - first), 1),
-                          "wall_incl_compile_s": round(time.perf_counter() - start, 1),
-                          "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "first_tokens": out[0, :8].tolist()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "variant": name,
+                    "tok_s": round((NEW_TOKENS - 1) / (full - first), 1),
+                    "wall_incl_compile_s": round(time.perf_counter() - start, 1),
+                    "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                    "first_tokens": out[0, :8].tolist(),
+                }
+            ),
+            flush=True,
+        )
 
         loop = next(iter(decoder._loops.values()))
         with torch.inference_mode():
@@ -58,10 +67,21 @@ def main() -> None:
                     loop.decode_one()
                 torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-        print(json.dumps({"variant": name, "kernel_us_per_step": round(sum(e.self_device_time_total for e in events) / 10, 1),
-                          "kernels_per_step": sum(e.count for e in events) / 10}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "variant": name,
+                    "kernel_us_per_step": round(sum(e.self_device_time_total for e in events) / 10, 1),
+                    "kernels_per_step": sum(e.count for e in events) / 10,
+                }
+            ),
+            flush=True,
+        )
         for event in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
-            print(json.dumps({"k": event.key[:90], "us_per_step": round(event.self_device_time_total / 10, 1), "n": event.count / 10}), flush=True)
+            print(
+                json.dumps({"k": event.key[:90], "us_per_step": round(event.self_device_time_total / 10, 1), "n": event.count / 10}),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

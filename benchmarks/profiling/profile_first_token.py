@@ -62,13 +62,23 @@ def main() -> None:
     msgs = [{"role": "user", "content": QUESTION}]
     source, cell, grid = slice_sizes(image.size)
     images = processor.vision_images(image)
-    print(json.dumps({"source": source, "cell": cell, "grid": grid, "vision_images": len(images),
-                      "slice_sizes_ms": ms(lambda: slice_sizes(image.size)),
-                      "source_resize_ms": ms(lambda: image.resize(source, Image.Resampling.BICUBIC)),
-                      "cells_ms": ms(lambda: processor.cell_images(image)),
-                      "to_pixels_cpu_ms": ms(lambda: [to_pixel_values(i) for i in images]),
-                      "to_pixels_gpu_ms": ms(lambda: [to_pixel_values(i, "cuda") for i in images]),
-                      "prompt_ms": ms(lambda: processor.encode_prompt(processor.chat_prompt(msgs, image)))}), flush=True)
+    print(
+        json.dumps(
+            {
+                "source": source,
+                "cell": cell,
+                "grid": grid,
+                "vision_images": len(images),
+                "slice_sizes_ms": ms(lambda: slice_sizes(image.size)),
+                "source_resize_ms": ms(lambda: image.resize(source, Image.Resampling.BICUBIC)),
+                "cells_ms": ms(lambda: processor.cell_images(image)),
+                "to_pixels_cpu_ms": ms(lambda: [to_pixel_values(i) for i in images]),
+                "to_pixels_gpu_ms": ms(lambda: [to_pixel_values(i, "cuda") for i in images]),
+                "prompt_ms": ms(lambda: processor.encode_prompt(processor.chat_prompt(msgs, image))),
+            }
+        ),
+        flush=True,
+    )
 
     ids = processor.encode_prompt(processor.chat_prompt(msgs, image)).unsqueeze(0).cuda()
     groups, order = group_by_size([to_pixel_values(i, "cuda") for i in images])
@@ -88,13 +98,18 @@ def main() -> None:
         eager_logits = model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1).logits[:, -1]
         cache.reset()
         compiled_logits = model._fast_decoder._prefill(model.llm, cache, embeds)
-        print(json.dumps({
-            "vision_compiled_max_abs_diff": max(float((c - e).abs().max()) for c, e in zip(compiled_features, eager_features)),
-            "vision_eager_max_abs": max(float(e.abs().max()) for e in eager_features),
-            "vision_graphed_equals_compiled": all(torch.equal(g, c) for g, c in zip(graphed_features, compiled_features)),
-            "prefill_compiled_max_abs_logit_diff": float((compiled_logits - eager_logits).abs().max()),
-            "prefill_argmax_equal": bool(torch.equal(compiled_logits.argmax(-1), eager_logits.argmax(-1))),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "vision_compiled_max_abs_diff": max(float((c - e).abs().max()) for c, e in zip(compiled_features, eager_features)),
+                    "vision_eager_max_abs": max(float(e.abs().max()) for e in eager_features),
+                    "vision_graphed_equals_compiled": all(torch.equal(g, c) for g, c in zip(graphed_features, compiled_features)),
+                    "prefill_compiled_max_abs_logit_diff": float((compiled_logits - eager_logits).abs().max()),
+                    "prefill_argmax_equal": bool(torch.equal(compiled_logits.argmax(-1), eager_logits.argmax(-1))),
+                }
+            ),
+            flush=True,
+        )
         stages = {
             "vision_eager": lambda: model.get_image_features(groups, order),
             "vision_compiled": lambda: [compiled_blocks(g) for g in groups],

@@ -126,8 +126,15 @@ def deepspeed_breakdown(model, batches, config_path: str, result: dict, steps: i
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
         os.environ.setdefault(key, value)
     config = json.loads(Path(config_path).read_text())
-    config.update(bf16={"enabled": True}, fp16={"enabled": False}, gradient_accumulation_steps=1, gradient_clipping=1.0,
-                  train_batch_size=2, train_micro_batch_size_per_gpu=2, zero_allow_untested_optimizer=True)
+    config.update(
+        bf16={"enabled": True},
+        fp16={"enabled": False},
+        gradient_accumulation_steps=1,
+        gradient_clipping=1.0,
+        train_batch_size=2,
+        train_micro_batch_size_per_gpu=2,
+        zero_allow_untested_optimizer=True,
+    )
     model.gradient_checkpointing_disable()
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-6, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
@@ -168,10 +175,13 @@ def main() -> None:
     args = parser.parse_args()
 
     batches = seed_batches(4)
-    result = {"tokens_per_batch": [int(b["attention_mask"].sum()) for b in batches],
-              "images_per_batch": [int(sum(len(p) for p in b["pixel_values"])) for b in batches],
-              "size_groups_per_batch": [len(b["pixel_values"]) for b in batches],
-              "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    result = {
+        "tokens_per_batch": [int(b["attention_mask"].sum()) for b in batches],
+        "images_per_batch": [int(sum(len(p) for p in b["pixel_values"])) for b in batches],
+        "size_groups_per_batch": [len(b["pixel_values"]) for b in batches],
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+    }
     model = lora_model()
     time_fwd_bwd(model, batches, "eager", result)
     if args.compile:

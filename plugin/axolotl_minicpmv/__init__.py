@@ -45,7 +45,9 @@ def _register_auto_classes() -> None:
     AutoConfig.register(MiniCPMVConfig.model_type, MiniCPMVConfig, exist_ok=True)
     AutoModel.register(MiniCPMVConfig, MiniCPMV, exist_ok=True)
     AutoModelForCausalLM.register(MiniCPMVConfig, MiniCPMV, exist_ok=True)
-    AutoImageProcessor.register(MiniCPMVConfig, image_processor_classes={"pil": MiniCPMVImageProcessor, "torchvision": MiniCPMVImageProcessor}, exist_ok=True)
+    AutoImageProcessor.register(
+        MiniCPMVConfig, image_processor_classes={"pil": MiniCPMVImageProcessor, "torchvision": MiniCPMVImageProcessor}, exist_ok=True
+    )
     AutoProcessor.register(MiniCPMVConfig, MiniCPMVProcessor, exist_ok=True)
     register_tokenizer()
 

@@ -15,8 +15,12 @@ import click
 @click.option("--image", default=None, help="Image file for the conversation (optional; text-only without it).")
 @click.option("--question", "questions", multiple=True, help="Ask these questions in turn and exit (non-interactive).")
 @click.option("--beam/--sample", "beam", default=False, help="Beam search (3 beams) instead of sampling.")
-@click.option("--fast", is_flag=True, help="Decode with FastDecoder: static KV cache, and on a GPU one CUDA graph per "
-              "token (compiled on first use, about a minute). Sampling only, not with --beam.")
+@click.option(
+    "--fast",
+    is_flag=True,
+    help="Decode with FastDecoder: static KV cache, and on a GPU one CUDA graph per "
+    "token (compiled on first use, about a minute). Sampling only, not with --beam.",
+)
 @click.option("--max-new-tokens", default=1024, show_default=True)
 @click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
 @click.option("--dtype", default=None, help="bfloat16, float16 or float32 (default: by device).")
@@ -43,7 +47,12 @@ def chat_command(model_path, adapter, image, questions, beam, fast, max_new_toke
     def ask(question: str) -> None:
         msgs = state["msgs"] + [{"role": "user", "content": question}]
         try:
-            answer = session.chat({"image": state["image"], "question": json.dumps(msgs, ensure_ascii=False)}, sampling=not beam, max_new_tokens=max_new_tokens, fast=fast)
+            answer = session.chat(
+                {"image": state["image"], "question": json.dumps(msgs, ensure_ascii=False)},
+                sampling=not beam,
+                max_new_tokens=max_new_tokens,
+                fast=fast,
+            )
         except (ValueError, OSError) as err:  # bad input: say why and keep the session
             click.echo(f"error: {err}", err=True)
             return
@@ -81,8 +90,13 @@ def chat_command(model_path, adapter, image, questions, beam, fast, max_new_toke
 @click.option("--checkpoint", default=None, help="Export this checkpoint (e.g. checkpoint-20) instead of the final adapter.")
 @click.option("--base-model", default=None, help="Base model (defaults to base_model of the run's config).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
-              help="merged: dtype of the written weights (the merge runs in float32).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default="bfloat16",
+    show_default=True,
+    help="merged: dtype of the written weights (the merge runs in float32).",
+)
 @click.option("--for-vllm", is_flag=True, help="merged: add what `vllm serve OUT` needs (config version, chat template).")
 def export_command(source, fmt, out, checkpoint, base_model, overwrite, dtype, for_vllm):
     """Export a finished Axolotl run (CONFIG.yml or its output_dir) as a PEFT adapter, the official
@@ -113,13 +127,23 @@ def export_command(source, fmt, out, checkpoint, base_model, overwrite, dtype, f
 @click.option("--metrics-out", default=None, help="Write the summary (counts, metric means, speed, command, versions) as JSON here.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--greedy", "decoding", flag_value="greedy", default=True,
-              help="Greedy decoding, exactly chat(sampling=False, num_beams=1) (the default: reproducible scores).")
+@click.option(
+    "--greedy",
+    "decoding",
+    flag_value="greedy",
+    default=True,
+    help="Greedy decoding, exactly chat(sampling=False, num_beams=1) (the default: reproducible scores).",
+)
 @click.option("--sampling", "decoding", flag_value="sampling", help="Sample with chat's defaults (top_p 0.8, top_k 100, temperature 0.7).")
 @click.option("--num-beams", default=None, type=click.IntRange(min=1), help="Beam search with N beams (chat's repetition penalty 1.2).")
 @click.option("--metrics", default="exact,vqa,anls,rouge_l", show_default=True, help="Comma-separated: exact, vqa, anls, rouge_l.")
-@click.option("--turns", type=click.Choice(["last", "all"]), default="last", show_default=True,
-              help="Answer the last assistant turn of each sample, or every one (given the reference turns before it).")
+@click.option(
+    "--turns",
+    type=click.Choice(["last", "all"]),
+    default="last",
+    show_default=True,
+    help="Answer the last assistant turn of each sample, or every one (given the reference turns before it).",
+)
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the first N predictions.")
 @click.option("--resume", is_flag=True, help="Keep the rows already in --out and predict only the rest.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
@@ -127,10 +151,34 @@ def export_command(source, fmt, out, checkpoint, base_model, overwrite, dtype, f
 @click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None, help="Default: by device (float32 on CPU).")
 @click.option("--max-inp-length", default=2048, show_default=True, type=click.IntRange(min=1), help="Longer prompts are bad rows.")
-@click.option("--max-slice-nums", default=None, type=click.IntRange(1, 9), help="Default: the run's minicpmv_max_slice_nums, else the model's.")
+@click.option(
+    "--max-slice-nums", default=None, type=click.IntRange(1, 9), help="Default: the run's minicpmv_max_slice_nums, else the model's."
+)
 @click.option("--seed", default=None, type=int, help="Seed for --sampling.")
-def predict_command(source, model_path, adapter, checkpoint, data, out, metrics_out, batch_size, max_new_tokens, decoding, num_beams,
-                    metrics, turns, limit, resume, overwrite, strict, device, dtype, max_inp_length, max_slice_nums, seed):
+def predict_command(
+    source,
+    model_path,
+    adapter,
+    checkpoint,
+    data,
+    out,
+    metrics_out,
+    batch_size,
+    max_new_tokens,
+    decoding,
+    num_beams,
+    metrics,
+    turns,
+    limit,
+    resume,
+    overwrite,
+    strict,
+    device,
+    dtype,
+    max_inp_length,
+    max_slice_nums,
+    seed,
+):
     """Answer every sample of --data (batched), score the answers and write one JSON line per prediction.
 
     SOURCE (optional) is an Axolotl run, its CONFIG.yml or output_dir: its base model and trained adapter are used.
@@ -159,10 +207,29 @@ def predict_command(source, model_path, adapter, checkpoint, data, out, metrics_
     log.propagate = False
     try:
         summary = run_prediction(
-            data=data, out=out, model_path=model_path, adapter=adapter, source=source, checkpoint=checkpoint, metrics_out=metrics_out,
-            batch_size=batch_size, max_new_tokens=max_new_tokens, sampling=decoding == "sampling", num_beams=num_beams or 1,
-            metrics=metrics, turns=turns, limit=limit, resume=resume, overwrite=overwrite, strict=strict, device=device, dtype=dtype,
-            max_inp_length=max_inp_length, max_slice_nums=max_slice_nums, seed=seed, command=_command_line(),
+            data=data,
+            out=out,
+            model_path=model_path,
+            adapter=adapter,
+            source=source,
+            checkpoint=checkpoint,
+            metrics_out=metrics_out,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            sampling=decoding == "sampling",
+            num_beams=num_beams or 1,
+            metrics=metrics,
+            turns=turns,
+            limit=limit,
+            resume=resume,
+            overwrite=overwrite,
+            strict=strict,
+            device=device,
+            dtype=dtype,
+            max_inp_length=max_inp_length,
+            max_slice_nums=max_slice_nums,
+            seed=seed,
+            command=_command_line(),
         )
     except (PredictionError, ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None
@@ -199,28 +266,67 @@ def tiny_checkpoint_command(out_dir, seed, full_size):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback exposes the server.")
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--served-model-name", default=None, help="The `model` name clients send (default: the adapter's or model's folder name).")
-@click.option("--api-key", default=None, envvar="MINICPMV_API_KEY", help="Require `Authorization: Bearer KEY` on /v1 routes (or set MINICPMV_API_KEY).")
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="MINICPMV_API_KEY",
+    help="Require `Authorization: Bearer KEY` on /v1 routes (or set MINICPMV_API_KEY).",
+)
 @click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(1, 256), help="Requests per generate call.")
-@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1), help="Requests waiting beyond the running batch; more get 503.")
-@click.option("--max-image-pixels", default=4096 * 4096, show_default=True, type=click.IntRange(1), help="Largest picture (width x height) accepted.")
+@click.option(
+    "--max-queue", default=64, show_default=True, type=click.IntRange(1), help="Requests waiting beyond the running batch; more get 503."
+)
+@click.option(
+    "--max-image-pixels", default=4096 * 4096, show_default=True, type=click.IntRange(1), help="Largest picture (width x height) accepted."
+)
 @click.option("--max-tokens", default=1024, show_default=True, type=click.IntRange(1), help="Most new tokens per answer (and the default).")
 @click.option("--max-request-bytes", default=32 * 1024 * 1024, show_default=True, type=click.IntRange(1), help="Largest request body.")
-@click.option("--image-root", default=None, type=click.Path(exists=True, file_okay=False), help="Allow image_url file paths inside this folder only.")
+@click.option(
+    "--image-root", default=None, type=click.Path(exists=True, file_okay=False), help="Allow image_url file paths inside this folder only."
+)
 @click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
 @click.option("--dtype", default=None, type=click.Choice(["bfloat16", "float16", "float32"]), help="Default: by device.")
 @click.option("--no-ui", is_flag=True, help="Do not serve the chat page at /.")
-def serve_command(model_path, adapter, host, port, served_model_name, api_key, max_batch_size, max_queue, max_image_pixels,
-                  max_tokens, max_request_bytes, image_root, device, dtype, no_ui):
+def serve_command(
+    model_path,
+    adapter,
+    host,
+    port,
+    served_model_name,
+    api_key,
+    max_batch_size,
+    max_queue,
+    max_image_pixels,
+    max_tokens,
+    max_request_bytes,
+    image_root,
+    device,
+    dtype,
+    no_ui,
+):
     """Serve MiniCPM-V 2.0 with an OpenAI-compatible API (POST /v1/chat/completions) and a chat page at /."""
     from pathlib import Path
 
     from .serving.server import serve
 
     try:
-        serve(model_path, adapter, host=host, port=port, model_name=served_model_name, api_key=api_key,
-              max_batch_size=max_batch_size, max_queue=max_queue, max_image_pixels=max_image_pixels, max_tokens=max_tokens,
-              max_request_bytes=max_request_bytes, image_root=Path(image_root) if image_root else None, device=device,
-              dtype=dtype, ui=not no_ui)
+        serve(
+            model_path,
+            adapter,
+            host=host,
+            port=port,
+            model_name=served_model_name,
+            api_key=api_key,
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+            max_image_pixels=max_image_pixels,
+            max_tokens=max_tokens,
+            max_request_bytes=max_request_bytes,
+            image_root=Path(image_root) if image_root else None,
+            device=device,
+            dtype=dtype,
+            ui=not no_ui,
+        )
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None
 

@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from transformers.utils import logging
 
-from ..model.image_processing_minicpmv import load_image
 from ..model.conversation import validate_conversation
+from ..model.image_processing_minicpmv import load_image
 from ..model.processing_minicpmv import MiniCPMVProcessor, tag_images
 from ..model.transfer import to_device
 from .fast_decoding import FastDecoder, Sampling

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..weights.loading import load_model
 from ..model.processing_minicpmv import InvalidInputError, load_image
 from ..model.tokenization import load_tokenizer
+from ..weights.loading import load_model
 
 DEFAULT_DTYPES = {"cuda": torch.bfloat16, "mps": torch.float16, "cpu": torch.float32}
 

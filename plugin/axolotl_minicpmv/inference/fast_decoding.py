@@ -81,7 +81,9 @@ class _DecodeLoop:
     """Static buffers for one batch size, cache and set of settings, and on a GPU the CUDA graph of one
     decoding step over them (compiled decoder forward + token choice + bookkeeping, all on the device)."""
 
-    def __init__(self, forward, llm, cache: StaticCache, batch: int, sampling: Sampling, eos_token_id, pad_token_id, min_new_tokens, device):
+    def __init__(
+        self, forward, llm, cache: StaticCache, batch: int, sampling: Sampling, eos_token_id, pad_token_id, min_new_tokens, device
+    ):
         self.forward, self.llm, self.cache = forward, llm, cache
         self.sampling, self.eos_token_id, self.pad_token_id, self.min_new_tokens = sampling, eos_token_id, pad_token_id, min_new_tokens
         vocab = llm.config.vocab_size

@@ -113,8 +113,12 @@ def requests_from_samples(samples: Iterable, base_dir: str | os.PathLike = ".", 
         try:
             answers = _answers(sample)
             checked = sample
-            ends_with_user = isinstance(sample.get("conversations"), list) and sample["conversations"] and \
-                isinstance(sample["conversations"][-1], dict) and sample["conversations"][-1].get("role") == "user"
+            ends_with_user = (
+                isinstance(sample.get("conversations"), list)
+                and sample["conversations"]
+                and isinstance(sample["conversations"][-1], dict)
+                and sample["conversations"][-1].get("role") == "user"
+            )
             if answers and ends_with_user:  # VQA style: the question alone, the answers beside it
                 checked = {**sample, "conversations": sample["conversations"] + [{"role": "assistant", "content": answers[0]}]}
             row = normalize_sample(checked, index, base_dir, size_cache)
@@ -122,7 +126,9 @@ def requests_from_samples(samples: Iterable, base_dir: str | os.PathLike = ".", 
             yield Request(sample_id, None, error=f"{where}: {err}")
             continue
         if row["id"] in seen:
-            yield Request(row["id"], None, error=f"{where}: duplicate id {row['id']!r} (first at index {seen[row['id']]}); ids must be unique")
+            yield Request(
+                row["id"], None, error=f"{where}: duplicate id {row['id']!r} (first at index {seen[row['id']]}); ids must be unique"
+            )
             continue
         seen[row["id"]] = index
         conversation = row["conversations"]
@@ -143,7 +149,9 @@ def _answers(sample) -> list[str] | None:
         return None
     answers = sample["answers"]
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-        raise _BadSample(f"'answers' must be a non-empty list of non-empty strings, got {short_repr(answers)} (a JSON {json_type(answers)})")
+        raise _BadSample(
+            f"'answers' must be a non-empty list of non-empty strings, got {short_repr(answers)} (a JSON {json_type(answers)})"
+        )
     return answers
 
 
@@ -181,8 +189,17 @@ def predict(
     done = set(skip)
     todo = [r for r in _as_requests(samples, base_dir, turns) if r.key not in done]
     yield from _predict_requests(
-        model, processor_or_tokenizer, todo, batch_size=batch_size, max_new_tokens=max_new_tokens, sampling=sampling,
-        num_beams=num_beams, metrics=metrics, max_inp_length=max_inp_length, strict=strict, **overrides,
+        model,
+        processor_or_tokenizer,
+        todo,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        num_beams=num_beams,
+        metrics=metrics,
+        max_inp_length=max_inp_length,
+        strict=strict,
+        **overrides,
     )
 
 
@@ -199,8 +216,20 @@ def _processor(model, processor_or_tokenizer) -> MiniCPMVProcessor:
     return MiniCPMVProcessor.from_config(processor_or_tokenizer, model.config)
 
 
-def _predict_requests(model, processor_or_tokenizer, requests: list[Request], *, batch_size, max_new_tokens, sampling, num_beams,
-                      metrics, max_inp_length, strict, **overrides) -> Iterator[dict]:
+def _predict_requests(
+    model,
+    processor_or_tokenizer,
+    requests: list[Request],
+    *,
+    batch_size,
+    max_new_tokens,
+    sampling,
+    num_beams,
+    metrics,
+    max_inp_length,
+    strict,
+    **overrides,
+) -> Iterator[dict]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     metrics = parse_metrics(metrics)
@@ -236,8 +265,10 @@ def _checked(row: dict, strict: bool) -> dict:
 def _prepare(processor: MiniCPMVProcessor, request: Request, max_inp_length: int) -> tuple[list | None, str | None]:
     """Load the pictures and check the prompt's length before batching, so an error belongs to its row."""
     try:
-        images = [load_image(im, what=f"image {str(im)!r}" if isinstance(im, (str, Path)) else f"image {k}")
-                  for k, im in enumerate(request.images)]
+        images = [
+            load_image(im, what=f"image {str(im)!r}" if isinstance(im, (str, Path)) else f"image {k}")
+            for k, im in enumerate(request.images)
+        ]
         processor.encode_prompt(processor.prompt_text(request.conversation, [processor.layout(im) for im in images]), max_inp_length)
     except InvalidInputError as err:
         return None, f"sample {request.id!r} turn {request.turn}: {err}"
@@ -254,25 +285,37 @@ def _run_batch(model, processor, batch: list[tuple[Request, list]], settings: di
         return [_error_row(request, f"sample {request.id!r} turn {request.turn}: generation failed: {type(err).__name__}: {err}", metrics)]
     rows = []
     for (request, _), answer in zip(batch, answers):
-        rows.append({
-            "id": request.id,
-            "turn": request.turn,
-            "question": request.question,
-            "prediction": answer.text,
-            "reference": request.references[0] if len(request.references) == 1 else request.references,
-            **score(answer.text, request.references, metrics),
-            "finish_reason": answer.finish_reason,
-            "prompt_tokens": answer.prompt_tokens,
-            "generated_tokens": len(answer.token_ids),
-            "error": None,
-        })
+        rows.append(
+            {
+                "id": request.id,
+                "turn": request.turn,
+                "question": request.question,
+                "prediction": answer.text,
+                "reference": request.references[0] if len(request.references) == 1 else request.references,
+                **score(answer.text, request.references, metrics),
+                "finish_reason": answer.finish_reason,
+                "prompt_tokens": answer.prompt_tokens,
+                "generated_tokens": len(answer.token_ids),
+                "error": None,
+            }
+        )
     return rows
 
 
 def _error_row(request: Request, error: str, metrics) -> dict:
     reference = (request.references[0] if len(request.references) == 1 else request.references) if request.references else None
-    return {"id": request.id, "turn": request.turn, "question": request.question, "prediction": None, "reference": reference,
-            **{name: None for name in metrics}, "finish_reason": None, "prompt_tokens": None, "generated_tokens": None, "error": error}
+    return {
+        "id": request.id,
+        "turn": request.turn,
+        "question": request.question,
+        "prediction": None,
+        "reference": reference,
+        **{name: None for name in metrics},
+        "finish_reason": None,
+        "prompt_tokens": None,
+        "generated_tokens": None,
+        "error": error,
+    }
 
 
 # ------------------------------------------------------------------ output file, resume and summary
@@ -290,7 +333,9 @@ class PredictionsFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         exists = self.path.is_file() and self.path.stat().st_size > 0
         if exists and not (resume or overwrite):
-            raise PredictionError(f"--out {str(self.path)!r} already holds predictions: pass --resume to finish it, or --overwrite to start again")
+            raise PredictionError(
+                f"--out {str(self.path)!r} already holds predictions: pass --resume to finish it, or --overwrite to start again"
+            )
         if exists and resume:
             self._drop_partial_line()
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if overwrite and not resume else 0)
@@ -343,9 +388,13 @@ def summarize(rows: Sequence[dict], metrics: Sequence[str]) -> dict:
 def summary_line(summary: dict, out: str | os.PathLike) -> str:
     scores = ", ".join(f"{k} {v:.3f}" for k, v in summary["metrics"].items() if v is not None) or "no scores"
     run = summary.get("run", {})
-    speed = f" in {run['elapsed_s']:.1f} s ({run['samples_per_s']:.2f} samples/s, {run['generated_tokens_per_s']:.1f} tokens/s)" if run else ""
-    return (f"predict: {summary['predictions']} predictions of {summary['samples']} samples, {summary['failed']} failed; "
-            f"{scores}{speed} -> {out}")
+    speed = (
+        f" in {run['elapsed_s']:.1f} s ({run['samples_per_s']:.2f} samples/s, {run['generated_tokens_per_s']:.1f} tokens/s)" if run else ""
+    )
+    return (
+        f"predict: {summary['predictions']} predictions of {summary['samples']} samples, {summary['failed']} failed; "
+        f"{scores}{speed} -> {out}"
+    )
 
 
 def versions() -> dict:
@@ -363,8 +412,9 @@ def versions() -> dict:
 # ------------------------------------------------------------------ the command
 
 
-def load_predictor(model_path: str, adapter: str | None = None, device: str | None = None, dtype: str | None = None,
-                   max_slice_nums: int | None = None):
+def load_predictor(
+    model_path: str, adapter: str | None = None, device: str | None = None, dtype: str | None = None, max_slice_nums: int | None = None
+):
     """(model in eval mode on `device`, processor) for a base model (+ adapter)."""
     from ..model.tokenization import load_tokenizer
     from ..weights.loading import load_model
@@ -437,8 +487,18 @@ def run_prediction(
         start, tokens, written = time.perf_counter(), 0, 0
         bar = _Progress(len(todo), progress)
         try:
-            for row in _predict_requests(model, processor, todo, batch_size=batch_size, max_new_tokens=max_new_tokens, sampling=sampling,
-                                         num_beams=num_beams, metrics=metric_names, max_inp_length=max_inp_length, strict=False):
+            for row in _predict_requests(
+                model,
+                processor,
+                todo,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                sampling=sampling,
+                num_beams=num_beams,
+                metrics=metric_names,
+                max_inp_length=max_inp_length,
+                strict=False,
+            ):
                 predictions.write(row)
                 written += 1
                 tokens += row["generated_tokens"] or 0
@@ -459,10 +519,22 @@ def run_prediction(
         "generated_tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else 0.0,
     }
     summary.update(
-        data=str(data), out=str(out), model=model_path, adapter=adapter, device=str(model.device), dtype=str(model.dtype).replace("torch.", ""),
-        generation={"sampling": sampling, "num_beams": None if sampling else num_beams, "max_new_tokens": max_new_tokens,
-                    "batch_size": batch_size, "turns": turns, "max_slice_nums": processor.image_processor.max_slice_nums},
-        command=command or " ".join(sys.argv), versions=versions(),
+        data=str(data),
+        out=str(out),
+        model=model_path,
+        adapter=adapter,
+        device=str(model.device),
+        dtype=str(model.dtype).replace("torch.", ""),
+        generation={
+            "sampling": sampling,
+            "num_beams": None if sampling else num_beams,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "turns": turns,
+            "max_slice_nums": processor.image_processor.max_slice_nums,
+        },
+        command=command or " ".join(sys.argv),
+        versions=versions(),
     )
     if metrics_out:
         Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)

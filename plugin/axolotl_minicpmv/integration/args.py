@@ -97,7 +97,11 @@ class MiniCPMVArgs(BaseModel):
     @property
     def fully_trained_modules(self) -> list[str]:
         """Modules trained in full besides LoRA (PEFT's modules_to_save), in the official recipe's order."""
-        wanted = {"vpm": self.minicpmv_tune_vision, "resampler": self.minicpmv_tune_resampler, "embed_tokens": self.minicpmv_tune_embed_tokens}
+        wanted = {
+            "vpm": self.minicpmv_tune_vision,
+            "resampler": self.minicpmv_tune_resampler,
+            "embed_tokens": self.minicpmv_tune_embed_tokens,
+        }
         return [name for name, on in wanted.items() if on]
 
 

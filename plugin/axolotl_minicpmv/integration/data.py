@@ -116,8 +116,12 @@ def prepare_minicpmv_datasets(cfg) -> list[PreparedDataset]:
             if _is_prepared_file(Path(path)):
                 continue
             result = prepare_dataset_file(
-                ds_cfg, out_dir, skip_bad_samples=skip_bad, max_slice_nums=max_slice_nums,
-                spec=format_spec(ds_cfg, cfg), image_root=cfg_value(ds_cfg, "minicpmv_image_root") or cfg_value(cfg, "minicpmv_image_root"),
+                ds_cfg,
+                out_dir,
+                skip_bad_samples=skip_bad,
+                max_slice_nums=max_slice_nums,
+                spec=format_spec(ds_cfg, cfg),
+                image_root=cfg_value(ds_cfg, "minicpmv_image_root") or cfg_value(cfg, "minicpmv_image_root"),
             )
             if not Path(str(path)).expanduser().is_file():
                 # a folder's or hub id's split / config name / data files were read here; the prepared file has
@@ -295,7 +299,13 @@ def _describe(sample, index: int) -> str:
 
 
 def normalize_sample(
-    sample, index: int, base_dir: Path | None, size_cache: dict | None = None, *, fields: Fields | None = None, image_root: Path | None = None
+    sample,
+    index: int,
+    base_dir: Path | None,
+    size_cache: dict | None = None,
+    *,
+    fields: Fields | None = None,
+    image_root: Path | None = None,
 ) -> dict:
     """One seed sample as a prepared row, or _BadSample with the reason.
 
@@ -376,8 +386,7 @@ def _check_image_tags(conversations: list[dict], num_images: int, single: bool, 
     if tags > num_images:
         raise _BadSample(f"more {IMAGE_TAG!r} tags ({tags}) than images ({num_images})")
     raise _BadSample(
-        f"fewer {IMAGE_TAG!r} tags ({tags}) than images ({num_images}); "
-        "with a list of images each image needs its own tag, in order"
+        f"fewer {IMAGE_TAG!r} tags ({tags}) than images ({num_images}); with a list of images each image needs its own tag, in order"
     )
 
 

@@ -34,8 +34,9 @@ class EvalGenerateCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if not logs or "eval_loss" not in logs or model is None:
             return
-        rows = list(predict(model, self.processor, self.requests, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
-                            metrics=METRICS))
+        rows = list(
+            predict(model, self.processor, self.requests, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, metrics=METRICS)
+        )
         ok = [row for row in rows if not row["error"]]
         for row in rows:
             if row["error"]:
@@ -43,9 +44,11 @@ class EvalGenerateCallback(TrainerCallback):
         values = {f"eval_{name}": round(sum(row[name] for row in ok) / len(ok), 4) if ok else 0.0 for name in METRICS}
         logs.update(values)
         example = ok[0] if ok else None
-        LOG.info(f"minicpmv_eval_generate: {len(ok)} of {len(rows)} eval samples answered at step {state.global_step}, "
-                 + ", ".join(f"{k} {v}" for k, v in values.items())
-                 + (f"; {example['id']!r}: {example['prediction'][:80]!r}" if example else ""))
+        LOG.info(
+            f"minicpmv_eval_generate: {len(ok)} of {len(rows)} eval samples answered at step {state.global_step}, "
+            + ", ".join(f"{k} {v}" for k, v in values.items())
+            + (f"; {example['id']!r}: {example['prediction'][:80]!r}" if example else "")
+        )
         # Trainer.log appended a copy of `logs` to the history before the callbacks ran: keep the history complete
         if state.log_history and state.log_history[-1].get("eval_loss") == logs["eval_loss"]:
             state.log_history[-1].update(values)
@@ -69,8 +72,12 @@ def add_eval_generate(cfg, trainer) -> EvalGenerateCallback | None:
     tokenizer = trainer.processing_class
     processor = MiniCPMVProcessor.from_config(tokenizer, trainer.model.config, max_slice_nums=cfg_value(cfg, "minicpmv_max_slice_nums"))
     longest = max((len(tokenizer.encode(ref)) for r in requests for ref in r.references), default=32)
-    callback = EvalGenerateCallback(requests, processor, max_new_tokens=min(256, longest + 16),
-                                    batch_size=cfg_value(cfg, "eval_batch_size") or cfg_value(cfg, "micro_batch_size") or 1)
+    callback = EvalGenerateCallback(
+        requests,
+        processor,
+        max_new_tokens=min(256, longest + 16),
+        batch_size=cfg_value(cfg, "eval_batch_size") or cfg_value(cfg, "micro_batch_size") or 1,
+    )
     trainer.callback_handler.callbacks.insert(0, callback)
     LOG.info(f"minicpmv_eval_generate: greedy answers for {len(requests)} eval samples at each evaluation (eval_exact, eval_rouge_l)")
     return callback

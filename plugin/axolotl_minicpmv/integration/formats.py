@@ -143,9 +143,7 @@ def to_seed(row, spec: FormatSpec) -> tuple[Any, Fields]:
     seed["conversations"] = _messages(messages, fields.messages, role_key, content_key, spec.roles, part_images, pool)
     if part_images:
         if pool:
-            raise BadSample(
-                f"{len(pool)} images in {images_field!r} are left over after the image parts without a source took theirs"
-            )
+            raise BadSample(f"{len(pool)} images in {images_field!r} are left over after the image parts without a source took theirs")
         seed["image"] = part_images
     elif row_images is not None:
         seed["image"] = row_images
@@ -265,9 +263,7 @@ def image_value(value, where: str) -> str | bytes:
         buffer = io.BytesIO()
         value.save(buffer, format="PNG")  # lossless
         return buffer.getvalue()
-    raise BadSample(
-        f"{where} must be a path, a data: URL, base64, image bytes or a {{bytes, path}} image, got a JSON {json_type(value)}"
-    )
+    raise BadSample(f"{where} must be a path, a data: URL, base64, image bytes or a {{bytes, path}} image, got a JSON {json_type(value)}")
 
 
 def _data_url(url: str, where: str) -> bytes:
@@ -314,7 +310,12 @@ def open_source(ds_cfg) -> Source:
     if path.is_dir():
         path = path.resolve()
         files = sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.relative_to(path).parts)
-        fingerprint = [str(path), split, cfg_value(ds_cfg, "name"), [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
+        fingerprint = [
+            str(path),
+            split,
+            cfg_value(ds_cfg, "name"),
+            [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+        ]
         name = f"{path} (split {split or 'train'!r})"
         return Source(name, path.name, path, fingerprint, lambda: _datasets_rows(ds_cfg, name))
     if raw_path.startswith((".", "/", "~")) or raw_path.count("/") != 1 or path.suffix.lower() in (".json", ".jsonl", ".parquet", ".arrow"):

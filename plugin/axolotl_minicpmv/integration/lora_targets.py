@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-
 # The official fine-tuning default (q|k|v of every decoder layer).
 DEFAULT_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
 

@@ -80,10 +80,17 @@ class MiniCPMVPlugin(BasePlugin):
 
             LOG.info("MiniCPM-V: compiling %d decoder layers in place (the first steps run the compilation)", compile_decoder_layers(model))
             if cfg.gradient_checkpointing:
-                LOG.warning("MiniCPM-V: with gradient checkpointing the compiled layers measured slower than eager ones; "
-                            "compile without checkpointing, or leave minicpmv_compile_layers off")
+                LOG.warning(
+                    "MiniCPM-V: with gradient checkpointing the compiled layers measured slower than eager ones; "
+                    "compile without checkpointing, or leave minicpmv_compile_layers off"
+                )
         total, trainable = lora_targets.count_parameters(model)
-        LOG.info("MiniCPM-V parameters: Total %s / Trainable %s (fully trained: %s)", f"{total:,}", f"{trainable:,}", cfg.lora_modules_to_save or "none")
+        LOG.info(
+            "MiniCPM-V parameters: Total %s / Trainable %s (fully trained: %s)",
+            f"{total:,}",
+            f"{trainable:,}",
+            cfg.lora_modules_to_save or "none",
+        )
 
     def add_callbacks_pre_trainer(self, cfg, model):
         # Before the trainer exists, so the value is in the log line the progress printer writes.

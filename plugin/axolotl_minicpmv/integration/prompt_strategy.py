@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow.compute as pc
-
 from axolotl.datasets import TokenizedPromptDataset
 from axolotl.prompt_tokenizers import DatasetWrappingStrategy, PromptTokenizingStrategy
 from axolotl.utils.logging import get_logger
@@ -34,7 +33,9 @@ class MiniCPMVChatStrategy(PromptTokenizingStrategy):
     longer than `sequence_len` are dropped by MiniCPMVChatDatasetStrategy, which load() returns.
     """
 
-    def __init__(self, tokenizer, sequence_len: int, max_slice_nums: int | None = None, image_processor: MiniCPMVImageProcessor | None = None):
+    def __init__(
+        self, tokenizer, sequence_len: int, max_slice_nums: int | None = None, image_processor: MiniCPMVImageProcessor | None = None
+    ):
         super().__init__(None, tokenizer, train_on_inputs=False, sequence_len=sequence_len)
         image_processor = image_processor or MiniCPMVImageProcessor()
         if max_slice_nums is not None:
@@ -59,7 +60,13 @@ class MiniCPMVChatStrategy(PromptTokenizingStrategy):
             row = self.processor.encode_training_conversation(prompt["conversations"], layouts)
         except InvalidInputError as err:
             raise InvalidInputError(f"sample {sample_id!r}: {err}") from None
-        return {**row, "id": sample_id, "image": images, "image_bytes": list(prompt.get("image_bytes") or []), "image_sizes": [list(s) for s in sizes]}
+        return {
+            **row,
+            "id": sample_id,
+            "image": images,
+            "image_bytes": list(prompt.get("image_bytes") or []),
+            "image_sizes": [list(s) for s in sizes],
+        }
 
 
 class MiniCPMVChatDatasetStrategy(DatasetWrappingStrategy):
@@ -75,9 +82,7 @@ class MiniCPMVChatDatasetStrategy(DatasetWrappingStrategy):
         self.name = name
 
     def wrap_dataset(self, dataset, process_count: int | None = None, keep_in_memory: bool | None = False, **kwargs):
-        tokenized = TokenizedPromptDataset(
-            self.strategy, dataset, process_count=process_count, keep_in_memory=keep_in_memory
-        )
+        tokenized = TokenizedPromptDataset(self.strategy, dataset, process_count=process_count, keep_in_memory=keep_in_memory)
         limit = self.strategy.sequence_len
         lengths = pc.list_value_length(tokenized.data.column("input_ids")).to_pylist()
         too_long = [i for i, n in enumerate(lengths) if n > limit]
@@ -86,8 +91,7 @@ class MiniCPMVChatDatasetStrategy(DatasetWrappingStrategy):
         ids = list(tokenized.select(too_long)["id"])
         if self.excess_length_strategy == "raise":
             raise ValueError(
-                f"{self.name}: {len(too_long)} samples are longer than sequence_len {limit} "
-                f"(excess_length_strategy: raise): {ids}"
+                f"{self.name}: {len(too_long)} samples are longer than sequence_len {limit} (excess_length_strategy: raise): {ids}"
             )
         # logged here, in the main process: the tokenizing workers' logs may be lost or cached away
         for index, sample_id in zip(too_long, ids):

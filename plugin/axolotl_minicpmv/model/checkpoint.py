@@ -10,7 +10,6 @@ import json
 import os
 from pathlib import Path
 
-
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 

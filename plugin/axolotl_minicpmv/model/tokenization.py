@@ -6,14 +6,11 @@ add_bos_token=True, the 12 ``<image>``... pieces as additional special tokens) o
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import sys
 from pathlib import Path
 
-import sentencepiece as spm
 from tokenizers import Tokenizer
 from transformers.tokenization_utils_base import AddedToken
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
@@ -283,7 +280,8 @@ class MiniCPMVTokenizerFast(_MiniCPMVTokenMixin, TokenizersBackend):
         logger.warning(
             "MiniCPM-V tokenizer built from %s alone: ids are those of that file, which can differ from the official "
             "slow tokenizer (e.g. the role markers <用户>/<AI>); put the official %s next to it for exact ids.",
-            TOKENIZER_FILE, VOCAB_FILE,
+            TOKENIZER_FILE,
+            VOCAB_FILE,
         )
 
     @classmethod
@@ -301,9 +299,7 @@ class MiniCPMVTokenizerFast(_MiniCPMVTokenMixin, TokenizersBackend):
 
 
 def _missing_files_error(path: Path) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"No MiniCPM-V tokenizer files in {str(path)!r}: neither {VOCAB_FILE} nor {TOKENIZER_FILE} exists there"
-    )
+    return FileNotFoundError(f"No MiniCPM-V tokenizer files in {str(path)!r}: neither {VOCAB_FILE} nor {TOKENIZER_FILE} exists there")
 
 
 def load_tokenizer(path: str | os.PathLike, **kwargs):
@@ -353,4 +349,3 @@ def register_tokenizer() -> None:
     for module in {id(before): before, id(after): after}.values():
         for cls in (MiniCPMVTokenizer, MiniCPMVTokenizerFast):
             module.__dict__[cls.__name__] = cls
-

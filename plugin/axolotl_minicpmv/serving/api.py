@@ -58,28 +58,35 @@ def create_app(scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        return JSONResponse(RequestError(f"{request.method} {request.url.path}: {err.detail}", None, code=code).body(),
-                            status_code=err.status_code)
+        return JSONResponse(
+            RequestError(f"{request.method} {request.url.path}: {err.detail}", None, code=code).body(), status_code=err.status_code
+        )
 
     def authorize(request: Request) -> None:
         if settings.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-            raise RequestError("missing or wrong API key: send 'Authorization: Bearer KEY' (the server's --api-key)",
-                               None, code="invalid_api_key", status=401, type="authentication_error",
-                               headers={"WWW-Authenticate": "Bearer"})
+            raise RequestError(
+                "missing or wrong API key: send 'Authorization: Bearer KEY' (the server's --api-key)",
+                None,
+                code="invalid_api_key",
+                status=401,
+                type="authentication_error",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": settings.model_name, "queued": scheduler.queued, "running": scheduler.running,
-                **scheduler.stats}
+        return {"status": "ok", "model": settings.model_name, "queued": scheduler.queued, "running": scheduler.running, **scheduler.stats}
 
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": created,
-                                            "owned_by": "axolotl-minicpmv"}]}
+        return {
+            "object": "list",
+            "data": [{"id": settings.model_name, "object": "model", "created": created, "owned_by": "axolotl-minicpmv"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -94,13 +101,21 @@ def create_app(scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
             scheduler.submit(job)
         except QueueFull:
             wait = scheduler.retry_after()
-            raise RequestError(f"the server is busy ({scheduler.max_queue} requests queued, --max-queue); retry in about "
-                               f"{wait} s", None, code="server_busy", status=503, type="server_error",
-                               headers={"Retry-After": str(wait)}) from None
+            raise RequestError(
+                f"the server is busy ({scheduler.max_queue} requests queued, --max-queue); retry in about {wait} s",
+                None,
+                code="server_busy",
+                status=503,
+                type="server_error",
+                headers={"Retry-After": str(wait)},
+            ) from None
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if chat.stream:
-            return StreamingResponse(_stream(job, completion_id, settings.model_name), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                _stream(job, completion_id, settings.model_name),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return await _complete(job, request, completion_id, settings.model_name)
 
     if settings.ui:
@@ -108,8 +123,13 @@ def create_app(scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
 
         @app.get("/", response_class=HTMLResponse)
         async def index():
-            return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
-                                               "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'"})
+            return HTMLResponse(
+                page,
+                headers={
+                    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+                    "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'"
+                },
+            )
 
     @app.on_event("shutdown")
     async def shutdown():
@@ -121,14 +141,19 @@ def create_app(scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
 async def _read_json(request: Request, limit: int):
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(f"the request body is {int(declared):,} bytes, more than the server's limit of {limit:,}", None,
-                           code="request_too_large", status=413)
+        raise RequestError(
+            f"the request body is {int(declared):,} bytes, more than the server's limit of {limit:,}",
+            None,
+            code="request_too_large",
+            status=413,
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise RequestError(f"the request body is more than the server's limit of {limit:,} bytes", None,
-                               code="request_too_large", status=413)
+            raise RequestError(
+                f"the request body is more than the server's limit of {limit:,} bytes", None, code="request_too_large", status=413
+            )
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
@@ -141,24 +166,26 @@ def _prepare(chat: ChatRequest, processor, image_root: Path | None, settings: Se
     images = [open_image(url, param, image_root, settings.max_image_pixels) for url, param in chat.image_urls]
     try:
         turns = tag_images(chat.conversation, len(images))
-        ids = processor.encode_prompt(processor.prompt_text(turns, [processor.layout(im) for im in images]),
-                                      settings.max_inp_length)
+        ids = processor.encode_prompt(processor.prompt_text(turns, [processor.layout(im) for im in images]), settings.max_inp_length)
     except InvalidInputError as err:
-        raise RequestError(f"messages: {err}", "messages", code="context_length_exceeded"
-                           if "max_inp_length" in str(err) else None) from None
+        raise RequestError(
+            f"messages: {err}", "messages", code="context_length_exceeded" if "max_inp_length" in str(err) else None
+        ) from None
     return images, len(ids)
 
 
 def _usage(result) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
 
 
 def _failure(err: Exception) -> RequestError:
     if isinstance(err, InvalidInputError):
         return RequestError(f"messages: {err}", "messages")
-    return RequestError(f"generation failed: {type(err).__name__}: {err}", None, code="generation_failed", status=500,
-                        type="server_error")
+    return RequestError(f"generation failed: {type(err).__name__}: {err}", None, code="generation_failed", status=500, type="server_error")
 
 
 async def _complete(job: Job, request: Request, completion_id: str, model_name: str):
@@ -175,9 +202,18 @@ async def _complete(job: Job, request: Request, completion_id: str, model_name: 
         if kind == "done":
             break
     return {
-        "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": payload.text},
-                     "finish_reason": payload.finish_reason, "logprobs": None}],
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": payload.text},
+                "finish_reason": payload.finish_reason,
+                "logprobs": None,
+            }
+        ],
         "usage": _usage(payload),
     }
 
@@ -186,8 +222,14 @@ async def _stream(job: Job, completion_id: str, model_name: str):
     created = int(time.time())
 
     def chunk(delta: dict, finish_reason=None, **extra) -> str:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
+        body = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model_name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+            **extra,
+        }
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     finished = False
@@ -203,8 +245,14 @@ async def _stream(job: Job, completion_id: str, model_name: str):
             else:
                 yield chunk({}, payload.finish_reason)
                 if job.request.include_usage:
-                    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                            "model": model_name, "choices": [], "usage": _usage(payload)}
+                    body = {
+                        "id": completion_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model_name,
+                        "choices": [],
+                        "usage": _usage(payload),
+                    }
                     yield f"data: {json.dumps(body)}\n\n"
                 break
         finished = True

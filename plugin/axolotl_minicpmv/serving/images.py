@@ -28,15 +28,18 @@ def open_image(url: str, param: str, image_root: Path | None, max_pixels: int) -
     lowered = url[:16].lower()
     if lowered.startswith(("http://", "https://")):
         raise RequestError(
-            f"{param}: http(s) image URLs are not fetched by this server; send the image inline as a data: URL "
-            "(data:image/png;base64,...)", param, code="unsupported_image_url")
+            f"{param}: http(s) image URLs are not fetched by this server; send the image inline as a data: URL (data:image/png;base64,...)",
+            param,
+            code="unsupported_image_url",
+        )
     if lowered.startswith("data:"):
         data = _data_url_bytes(url, param)
     elif lowered.startswith("file://") or "://" not in url[:16]:
-        data = _file_bytes(url[len("file://"):] if lowered.startswith("file://") else url, param, image_root)
+        data = _file_bytes(url[len("file://") :] if lowered.startswith("file://") else url, param, image_root)
     else:
-        raise RequestError(f"{param}: unsupported URL scheme {url.split(':', 1)[0]!r}; send a data: URL", param,
-                           code="unsupported_image_url")
+        raise RequestError(
+            f"{param}: unsupported URL scheme {url.split(':', 1)[0]!r}; send a data: URL", param, code="unsupported_image_url"
+        )
     return _decode(data, param, max_pixels)
 
 
@@ -54,16 +57,18 @@ def _data_url_bytes(url: str, param: str) -> bytes:
 
 def _file_bytes(path: str, param: str, image_root: Path | None) -> bytes:
     if image_root is None:
-        raise RequestError(f"{param}: file paths are refused (the server runs without --image-root); send a data: URL",
-                           param, code="image_path_refused")
+        raise RequestError(
+            f"{param}: file paths are refused (the server runs without --image-root); send a data: URL", param, code="image_path_refused"
+        )
     # Resolve links and '..' first, then require the result to lie inside the (resolved) root.
     try:
         target = (image_root / path).resolve(strict=True) if not os.path.isabs(path) else Path(path).resolve(strict=True)
     except (OSError, RuntimeError, ValueError):
         raise RequestError(f"{param}: no such file under --image-root", param, code="image_not_found") from None
     if not target.is_relative_to(image_root) or not target.is_file():
-        raise RequestError(f"{param}: the path is outside --image-root or not a file; only files inside it are served",
-                           param, code="image_path_refused")
+        raise RequestError(
+            f"{param}: the path is outside --image-root or not a file; only files inside it are served", param, code="image_path_refused"
+        )
     return target.read_bytes()
 
 
@@ -74,8 +79,12 @@ def _decode(data: bytes, param: str, max_pixels: int) -> Image.Image:
         raise RequestError(f"{param}: cannot decode the image ({err})", param, code="invalid_image") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise RequestError(f"{param}: the image is {width}x{height} = {width * height:,} pixels, more than the server's "
-                           f"--max-image-pixels {max_pixels:,}; send a smaller image", param, code="image_too_large")
+        raise RequestError(
+            f"{param}: the image is {width}x{height} = {width * height:,} pixels, more than the server's "
+            f"--max-image-pixels {max_pixels:,}; send a smaller image",
+            param,
+            code="image_too_large",
+        )
     try:
         image.load()
         return load_image(image, what=param)

@@ -22,8 +22,16 @@ MAX_STOP_STRINGS = 4
 class RequestError(Exception):
     """A refused request: HTTP status + OpenAI error body."""
 
-    def __init__(self, message: str, param: str | None = None, *, code: str | None = None, status: int = 400,
-                 type: str = "invalid_request_error", headers: dict | None = None):
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        *,
+        code: str | None = None,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.message, self.param, self.code, self.status, self.type = message, param, code, status, type
         self.headers = headers or {}
@@ -61,8 +69,9 @@ def parse_chat_request(body, model_names: set[str], max_tokens_limit: int) -> Ch
     if not isinstance(model, str):
         raise RequestError(f"'model' must be a string, got a JSON {json_type(model)}", "model")
     if model not in model_names:
-        raise RequestError(f"model {model!r} is not served here; served: {sorted(model_names)}", "model",
-                           code="model_not_found", status=404)
+        raise RequestError(
+            f"model {model!r} is not served here; served: {sorted(model_names)}", "model", code="model_not_found", status=404
+        )
     conversation, image_urls = _messages(body.get("messages"))
 
     n = body.get("n", 1)
@@ -106,8 +115,18 @@ def parse_chat_request(body, model_names: set[str], max_tokens_limit: int) -> Ch
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError("'stream_options' must be an object", "stream_options")
-    return ChatRequest(conversation, image_urls, int(max_tokens), greedy, overrides, _stop(body.get("stop")), seed,
-                       int(min_tokens or 0), bool(stream), bool(options.get("include_usage")))
+    return ChatRequest(
+        conversation,
+        image_urls,
+        int(max_tokens),
+        greedy,
+        overrides,
+        _stop(body.get("stop")),
+        seed,
+        int(min_tokens or 0),
+        bool(stream),
+        bool(options.get("include_usage")),
+    )
 
 
 def _messages(messages) -> tuple[list[dict], list[tuple[str, str]]]:
@@ -149,8 +168,7 @@ def _messages(messages) -> tuple[list[dict], list[tuple[str, str]]]:
             text = "\n".join(pieces)
         else:
             got = "an empty list" if content == [] else f"a JSON {json_type(content)}"
-            raise RequestError(f"{where}.content must be a string or a non-empty list of content parts, got {got}",
-                               f"{where}.content")
+            raise RequestError(f"{where}.content must be a string or a non-empty list of content parts, got {got}", f"{where}.content")
         turns.append({"role": role, "content": text})
     _untag_single_front_image(turns, len(urls))
     try:
@@ -167,8 +185,8 @@ def _untag_single_front_image(turns: list[dict], num_images: int) -> None:
     does: in front of everything, system text included (`<image>` + "\n" + system + "\n" + question)."""
     first = next((t for t in turns if t["role"] == "user"), None)
     prefix = IMAGE_TAG + "\n"
-    if num_images == 1 and first is not None and first["content"].startswith(prefix) and first["content"][len(prefix):].strip():
-        first["content"] = first["content"][len(prefix):]
+    if num_images == 1 and first is not None and first["content"].startswith(prefix) and first["content"][len(prefix) :].strip():
+        first["content"] = first["content"][len(prefix) :]
 
 
 def _no_tags(text: str, param: str) -> str:

@@ -236,10 +236,17 @@ class Scheduler:
             if request.seed is not None:
                 torch.manual_seed(request.seed)
             generations = generate_answers(
-                self.model, self.processor, [j.request.conversation for j in batch], [j.images for j in batch],
-                sampling=not request.greedy, max_new_tokens=max(j.request.max_tokens for j in batch),
-                max_inp_length=self.max_inp_length, min_new_tokens=request.min_tokens, streamer=_Streamer(rows),
-                stopping_criteria=StoppingCriteriaList([_RowsEnded(rows, self._stopping)]), **request.overrides,
+                self.model,
+                self.processor,
+                [j.request.conversation for j in batch],
+                [j.images for j in batch],
+                sampling=not request.greedy,
+                max_new_tokens=max(j.request.max_tokens for j in batch),
+                max_inp_length=self.max_inp_length,
+                min_new_tokens=request.min_tokens,
+                streamer=_Streamer(rows),
+                stopping_criteria=StoppingCriteriaList([_RowsEnded(rows, self._stopping)]),
+                **request.overrides,
             )
         except Exception as err:  # a failed batch must not stop the server
             if len(batch) > 1:  # find the request that fails; the others still get their answers

@@ -16,16 +16,25 @@ from .scheduler import Scheduler
 logger = logging.getLogger("axolotl_minicpmv.serving")
 
 
-def build_app(model_path: str, adapter: str | None = None, *, device: str | None = None, dtype: str | None = None,
-              max_batch_size: int = 8, max_queue: int = 64, **settings):
+def build_app(
+    model_path: str,
+    adapter: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    max_batch_size: int = 8,
+    max_queue: int = 64,
+    **settings,
+):
     device = device or pick_device()
     torch_dtype = getattr(torch, dtype) if dtype else DEFAULT_DTYPES[torch.device(device).type]
     model = load_model(model_path, adapter=adapter, dtype=torch_dtype).to(device).eval()
     processor = MiniCPMVProcessor.from_pretrained(model_path)
     name = settings.pop("model_name", None) or Path(str(adapter or model_path)).name
     server_settings = ServerSettings(model_name=name, **settings)
-    scheduler = Scheduler(model, processor, max_batch_size=max_batch_size, max_queue=max_queue,
-                          max_inp_length=server_settings.max_inp_length)
+    scheduler = Scheduler(
+        model, processor, max_batch_size=max_batch_size, max_queue=max_queue, max_inp_length=server_settings.max_inp_length
+    )
     logger.info(f"serving {model_path}{f' + {adapter}' if adapter else ''} as {name!r} on {device} ({torch_dtype})")
     return create_app(scheduler, server_settings)
 

@@ -122,7 +122,11 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, dtype: torch.dtype 
 
 
 def _model_kwargs(config_dict: dict) -> dict:
-    return {k: v for k, v in config_dict.items() if k not in {"_name_or_path", "architectures", "auto_map", "model_type", "torch_dtype", "transformers_version"}}
+    return {
+        k: v
+        for k, v in config_dict.items()
+        if k not in {"_name_or_path", "architectures", "auto_map", "model_type", "torch_dtype", "transformers_version"}
+    }
 
 
 def _sentencepiece_vocab_size(model_file: Path) -> int:

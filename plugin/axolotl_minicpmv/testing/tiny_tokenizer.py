@@ -15,7 +15,6 @@ import sentencepiece as spm
 
 from ..model.tokenization import BOS, EOS, FIRST_SPECIAL_ID, ROLE_PIECES, SPECIAL_PIECES, UNK, VOCAB_FILE, _write_json
 
-
 _TINY_CORPUS = """\
 Describe the image in detail.
 What is in the image?

@@ -59,8 +59,7 @@ def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except Exception as err:
         raise AdapterError(
-            f"{path} cannot be read ({type(err).__name__}: {err}); the file is incomplete or corrupt "
-            "(was the run stopped while saving?)"
+            f"{path} cannot be read ({type(err).__name__}: {err}); the file is incomplete or corrupt (was the run stopped while saving?)"
         ) from None
 
 
@@ -240,7 +239,9 @@ def lora_merge_plan(
         if not ({"lora_A.weight", "lora_B.weight"} <= parts.keys() or {"lora_embedding_A", "lora_embedding_B"} <= parts.keys()):
             raise AdapterError(f"{module}: the adapter holds only {sorted(parts)} of its LoRA pair; the adapter file is incomplete")
         if "lora_B.bias" in parts and f"{module}.bias" not in base_shapes:
-            raise AdapterError(f"{module}: the adapter trains a LoRA bias (lora_bias: true) but the base module has no bias to merge it into")
+            raise AdapterError(
+                f"{module}: the adapter trains a LoRA bias (lora_bias: true) but the base module has no bias to merge it into"
+            )
     return dict(lora), full
 
 
@@ -301,5 +302,7 @@ def apply_adapter(model, adapter: str | os.PathLike, merge: bool = False):
         full = {PEFT_PREFIX + k: v for k, v in info.official_full_tensors().items()}
         result = peft_model.load_state_dict(full, strict=False)
         if result.unexpected_keys:
-            raise AdapterError(f"{info.full_file}: {len(result.unexpected_keys)} tensors fit nowhere in the model (e.g. {', '.join(result.unexpected_keys[:3])})")
+            raise AdapterError(
+                f"{info.full_file}: {len(result.unexpected_keys)} tensors fit nowhere in the model (e.g. {', '.join(result.unexpected_keys[:3])})"
+            )
     return peft_model.eval()

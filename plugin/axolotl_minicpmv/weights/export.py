@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..model.checkpoint import CheckpointError, check_checkpoint_dir, is_hub_id
 from .adapters import (
     OFFICIAL_FULL_WEIGHTS,
     PEFT_PREFIX,
@@ -31,7 +32,6 @@ from .adapters import (
     merged_tensor,
     read_adapter,
 )
-from ..model.checkpoint import CheckpointError, check_checkpoint_dir, is_hub_id
 
 LOG = logging.getLogger(__name__)
 
@@ -88,7 +88,9 @@ def resolve_run(source: str | os.PathLike, checkpoint: str | None = None, base_m
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = base_model or (cfg or {}).get("base_model") or adapter_config.get("base_model_name_or_path")
     if not base:
-        raise ExportError(f"no base model known for {str(adapter_dir)!r} (adapter_config.json has no base_model_name_or_path): pass --base-model")
+        raise ExportError(
+            f"no base model known for {str(adapter_dir)!r} (adapter_config.json has no base_model_name_or_path): pass --base-model"
+        )
     return Run(adapter_dir=adapter_dir, base_model=str(base), axolotl_config=cfg, quantized=_quantization(cfg, run_dir))
 
 
@@ -98,7 +100,9 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 
 def _has_adapter(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file() and any((path / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin"))
+    return (path / "adapter_config.json").is_file() and any(
+        (path / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")
+    )
 
 
 def _pick_adapter_dir(run_dir: Path, checkpoint: str | None) -> Path:
@@ -110,17 +114,23 @@ def _pick_adapter_dir(run_dir: Path, checkpoint: str | None) -> Path:
         if not chosen.is_dir():
             raise ExportError(f"{str(run_dir)!r} has no {name}; checkpoints found: {found}")
         if not _has_adapter(chosen):
-            raise ExportError(f"{str(chosen)!r} holds no adapter (adapter_config.json + adapter_model.safetensors/.bin){_zero3_note(chosen)}")
+            raise ExportError(
+                f"{str(chosen)!r} holds no adapter (adapter_config.json + adapter_model.safetensors/.bin){_zero3_note(chosen)}"
+            )
         return chosen
     if _has_adapter(run_dir):
         return run_dir
     if any(run_dir.glob("model*.safetensors")) or any(run_dir.glob("pytorch_model*.bin")):
-        raise ExportError(f"{str(run_dir)!r} holds a full model (the run trained without `adapter:`), not a LoRA adapter: it is already a checkpoint")
+        raise ExportError(
+            f"{str(run_dir)!r} holds a full model (the run trained without `adapter:`), not a LoRA adapter: it is already a checkpoint"
+        )
     if (run_dir / "adapter_config.json").is_file():
         why = "has adapter_config.json but no adapter_model.safetensors/.bin: the run has not finished (or stopped before its final save)"
     else:
         why = "holds no final adapter (adapter_config.json + adapter_model.safetensors)"
-    raise ExportError(f"{str(run_dir)!r} {why}{_zero3_note(run_dir)}. Checkpoints found: {found}; export one with --checkpoint checkpoint-N")
+    raise ExportError(
+        f"{str(run_dir)!r} {why}{_zero3_note(run_dir)}. Checkpoints found: {found}; export one with --checkpoint checkpoint-N"
+    )
 
 
 def _zero3_note(path: Path) -> str:
@@ -157,7 +167,9 @@ class BaseCheckpoint:
         except CheckpointError as err:
             raise ExportError(f"base model {name!r}: {err}") from None
         if json.loads((self.path / "config.json").read_text()).get("quantization_config"):
-            raise ExportError(f"base model {name!r} is stored quantized; pass the unquantized base (e.g. openbmb/MiniCPM-V-2) with --base-model")
+            raise ExportError(
+                f"base model {name!r} is stored quantized; pass the unquantized base (e.g. openbmb/MiniCPM-V-2) with --base-model"
+            )
         self.weight_map = self._weight_map()  # tensor name -> file name, in the base's order
         self.sharded_safetensors = (self.path / SAFETENSORS_INDEX).is_file()
         self._open: dict[str, object] = {}
@@ -217,7 +229,9 @@ def _locate_base(name: str) -> Path:
             if not any(local.glob("*.safetensors")):
                 local = Path(snapshot_download(name, allow_patterns=patterns + ["*.bin"]))
         except Exception as err:
-            raise ExportError(f"base model {name!r} could not be fetched from the Hugging Face Hub ({err}); pass a local directory with --base-model") from None
+            raise ExportError(
+                f"base model {name!r} could not be fetched from the Hugging Face Hub ({err}); pass a local directory with --base-model"
+            ) from None
         return local
     raise ExportError(f"base model {name!r} not found (relative paths are relative to {os.getcwd()!r}); pass it with --base-model")
 
@@ -372,7 +386,9 @@ def _write_merged(run: Run, base: BaseCheckpoint, adapter: Adapter, out: Path, d
     plan = _shard_plan(base, dtype)
     index = {}
     total = 0
-    with tqdm(total=len(base.weight_map), desc=f"merging LoRA in float32, writing {str(dtype).removeprefix('torch.')}", unit="tensor") as bar:
+    with tqdm(
+        total=len(base.weight_map), desc=f"merging LoRA in float32, writing {str(dtype).removeprefix('torch.')}", unit="tensor"
+    ) as bar:
         for shard, names in plan.items():
             shard_tensors = {}
             for tensor_name in names:
@@ -414,7 +430,9 @@ def _write_readme(out: Path, name: str, fmt: str, run: Run, base: BaseCheckpoint
     base_name = _base_for_config(run, base)
     full = c.get("modules_to_save") or []
     cfg = run.axolotl_config or {}
-    training = ", ".join(f"{k}: {cfg[k]}" for k in ("adapter", "learning_rate", "num_epochs", "max_steps", "micro_batch_size", "sequence_len") if k in cfg)
+    training = ", ".join(
+        f"{k}: {cfg[k]}" for k in ("adapter", "learning_rate", "num_epochs", "max_steps", "micro_batch_size", "sequence_len") if k in cfg
+    )
     lines = [
         f"# MiniCPM-V 2.0 LoRA adapter ({fmt} layout)",
         "",

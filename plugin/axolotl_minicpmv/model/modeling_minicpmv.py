@@ -27,6 +27,7 @@ from transformers.utils import logging
 from .checkpoint import check_checkpoint_dir, raise_on_incomplete_load
 from .configuration_minicpmv import MiniCPMVConfig
 from .conversation import InvalidInputError
+from .processing_minicpmv import check_image_slots
 from .resampler import Resampler, sincos_2d
 from .transfer import to_device
 
@@ -390,9 +391,7 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         if image_bound.device.type == "cpu":
             # Bounds already on the GPU come from the collator, which checked them on the host; reading
             # them back here would make the host wait for the vision tower in every training step.
-            lengths = image_bound[:, 2] - image_bound[:, 1]
-            if bool((lengths != self.config.query_num).any()):
-                raise InvalidInputError(f"every image placeholder must hold {self.config.query_num} slots, found {lengths.tolist()}")
+            check_image_slots(image_bound, self.config.query_num)
         bound = to_device(image_bound, embeds.device)
         slots = bound[:, 1:2] + torch.arange(self.config.query_num, device=embeds.device)
         rows = bound[:, :1].expand_as(slots)

@@ -286,9 +286,7 @@ class MiniCPMVProcessor(ProcessorMixin):
         flat = [p for row_pixels in pixel_values for p in row_pixels]
         if flat:
             bounds = torch.cat([self._row_bounds(input_ids[i], i, len(p)) for i, p in enumerate(pixel_values) if p])
-            slots = bounds[:, 2] - bounds[:, 1]
-            if bool((slots != self.query_num).any()):
-                raise InvalidInputError(f"every image placeholder must hold {self.query_num} slots, found {sorted(set(slots.tolist()))}")
+            check_image_slots(bounds, self.query_num)
             groups, order = group_by_size(flat)
             out.update(pixel_values=groups, vision_order=order, image_bound=bounds)
         if device is not None:
@@ -311,6 +309,13 @@ def tag_images(conversation: list[dict], num_images: int) -> list[dict]:
         return conversation
     first = conversation[0]
     return [{"role": first["role"], "content": IMAGE_TAG + "\n" + first["content"]}] + list(conversation[1:])
+
+
+def check_image_slots(image_bound: torch.Tensor, query_num: int) -> None:
+    """Every placeholder between `<image>` and `</image>` must hold exactly `query_num` slots (host bounds)."""
+    lengths = image_bound[:, 2] - image_bound[:, 1]
+    if bool((lengths != query_num).any()):
+        raise InvalidInputError(f"every image placeholder must hold {query_num} slots, found {sorted(set(lengths.tolist()))}")
 
 
 def image_bounds(input_ids: torch.Tensor, im_start_id: int, im_end_id: int, count: int | None = None) -> torch.Tensor:

@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 
 from ..model.checkpoint import CheckpointError, check_checkpoint_dir, is_hub_id
 from .adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     OFFICIAL_FULL_WEIGHTS,
     PEFT_PREFIX,
     Adapter,
@@ -100,9 +102,8 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 
 def _has_adapter(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file() and any(
-        (path / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")
-    )
+    """An adapter folder as `adapters.read_adapter` takes it: its config and its weights."""
+    return (path / ADAPTER_CONFIG).is_file() and any((path / n).is_file() for n in ADAPTER_WEIGHTS)
 
 
 def _pick_adapter_dir(run_dir: Path, checkpoint: str | None) -> Path:

@@ -291,7 +291,7 @@ def build_vision_tower(config: MiniCPMVConfig) -> nn.Module:
         num_classes=0,
         dynamic_img_size=True,
         dynamic_img_pad=True,
-        **(config.vision_config or {}),
+        **(getattr(config, "vision_config", None) or {}),  # set only by small test checkpoints
     )
     if getattr(tower, "attn_pool", None) is not None:
         tower.attn_pool = nn.Identity()

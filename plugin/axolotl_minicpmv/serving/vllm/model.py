@@ -29,6 +29,7 @@ from vllm.model_executor.models.minicpmv import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from ...model.modeling_minicpmv import build_vision_tower
 from .processing import (
     MiniCPMV2DummyInputsBuilder,
     MiniCPMV2MultiModalProcessor,
@@ -53,21 +54,8 @@ class MiniCPMV2ForVLLM(MiniCPMV2_0):
         return super().__new__(cls)
 
     def init_vision_module(self, config, quant_config, prefix: str = "") -> nn.Module:
-        import timm
-
-        tower = timm.create_model(
-            getattr(config, "vision_encoder", None) or "vit_so400m_patch14_siglip_384.webli",
-            pretrained=False,
-            num_classes=0,
-            dynamic_img_size=True,
-            dynamic_img_pad=True,
-            **(getattr(config, "vision_config", None) or {}),
-        )
-        if getattr(tower, "attn_pool", None) is not None:
-            tower.attn_pool = nn.Identity()
-        if config.drop_vision_last_layer:
-            tower.blocks = tower.blocks[:-1]
-        return tower.to(dtype=torch.get_default_dtype())
+        # our own tower builder: the official layout (no pooling head, last block dropped) with the config's sizes
+        return build_vision_tower(config).to(dtype=torch.get_default_dtype())
 
     def init_resampler(self, embed_dim: int, vision_dim: int, quant_config=None, prefix: str = "") -> nn.Module:
         resampler = Resampler2(

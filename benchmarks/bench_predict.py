@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_chat import bench_model, picture
 from results_table import record, versions
 
-from axolotl_minicpmv.inference.predict import predict
+from axolotl_minicpmv.integration.predict import predict
 
 SIZES = [(448, 448), (672, 448), (448, 672), (896, 672), (896, 896), (1344, 896), (896, 1344), (1344, 1344)]
 QUESTION = "What is shown in this picture?"

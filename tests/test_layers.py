@@ -15,7 +15,7 @@ ALLOWED = {
     "testing": {"model"},
     "weights": {"model"},
     "inference": {"model", "weights"},
-    "integration": {"model", "weights"},
+    "integration": {"model", "weights", "inference"},  # prediction and eval-time generation answer through inference
     "serving": {"model", "weights", "inference"},
 }
 

@@ -1,4 +1,4 @@
-"""Batch prediction (inference/predict.py, `minicpmv-predict`) and `minicpmv_eval_generate`, on the tiny checkpoint:
+"""Batch prediction (integration/predict.py, `minicpmv-predict`) and `minicpmv_eval_generate`, on the tiny checkpoint:
 
 - batched greedy answers (mixed image sizes, sliced and unsliced, text-only and multi-image rows in one batch) equal
   one-by-one `chat(sampling=False, num_beams=1)` answers in float32 (multi-image rows: a batch of one);
@@ -25,7 +25,7 @@ from conftest import EXAMPLES
 from PIL import Image
 from test_axolotl_cli import logged, run, tail, write_config
 
-from axolotl_minicpmv.inference.predict import PredictionError, predict, read_predictions, requests_from_samples, run_prediction
+from axolotl_minicpmv.integration.predict import PredictionError, predict, read_predictions, requests_from_samples, run_prediction
 
 PYTHON = sys.executable
 AXOLOTL = str(Path(sys.executable).parent / "axolotl")

@@ -14,7 +14,7 @@ logging.getLogger("torch.utils._pytree").addFilter(lambda record: "is an Enum su
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoProcessor  # noqa: E402
 
 from .inference.chat_helper import MiniCPMVChat, img2base64  # noqa: E402
-from .inference.predict import predict  # noqa: E402
+from .integration.predict import predict  # noqa: E402
 from .model.configuration_minicpmv import MiniCPMVConfig  # noqa: E402
 from .model.conversation import InvalidInputError  # noqa: E402
 from .model.image_processing_minicpmv import MiniCPMVImageProcessor  # noqa: E402

@@ -187,7 +187,7 @@ def predict_command(
     import logging
 
     from .inference.metrics import parse_metrics
-    from .inference.predict import PredictionError, run_prediction, summary_line
+    from .integration.predict import PredictionError, run_prediction, summary_line
 
     if decoding == "sampling" and num_beams is not None:
         raise click.UsageError("--sampling and --num-beams exclude each other (beam search does not sample)")

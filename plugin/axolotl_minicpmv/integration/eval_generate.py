@@ -1,7 +1,7 @@
 """`minicpmv_eval_generate: N`: at each evaluation, greedy answers for the first N eval samples, scored and logged
 as `eval_exact` and `eval_rouge_l` in the same log entry as `eval_loss` (so every Axolotl logger gets them).
 
-The answers are `minicpmv-predict`'s (inference/predict.py: the last assistant turn of each sample, greedy, as
+The answers are `minicpmv-predict`'s (integration/predict.py: the last assistant turn of each sample, greedy, as
 `chat(sampling=False, num_beams=1)`). Tested through the real Axolotl CLI in tests/test_predict.py.
 """
 
@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 from axolotl.utils.logging import get_logger
 from transformers import TrainerCallback
 
-from ..inference.predict import predict, requests_from_samples
 from ..model.processing_minicpmv import MiniCPMVProcessor
 from .args import MiniCPMVArgs, cfg_value
+from .predict import predict, requests_from_samples
 
 LOG = get_logger(__name__)
 METRICS = ("exact", "rouge_l")

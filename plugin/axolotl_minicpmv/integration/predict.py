@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
+from ..inference.generate import generate_answers
+from ..inference.metrics import DEFAULT_METRICS, parse_metrics, score
 from ..model.conversation import IMAGE_TAG, InvalidInputError, json_type, short_repr
 from ..model.image_processing_minicpmv import load_image
 from ..model.processing_minicpmv import MiniCPMVProcessor
-from .generate import generate_answers
-from .metrics import DEFAULT_METRICS, parse_metrics, score
 
 LOG = logging.getLogger("axolotl_minicpmv.predict")
 
@@ -59,7 +59,7 @@ class Request:
 def read_sample_file(path: str | os.PathLike) -> list:
     """The raw samples of a JSON list file or a JSONL file. A JSONL line that is not JSON becomes an error
     marker (its row is written with the reason) instead of stopping the run; an unreadable file raises."""
-    from ..integration.data import InvalidDatasetError, read_samples
+    from .data import InvalidDatasetError, read_samples
 
     path = Path(path)
     if not path.is_file():
@@ -95,7 +95,7 @@ def requests_from_samples(samples: Iterable, base_dir: str | os.PathLike = ".", 
     the reference of the last assistant turn; with `answers` the conversation may end with the user's question.
     """
     # normalize_sample reports a bad sample by raising data.py's _BadSample with the reason
-    from ..integration.data import _BadSample, _describe, normalize_sample
+    from .data import _BadSample, _describe, normalize_sample
 
     if turns not in TURNS:
         raise ValueError(f"turns must be one of {TURNS}, got {turns!r}")
@@ -143,7 +143,7 @@ def requests_from_samples(samples: Iterable, base_dir: str | os.PathLike = ".", 
 
 
 def _answers(sample) -> list[str] | None:
-    from ..integration.data import _BadSample
+    from .data import _BadSample
 
     if not isinstance(sample, dict) or "answers" not in sample:
         return None
@@ -416,9 +416,9 @@ def load_predictor(
     model_path: str, adapter: str | None = None, device: str | None = None, dtype: str | None = None, max_slice_nums: int | None = None
 ):
     """(model in eval mode on `device`, processor) for a base model (+ adapter)."""
+    from ..inference.chat_helper import DEFAULT_DTYPES, pick_device
     from ..model.tokenization import load_tokenizer
     from ..weights.loading import load_model
-    from .chat_helper import DEFAULT_DTYPES, pick_device
 
     device = device or pick_device()
     torch_dtype = getattr(torch, dtype) if dtype else DEFAULT_DTYPES[torch.device(device).type]

@@ -298,6 +298,10 @@ def test_chat_template_renders_the_official_prompt(export_dir, cases):
     msgs = [dict(case.msgs[0], content="(<image>./</image>)\n" + case.msgs[0]["content"]), *case.msgs[1:]]
     rendered = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert rendered == f"<s><用户><image></image>\n{QUESTION}<AI>{case.msgs[1]['content']}<用户>{case.msgs[2]['content']}<AI>"
+    # a system message goes in front of the next user turn's text, after its picture (model/conversation.py's rule)
+    system = [{"role": "system", "content": "Answer briefly."}, msgs[0]]
+    rendered = tokenizer.apply_chat_template(system, tokenize=False, add_generation_prompt=True)
+    assert rendered == f"<s><用户><image></image>\nAnswer briefly.\n{QUESTION}<AI>"
 
 
 def test_our_cases_cover_slicing_and_stop_early_enough(cases):

@@ -19,15 +19,23 @@ VERSION = 2.0
 # Content is a plain string on purpose: vLLM then renders image parts as "(<image>./</image>)" lines in front of
 # the text; the template turns them into "<image></image>", which the plugin's processor expands into the official
 # placeholder (followed by "\n" + text, as in the official prompt). bos comes from the template because vLLM
-# tokenizes rendered chat prompts without adding special tokens.
+# tokenizes rendered chat prompts without adding special tokens. System messages follow the project's rule
+# (model/conversation.py): their text goes in front of the next user turn's text, after its pictures.
 CHAT_TEMPLATE = (
     "{{- bos_token -}}"
+    "{%- set ns = namespace(system='') -%}"
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}{{- '<用户>' -}}"
-    "{%- elif message['role'] == 'assistant' -%}{{- '<AI>' -}}"
-    "{%- else -%}{{- raise_exception('MiniCPM-V 2.0 knows user and assistant turns only, not ' + message['role']) -}}"
+    "{%- set content = message['content'] | replace('(<image>./</image>)', '<image></image>') -%}"
+    "{%- if message['role'] == 'system' -%}{%- set ns.system = ns.system + content + '\n' -%}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{%- set lead = namespace(images='', rest=content) -%}"
+    "{%- for _ in range(64) -%}{%- if lead.rest.startswith('<image></image>\n') -%}"
+    "{%- set lead.images = lead.images + '<image></image>\n' -%}{%- set lead.rest = lead.rest[16:] -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{{- '<用户>' + lead.images + ns.system + lead.rest -}}{%- set ns.system = '' -%}"
+    "{%- elif message['role'] == 'assistant' -%}{{- '<AI>' + content -}}"
+    "{%- else -%}{{- raise_exception('MiniCPM-V 2.0 knows system, user and assistant turns, not ' + message['role']) -}}"
     "{%- endif -%}"
-    "{{- message['content'] | replace('(<image>./</image>)', '<image></image>') -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<AI>' -}}{%- endif -%}"
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -71,11 +72,23 @@ print("RESULT " + json.dumps({"losses": losses, "changed": changed, "partitioned
 """
 
 
+def _free_ports(count: int) -> list[int]:
+    # fixed ports were taken once by another process on the machine (EADDRINUSE): ask the OS for free ones,
+    # all sockets open at once so that the ports differ
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_checkpoint_fp32, tmp_path_factory):
     """The same ZeRO-3 training script with and without the plugin hook, run side by side."""
     procs = {}
-    for port, mode in ((29611, "plugin"), (29612, "bare")):
+    for port, mode in zip(_free_ports(2), ("plugin", "bare")):
         work = tmp_path_factory.mktemp(f"zero3-{mode}")
         env = {
             **os.environ,

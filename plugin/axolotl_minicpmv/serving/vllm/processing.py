@@ -23,7 +23,6 @@ from vllm.multimodal.parse import ImageProcessorItems, ImageSize
 from vllm.multimodal.processing.processor import BaseMultiModalProcessor
 
 from ...model.processing_minicpmv import MiniCPMVProcessor
-from ...model.slicing import slice_sizes
 
 MiniCPMV2DummyInputsBuilder = MiniCPMVDummyInputsBuilder
 
@@ -37,12 +36,10 @@ class MiniCPMV2ImageProcessor:
     def __init__(self, processor: MiniCPMVProcessor):
         self.processor = processor
         self.image_feature_size = processor.query_num
-        self.max_slice_nums = processor.max_slice_nums
+        self.max_slice_nums = processor.image_processor.max_slice_nums
 
     def get_sliced_grid(self, image_size: ImageSize) -> tuple[int, int] | None:
-        p = self.processor
-        _, _, grid = slice_sizes((image_size.width, image_size.height), p.max_slice_nums, p.scale_resolution, p.patch_size)
-        return grid
+        return self.processor.layout((image_size.width, image_size.height)).grid
 
     def get_slice_image_placeholder(self, image_size: ImageSize) -> str:
         return self.processor.image_placeholder((image_size.width, image_size.height))
@@ -101,6 +98,7 @@ class MiniCPMV2MultiModalProcessor(MiniCPMVMultiModalProcessor):
         if isinstance(parsed, MiniCPMVImageEmbeddingItems):
             return {}
         processor = self.info.get_hf_processor(**mm_kwargs).processor
+        patch = processor.image_processor.patch_size
         pixel_values, image_sizes, tgt_sizes = [], [], []
         for index in range(len(parsed)):
             image = parsed.get(index).convert("RGB")
@@ -108,7 +106,7 @@ class MiniCPMV2MultiModalProcessor(MiniCPMVMultiModalProcessor):
             pixels = processor.pixel_values(image)
             pixel_values.append(pixels)
             image_sizes.append(torch.tensor([image.width, image.height]))
-            tgt_sizes.append(torch.tensor([[p.shape[-2] // processor.patch_size, p.shape[-1] // processor.patch_size] for p in pixels]))
+            tgt_sizes.append(torch.tensor([[p.shape[-2] // patch, p.shape[-1] // patch] for p in pixels]))
         return {"pixel_values": pixel_values, "image_sizes": image_sizes, "tgt_sizes": tgt_sizes}
 
     def _recompute_cached_prompt_update(self, cached_update, new_item_idx: int):

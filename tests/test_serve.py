@@ -22,6 +22,7 @@ openai = pytest.importorskip("openai")
 KEY = "test-key-123"
 NEW = 24  # new tokens per answer in the equality tests (the tiny model rarely stops by itself)
 IMAGE_PIXELS_LIMIT = 400 * 400
+MAX_TOKENS = 2048  # long enough that a forced 2048-token answer outlasts a client timeout on any CPU
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def server(tiny_checkpoint_fp32, image_root, tmp_path_factory):
             "--max-batch-size",
             "8",
             "--max-tokens",
-            "512",
+            str(MAX_TOKENS),
         ],
         tmp_path_factory.mktemp("logs") / "server.log",
     )
@@ -290,7 +291,7 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
         ({"model": "tiny", "messages": [user], "temperature": "hot"}, 400, "temperature", "must be a number"),
         ({"model": "tiny", "messages": [user], "temperature": 3}, 400, "temperature", "must be in"),
         ({"model": "tiny", "messages": [user], "max_tokens": 0}, 400, "max_tokens", "between 1 and"),
-        ({"model": "tiny", "messages": [user], "max_tokens": 100000}, 400, "max_tokens", "server's limit 512"),
+        ({"model": "tiny", "messages": [user], "max_tokens": 100000}, 400, "max_tokens", f"server's limit {MAX_TOKENS}"),
         ({"model": "tiny", "messages": [user], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
         ({"model": "tiny", "messages": [user], "stream": "yes"}, 400, "stream", "true or false"),
         ({"model": "tiny", "messages": [user], "max_tokens": 5, "min_tokens": 6}, 400, "min_tokens", "between 0 and max_tokens"),
@@ -311,8 +312,8 @@ def test_disconnected_clients_stop_their_generation(server):
     body = {
         "model": "tiny",
         "messages": [{"role": "user", "content": "Talk for a long time."}],
-        "max_tokens": 512,
-        "min_tokens": 512,
+        "max_tokens": MAX_TOKENS,
+        "min_tokens": MAX_TOKENS,
         "temperature": 0,
     }
     before = server.health()["cancelled"]
@@ -323,7 +324,7 @@ def test_disconnected_clients_stop_their_generation(server):
             if '"content": "' in line and '"content": ""' not in line:
                 break  # the answer is streaming: leave
     with pytest.raises(httpx.ReadTimeout):  # a plain request whose client gives up
-        raw(server, body, timeout=1.5)
+        raw(server, body, timeout=1.0)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and (server.health()["cancelled"] < before + 2 or server.health()["running"]):
         time.sleep(0.2)

@@ -57,8 +57,16 @@ PREPARED_SCHEMA = pa.schema(
     ]
 )
 
-_BadSample = BadSample  # reason one sample is rejected (collected into InvalidDatasetError)
-__all__ = ["InvalidDatasetError", "PreparedDataset", "normalize_sample", "prepare_dataset_file", "prepare_minicpmv_datasets", "row_images"]
+__all__ = [
+    "BadSample",
+    "InvalidDatasetError",
+    "describe_sample",
+    "PreparedDataset",
+    "normalize_sample",
+    "prepare_dataset_file",
+    "prepare_minicpmv_datasets",
+    "row_images",
+]
 
 
 @dataclass(frozen=True)
@@ -234,7 +242,7 @@ def _write_rows(src, spec: FormatSpec, root: Path | None, tmp: str, keep_writing
                 seed, fields = to_seed(raw, spec)
                 row = normalize_sample(seed, index, src.base_dir, sizes, fields=fields, image_root=root)
             except BadSample as err:
-                bad.append((_describe(raw, index), str(err)))
+                bad.append((describe_sample(raw, index), str(err)))
                 continue
             if not keep_writing(bad):
                 continue
@@ -288,12 +296,12 @@ def normalize_samples(samples: Iterable, base_dir: Path, spec: FormatSpec | None
         try:
             seed, fields = to_seed(sample, spec)
             rows.append(normalize_sample(seed, index, base_dir, image_sizes, fields=fields))
-        except _BadSample as err:
-            bad.append((_describe(sample, index), str(err)))
+        except BadSample as err:
+            bad.append((describe_sample(sample, index), str(err)))
     return rows, bad
 
 
-def _describe(sample, index: int) -> str:
+def describe_sample(sample, index: int) -> str:
     sample_id = sample.get("id") if isinstance(sample, Mapping) else None
     return f"sample {sample_id!r} (index {index})" if sample_id is not None else f"sample at index {index}"
 
@@ -307,7 +315,7 @@ def normalize_sample(
     fields: Fields | None = None,
     image_root: Path | None = None,
 ) -> dict:
-    """One seed sample as a prepared row, or _BadSample with the reason.
+    """One seed sample as a prepared row, or BadSample with the reason.
 
     Row: `id` (str; the index when absent), `image` (absolute paths; "" for an embedded image),
     `image_bytes` (the embedded images' encoded bytes; b"" for a file), `image_sizes` ([w, h] each),
@@ -318,10 +326,10 @@ def normalize_sample(
     """
     fields = fields or Fields()
     if not isinstance(sample, Mapping):
-        raise _BadSample(f"is a JSON {json_type(sample)}, expected an object with 'conversations'")
+        raise BadSample(f"is a JSON {json_type(sample)}, expected an object with 'conversations'")
     sample_id = sample.get("id")
     if sample_id is not None and not isinstance(sample_id, (str, int)):
-        raise _BadSample(f"'id' must be a string or an integer, got a JSON {json_type(sample_id)}")
+        raise BadSample(f"'id' must be a string or an integer, got a JSON {json_type(sample_id)}")
     conversations = _check_conversations(sample.get("conversations", _MISSING), fields.messages)
     entries, single = _image_field(sample.get("image"), fields.images)
     conversations = _check_image_tags(conversations, len(entries), single, fields)
@@ -351,11 +359,11 @@ _MISSING = object()
 
 def _check_conversations(conversations, field: str = "conversations") -> list[dict]:
     if conversations is _MISSING:
-        raise _BadSample(f"has no {field!r}")
+        raise BadSample(f"has no {field!r}")
     try:
         return validate_conversation(conversations, field=field, for_training=True)
     except InvalidInputError as err:
-        raise _BadSample(str(err)) from None
+        raise BadSample(str(err)) from None
 
 
 def _image_field(image, field: str = "image") -> tuple[list[str | bytes], bool]:
@@ -366,7 +374,7 @@ def _image_field(image, field: str = "image") -> tuple[list[str | bytes], bool]:
         return [image_value(entry, f"{field}[{k}]") for k, entry in enumerate(image)], False
     if isinstance(image, (str, bytes, bytearray, Mapping, Image.Image)):
         return [image_value(image, repr(field))], True
-    raise _BadSample(f"{field!r} must be a path or a list of paths, got a JSON {json_type(image)}")
+    raise BadSample(f"{field!r} must be a path or a list of paths, got a JSON {json_type(image)}")
 
 
 def _check_image_tags(conversations: list[dict], num_images: int, single: bool, fields: Fields) -> list[dict]:
@@ -374,7 +382,7 @@ def _check_image_tags(conversations: list[dict], num_images: int, single: bool, 
     for i, msg in enumerate(conversations):
         count = msg["content"].count(IMAGE_TAG)
         if count and msg["role"] != "user":
-            raise _BadSample(f"{fields.messages}[{i}] (assistant) contains {IMAGE_TAG!r}; images go in user turns")
+            raise BadSample(f"{fields.messages}[{i}] (assistant) contains {IMAGE_TAG!r}; images go in user turns")
         tags += count
     if tags == num_images:
         return conversations
@@ -382,10 +390,10 @@ def _check_image_tags(conversations: list[dict], num_images: int, single: bool, 
         first = conversations[0]
         return [{"role": "user", "content": IMAGE_TAG + "\n" + first["content"]}] + conversations[1:]
     if num_images == 0:
-        raise _BadSample(f"{tags} {IMAGE_TAG!r} tag(s) but the sample has no {fields.images!r}")
+        raise BadSample(f"{tags} {IMAGE_TAG!r} tag(s) but the sample has no {fields.images!r}")
     if tags > num_images:
-        raise _BadSample(f"more {IMAGE_TAG!r} tags ({tags}) than images ({num_images})")
-    raise _BadSample(
+        raise BadSample(f"more {IMAGE_TAG!r} tags ({tags}) than images ({num_images})")
+    raise BadSample(
         f"fewer {IMAGE_TAG!r} tags ({tags}) than images ({num_images}); with a list of images each image needs its own tag, in order"
     )
 
@@ -394,11 +402,11 @@ def _resolve_image(raw: str, base_dir: Path | None) -> Path:
     path = Path(raw).expanduser()
     if not path.is_absolute():
         if base_dir is None:
-            raise _BadSample(f"image {raw!r} is a relative path and the dataset has no folder to resolve it in; set minicpmv_image_root")
+            raise BadSample(f"image {raw!r} is a relative path and the dataset has no folder to resolve it in; set minicpmv_image_root")
         path = base_dir / path
     path = path.resolve()
     if not path.is_file():
-        raise _BadSample(f"image {raw!r} not found (looked for {path})")
+        raise BadSample(f"image {raw!r} not found (looked for {path})")
     return path
 
 
@@ -431,7 +439,7 @@ def _header_size(source, what: str, prefix: str) -> tuple[int, int]:
             size = image.size
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise _BadSample(f"{what} cannot be read as an image ({prefix}{err})") from None
+        raise BadSample(f"{what} cannot be read as an image ({prefix}{err})") from None
     if size[0] < 1 or size[1] < 1:
-        raise _BadSample(f"{what} is empty (size {size[0]}x{size[1]})")
+        raise BadSample(f"{what} is empty (size {size[0]}x{size[1]})")
     return size

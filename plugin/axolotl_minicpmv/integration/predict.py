@@ -94,8 +94,8 @@ def requests_from_samples(samples: Iterable, base_dir: str | os.PathLike = ".", 
     a bad sample yields one error request naming the sample and the reason. `answers` (a list of strings) replaces
     the reference of the last assistant turn; with `answers` the conversation may end with the user's question.
     """
-    # normalize_sample reports a bad sample by raising data.py's _BadSample with the reason
-    from .data import _BadSample, _describe, normalize_sample
+    from .data import describe_sample, normalize_sample
+    from .formats import BadSample  # normalize_sample's reason for rejecting a sample
 
     if turns not in TURNS:
         raise ValueError(f"turns must be one of {TURNS}, got {turns!r}")
@@ -109,7 +109,7 @@ def requests_from_samples(samples: Iterable, base_dir: str | os.PathLike = ".", 
             continue
         raw_id = sample.get("id") if isinstance(sample, dict) else None
         sample_id = str(index if raw_id is None else raw_id)
-        where = f"{prefix}{_describe(sample, index)}"
+        where = f"{prefix}{describe_sample(sample, index)}"
         try:
             answers = _answers(sample)
             checked = sample
@@ -122,7 +122,7 @@ def requests_from_samples(samples: Iterable, base_dir: str | os.PathLike = ".", 
             if answers and ends_with_user:  # VQA style: the question alone, the answers beside it
                 checked = {**sample, "conversations": sample["conversations"] + [{"role": "assistant", "content": answers[0]}]}
             row = normalize_sample(checked, index, base_dir, size_cache)
-        except _BadSample as err:
+        except BadSample as err:
             yield Request(sample_id, None, error=f"{where}: {err}")
             continue
         if row["id"] in seen:
@@ -143,15 +143,13 @@ def requests_from_samples(samples: Iterable, base_dir: str | os.PathLike = ".", 
 
 
 def _answers(sample) -> list[str] | None:
-    from .data import _BadSample
+    from .formats import BadSample
 
     if not isinstance(sample, dict) or "answers" not in sample:
         return None
     answers = sample["answers"]
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-        raise _BadSample(
-            f"'answers' must be a non-empty list of non-empty strings, got {short_repr(answers)} (a JSON {json_type(answers)})"
-        )
+        raise BadSample(f"'answers' must be a non-empty list of non-empty strings, got {short_repr(answers)} (a JSON {json_type(answers)})")
     return answers
 
 

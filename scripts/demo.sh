@@ -9,7 +9,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_
 PY=.venv/bin/python
 rm -rf outputs/tiny-minicpmv outputs/colours-*
 $PY -m axolotl_minicpmv tiny-checkpoint outputs/tiny-minicpmv
-# Fine-tune on examples/colours/train.json (LoRA on the decoder's attention; the vision tower is trained too).
+# Fine-tune on examples/colours/train.json: LoRA on the decoder's attention, and (the plugin's default, as in the
+# official recipe) the vision tower, resampler and embeddings trained in full.
 $PY -m axolotl.cli.train examples/colours_cpu.yml
 $PY -m axolotl_minicpmv export examples/colours_cpu.yml --format adapter --out outputs/colours-adapter
 $PY -m axolotl_minicpmv export examples/colours_cpu.yml --format merged --out outputs/colours-merged

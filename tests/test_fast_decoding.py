@@ -58,8 +58,65 @@ def test_a_shorter_request_reuses_the_longer_cache(tiny_model, prompt):
     ours = decoder.generate(prompt, 12)
     assert decoder._cache is cache
     assert torch.equal(ours, _generate(tiny_model, prompt, max_new_tokens=12, min_new_tokens=12, eos_token_id=None))
-    decoder.generate(prompt[:1], 12)  # another batch size gets its own cache
+    # A smaller batch runs in the kept cache too (filled up with copies of its last row), with its own tokens.
+    assert torch.equal(decoder.generate(prompt[:1], 12), ours[:1])
+    assert decoder._cache is cache
+    decoder.generate(torch.cat([prompt, prompt]), 12)  # a larger batch gets its own cache
     assert decoder._cache is not cache and decoder._cache.get_max_length() == 256
+
+
+def test_left_padded_prompts_give_generates_tokens(tiny_model, prompt):
+    # Two rows of different lengths: row 1 is row 0 without its first 5 positions, left-padded to row 0's length.
+    embeds = prompt.clone()
+    embeds[1, :5] = 0
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    mask[1, :5] = 0
+    for penalty in (1.0, 1.2):
+        sampling = Sampling(repetition_penalty=penalty)
+        ours = FastDecoder(tiny_model).generate(embeds, 16, attention_mask=mask, sampling=sampling)
+        with torch.inference_mode():
+            theirs = tiny_model.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=0,
+                max_new_tokens=16,
+                min_new_tokens=16,
+                eos_token_id=None,
+                repetition_penalty=penalty,
+            )
+        alone = FastDecoder(tiny_model).generate(prompt[1:, 5:], 16, sampling=sampling)
+        assert torch.equal(ours, theirs)
+        assert torch.equal(ours[1:], alone)
+        assert not torch.equal(ours[0], ours[1])  # the padding changed row 1's prompt, and so its answer
+
+
+def test_batched_answers_are_the_same_fast_and_plain(tiny_model, tiny_tokenizer):
+    """generate_answers through FastDecoder (as on a GPU) and through generate: mixed image sizes, a
+    text-only row and a two-image row in one left-padded batch, greedy and with min_new_tokens."""
+    from axolotl_minicpmv.inference.generate import generate_answers
+
+    processor = MiniCPMVProcessor.from_config(tiny_tokenizer, tiny_model.config)
+    images = EXAMPLES / "images"
+    rows = [
+        ([{"role": "user", "content": "What is this?"}], [Image.open(images / "stop_sign.jpg")]),
+        ([{"role": "user", "content": "What is 17 times 3?"}], []),
+        ([{"role": "user", "content": "Read it: <image>"}], [Image.open(images / "handwritten_note.jpg")]),
+        (
+            [{"role": "user", "content": "<image> and <image>: which is round?"}],
+            [Image.open(images / "clock.jpg"), Image.open(images / "stop_sign.jpg")],
+        ),
+    ]
+    conversations, pictures = [c for c, _ in rows], [p for _, p in rows]
+    for extra in ({}, {"min_new_tokens": 6}):
+        kwargs = {"max_new_tokens": 10, "num_beams": 1, **extra}
+        fast = generate_answers(tiny_model, processor, conversations, pictures, fast=True, **kwargs)
+        plain = generate_answers(tiny_model, processor, conversations, pictures, fast=False, **kwargs)
+        assert fast == plain
+        assert len({g.text for g in fast}) > 1
+    with pytest.raises(ValueError, match="num_beams=1"):
+        generate_answers(tiny_model, processor, conversations[:1], pictures[:1], fast=True, max_new_tokens=2)
 
 
 @pytest.mark.parametrize("sync_every", [1, 4, 64])

@@ -3,8 +3,10 @@
 Real config, random weights, greedy decoding of 64 tokens from a fixed 448x448 image prompt, in float32
 and bfloat16. Besides the free-running token comparison, the compiled step is teacher-forced along
 generate()'s tokens next to the eager step on its own static cache: the largest logit difference and
-the smallest top-2 margin show whether a differing token is a rounding-level near-tie. One JSON line
-per dtype.
+the smallest top-2 margin show whether a differing token is a rounding-level near-tie. Then a
+left-padded batch of mixed prompts (pictures of three sizes, a text-only row, two pictures in one row,
+as `predict` batches them) goes through `generate_answers` fast and plain, and the rows whose tokens
+agree are counted. One JSON line per dtype.
 
     python benchmarks/gpu_checks/check_fast_decode.py [--dtypes float32 bfloat16]
 """
@@ -27,6 +29,7 @@ from bench_chat import picture, prompt_embeds  # noqa: E402
 
 from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig, load_tokenizer  # noqa: E402
 from axolotl_minicpmv.inference.fast_decoding import FastDecoder, _decode_forward  # noqa: E402
+from axolotl_minicpmv.inference.generate import generate_answers  # noqa: E402
 from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor  # noqa: E402
 from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
 from axolotl_minicpmv.testing.tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
@@ -41,12 +44,13 @@ def teacher_forced(model, decoder, embeds, tokens) -> dict:
         cache = StaticCache(config=model.config, max_cache_len=256)
         model.llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
         caches.append(cache)
+    padding = torch.ones((1, 256), dtype=torch.long, device=embeds.device)
     diffs, margins, agree = [], [], 0
     for step in range(tokens.shape[1] - 1):
         token = tokens[:, step : step + 1]
         position = torch.full_like(token, embeds.shape[1] + step)
-        eager = _decode_forward(model.llm, caches[0], token, position)[0]
-        compiled = decoder._forward(model.llm, caches[1], token, position)[0].clone()
+        eager = _decode_forward(model.llm, caches[0], token, position, padding)[0]
+        compiled = decoder._forward(model.llm, caches[1], token, position, padding)[0].clone()
         top2 = eager.topk(2).values
         diffs.append(float((eager - compiled).abs().max()))
         margins.append(float(top2[0] - top2[1]))
@@ -58,6 +62,27 @@ def teacher_forced(model, decoder, embeds, tokens) -> dict:
         "max_abs_logit_diff": max(diffs),
         "steps_with_margin_below_2x_diff": len(close_calls),
         "those_margins": close_calls[:10],
+    }
+
+
+def padded_batch(model, processor) -> dict:
+    """`generate_answers` fast (FastDecoder, left padding in its static mask) and plain on one mixed batch."""
+    rows = [
+        ([{"role": "user", "content": "What is in the picture?"}], [picture(448, 448)]),
+        ([{"role": "user", "content": "Describe it: <image>"}], [picture(1344, 896)]),
+        ([{"role": "user", "content": "What is 17 times 3?"}], []),
+        ([{"role": "user", "content": "<image> or <image>: which is brighter?"}], [picture(896, 896), picture(448, 672)]),
+    ]
+    conversations, pictures = [c for c, _ in rows], [p for _, p in rows]
+    kwargs = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "num_beams": 1}
+    fast = generate_answers(model, processor, conversations, pictures, fast=True, **kwargs)
+    plain = generate_answers(model, processor, conversations, pictures, fast=False, **kwargs)
+    return {
+        "padded_batch_rows": len(rows),
+        "padded_batch_rows_equal": sum(f.token_ids == p.token_ids for f, p in zip(fast, plain)),
+        "padded_batch_first_diffs": [
+            next((i for i, (a, b) in enumerate(zip(f.token_ids, p.token_ids)) if a != b), None) for f, p in zip(fast, plain)
+        ],
     }
 
 
@@ -93,6 +118,7 @@ def main() -> None:
                 "first_diff": None if torch.equal(fast, plain) else int((fast != plain).nonzero()[0, 1]),
             }
             row.update(teacher_forced(model, decoder, embeds, plain))
+        row.update(padded_batch(model, processor))
         print(json.dumps(row), flush=True)
         del model, decoder
         torch.cuda.empty_cache()

@@ -95,9 +95,11 @@ def main() -> None:
         compiled_features = [compiled_blocks(g) for g in groups]
         graphed_features = [model._fast_encode_images(g) for g in groups]
         cache = StaticCache(config=model.config, max_cache_len=512)
+        positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+        padding = torch.ones((1, 512), dtype=torch.long, device=embeds.device)
         eager_logits = model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1).logits[:, -1]
         cache.reset()
-        compiled_logits = model._fast_decoder._prefill(model.llm, cache, embeds)
+        compiled_logits = model._fast_decoder._prefill(model.llm, cache, embeds, positions, padding)
         print(
             json.dumps(
                 {
@@ -115,7 +117,7 @@ def main() -> None:
             "vision_compiled": lambda: [compiled_blocks(g) for g in groups],
             "vision_graphed": lambda: [model._fast_encode_images(g) for g in groups],
             "prefill_eager": lambda: model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1),
-            "prefill_compiled": lambda: (cache.reset(), model._fast_decoder._prefill(model.llm, cache, embeds)),
+            "prefill_compiled": lambda: (cache.reset(), model._fast_decoder._prefill(model.llm, cache, embeds, positions, padding)),
         }
         row = {}
         for name, fn in stages.items():

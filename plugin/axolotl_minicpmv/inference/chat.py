@@ -84,7 +84,7 @@ def chat(
 
     generation_config = generation_config_for(sampling, kwargs)
     if fast:
-        output = _fast_generate(model, inputs_embeds, generation_config, tokenizer, max_new_tokens)
+        output = fast_generate(model, inputs_embeds, generation_config, tokenizer, max_new_tokens)
     else:
         with warnings.catch_warnings():
             # Like the official chat, the repetition penalty sees only generated tokens; that is intended.
@@ -148,9 +148,20 @@ def _init_fast_path(model) -> None:
         model._fast_encode_images = image_encoder(model, compile_blocks=on_gpu, cuda_graphs=on_gpu)
 
 
-def _fast_generate(model, inputs_embeds, generation_config: dict, tokenizer, max_new_tokens: int) -> torch.Tensor:
+def fast_generate(
+    model, inputs_embeds, generation_config: dict, tokenizer, max_new_tokens: int, attention_mask=None, min_new_tokens: int = 0
+) -> torch.Tensor:
+    """`generate`'s new tokens for `generation_config` (greedy or sampled), through the model's `FastDecoder`."""
     if generation_config.get("num_beams", 1) != 1:
         raise ValueError("fast decoding is greedy or sampled, not beam search: pass num_beams=1 (or sampling=True)")
+    _init_fast_path(model)
     fields = Sampling.__dataclass_fields__.keys()
     sampling = Sampling(**{k: v for k, v in generation_config.items() if k in fields})
-    return model._fast_decoder.generate(inputs_embeds, max_new_tokens, eos_token_id=tokenizer.eos_token_id, sampling=sampling)
+    return model._fast_decoder.generate(
+        inputs_embeds,
+        max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        min_new_tokens=min_new_tokens,
+        sampling=sampling,
+        attention_mask=attention_mask,
+    )

@@ -69,12 +69,23 @@ def choose_tokens(logits: torch.Tensor, seen: torch.Tensor | None, sampling: Sam
     return (probs / noise).argmax(-1)
 
 
-def _prefill_forward(llm, cache: StaticCache, inputs_embeds: torch.Tensor) -> torch.Tensor:
-    return llm(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+# Both forwards take the loop's (batch, cache length) padding mask: 0 over a row's left padding, 1 elsewhere
+# (positions past the current token are hidden by causality). transformers' static-cache masks read it as is.
+def _prefill_forward(llm, cache: StaticCache, inputs_embeds, position_ids, attention_mask) -> torch.Tensor:
+    return llm(
+        inputs_embeds=inputs_embeds,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
 
 
-def _decode_forward(llm, cache: StaticCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    return llm(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+def _decode_forward(llm, cache: StaticCache, tokens, positions, attention_mask) -> torch.Tensor:
+    return llm(
+        input_ids=tokens, position_ids=positions, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1
+    ).logits[:, -1]
 
 
 class _DecodeLoop:
@@ -88,7 +99,8 @@ class _DecodeLoop:
         self.sampling, self.eos_token_id, self.pad_token_id, self.min_new_tokens = sampling, eos_token_id, pad_token_id, min_new_tokens
         vocab = llm.config.vocab_size
         self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)  # fed to the next step
-        self.positions = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.positions = torch.zeros((batch, 1), dtype=torch.long, device=device)  # each row's next position
+        self.padding = torch.ones((batch, cache.get_max_length()), dtype=torch.long, device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)  # tokens chosen so far
         self.out = torch.zeros((batch, cache.get_max_length()), dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -98,9 +110,12 @@ class _DecodeLoop:
             self.is_eos = torch.arange(vocab, device=device) == eos_token_id
         self.graph = None
 
-    def start(self, prompt_len: int) -> None:
+    def start(self, attention_mask: torch.Tensor) -> None:
+        """Reset for prompts of this (batch, prompt length) left-padding mask."""
         self.cache.reset()
-        self.positions.fill_(prompt_len)
+        self.padding.fill_(1)
+        self.padding[:, : attention_mask.shape[1]].copy_(attention_mask)
+        self.positions.copy_(attention_mask.sum(-1, keepdim=True))
         self.step.zero_()
         self.out.fill_(self.pad_token_id)
         self.finished.zero_()
@@ -122,13 +137,13 @@ class _DecodeLoop:
         self.step += 1
 
     def decode_one(self) -> None:
-        logits = self.forward(self.llm, self.cache, self.tokens, self.positions)
+        logits = self.forward(self.llm, self.cache, self.tokens, self.positions, self.padding)
         self.positions += 1
         self.advance(logits)
 
     def capture(self) -> None:
         """Record decode_one as a CUDA graph, after warm-up runs (compilation) on a side stream."""
-        self.start(0)
+        self.start(self.padding[:, :0])
         self.graph, _ = record_cuda_graph(self.decode_one, warmup_runs=3)
 
     def run_one(self) -> None:
@@ -145,9 +160,11 @@ class FastDecoder:
     replay: the decoder forward is compiled (torch.compile, fixed shapes) and captured together with the
     token choice, so the host only queues replays and reads the end-of-sequence flags every `sync_every`
     tokens. One `StaticCache` is kept, sized to the next power of two (at least 256) of prompt + new
-    tokens and reused while requests of its batch size fit; a longer request or another batch size compiles
-    once more, another set of sampling settings captures one more graph. On CPU the same loop runs
-    eagerly. Sampling uses torch's global RNG.
+    tokens and reused while requests fit: a shorter request attends over its unused tail, a smaller batch is
+    filled up with copies of its last row (dropped from the output), so neither recompiles; a longer
+    request or a larger batch compiles once more, another set of sampling settings captures one more
+    graph. Prompts of different lengths come left-padded with their attention mask, as for `generate`. On
+    CPU the same loop runs eagerly. Sampling uses torch's global RNG.
     """
 
     def __init__(self, model, sync_every: int = 16):
@@ -169,10 +186,10 @@ class FastDecoder:
         self._loops: dict[tuple, _DecodeLoop] = {}
 
     def _loop_for(self, batch: int, length: int, settings: tuple) -> _DecodeLoop:
-        # A kept cache that is long enough serves shorter requests too: attending over its unused tail
-        # costs a little bandwidth per token, a new cache size costs a compilation (about a minute).
-        if self._cache_key is not None and self._cache_key[0] == batch and self._cache_key[1] >= length:
-            cache_len = self._cache_key[1]
+        # A kept cache that is large enough serves smaller requests too: attending over its unused tail and
+        # decoding filler rows cost a little bandwidth per token, a new cache size costs a compilation (about a minute).
+        if self._cache_key is not None and self._cache_key[0] >= batch and self._cache_key[1] >= length:
+            batch, cache_len = self._cache_key
         else:
             cache_len = max(256, 1 << (length - 1).bit_length())
         if self._cache_key != (batch, cache_len):
@@ -196,24 +213,38 @@ class FastDecoder:
         pad_token_id: int = 0,
         min_new_tokens: int = 0,
         sampling: Sampling = Sampling(),
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.LongTensor:
-        """New token ids (batch, n <= max_new_tokens) for equal-length prompts; after its eos a row holds pad ids."""
+        """New token ids (batch, n <= max_new_tokens) for prompts left-padded under `attention_mask` (batch,
+        prompt length; none: no padding); after its eos a row holds pad ids."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         batch, prompt_len, _ = inputs_embeds.shape
+        if attention_mask is None:
+            attention_mask = torch.ones((batch, prompt_len), dtype=torch.long, device=inputs_embeds.device)
         loop = self._loop_for(batch, prompt_len + max_new_tokens, (sampling, eos_token_id, pad_token_id, min_new_tokens))
         if self.on_gpu and loop.graph is None and max_new_tokens > 1:  # a first token alone needs no graph
-            logger.warning(f"FastDecoder: compiling the decoding step for batch {batch}, cache {self._cache_key[1]} (once; about a minute)")
+            logger.warning(
+                f"FastDecoder: compiling the decoding step for batch {self._cache_key[0]}, cache {self._cache_key[1]} (once; about a minute)"
+            )
             loop.capture()
-        loop.start(prompt_len)
+        fillers = self._cache_key[0] - batch
+        if fillers:
+            inputs_embeds = torch.cat([inputs_embeds, inputs_embeds[-1:].expand(fillers, -1, -1)])
+            attention_mask = torch.cat([attention_mask, attention_mask[-1:].expand(fillers, -1)])
+        attention_mask = attention_mask.to(torch.long)
+        loop.start(attention_mask)
+        # generate()'s prefill positions: counted over attended tokens, 1 under padding (never attended).
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
         if self.on_gpu:
             torch._dynamo.mark_dynamic(inputs_embeds, 1)
-        loop.advance(self._prefill(self.model.llm, loop.cache, inputs_embeds))
+            torch._dynamo.mark_dynamic(position_ids, 1)
+        loop.advance(self._prefill(self.model.llm, loop.cache, inputs_embeds, position_ids, loop.padding))
         for step in range(1, max_new_tokens):
-            if eos_token_id is not None and step % self.sync_every == 0 and bool(loop.finished.all()):
+            if eos_token_id is not None and step % self.sync_every == 0 and bool(loop.finished[:batch].all()):
                 break
             loop.run_one()
-        out = loop.out[:, :max_new_tokens].clone()
+        out = loop.out[:batch, :max_new_tokens].clone()
         if eos_token_id is None:
             return out
         # Like generate: stop after the column where the last row finished.

@@ -62,11 +62,13 @@ def main() -> None:
     args = parser.parse_args()
 
     model, _, processor = bench_model(args.attn)
-    model.generation_config.min_new_tokens = args.new_tokens  # every answer is exactly --new-tokens long
     samples = make_samples(Path(tempfile.mkdtemp()), args.samples)
-    settings = {"batch_size": args.batch_size, "max_new_tokens": args.new_tokens, "metrics": ["exact"]}
+    # min_new_tokens: every answer is exactly --new-tokens long
+    settings = {"batch_size": args.batch_size, "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "metrics": ["exact"]}
 
-    list(predict(model, processor, samples[: args.batch_size], **settings))  # warm-up: kernels, allocator
+    warmup = time.perf_counter()
+    list(predict(model, processor, samples[: args.batch_size], **settings))  # warm-up: compilation, kernels, allocator
+    warmup = time.perf_counter() - warmup
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -88,6 +90,8 @@ def main() -> None:
             "samples": len(rows),
             "batch_size": args.batch_size,
             "new_tokens": args.new_tokens,
+            "decoding": "FastDecoder" if getattr(model, "_fast_decoder", None) is not None else "generate",
+            "warmup_batch_s": round(warmup, 1),
             "elapsed_s": round(elapsed, 2),
             "samples_per_s": round(len(rows) / elapsed, 2),
             "generated_tokens_per_s": round(tokens / elapsed, 1),

@@ -128,6 +128,23 @@ async def _level(url: str, clients: int, per_client: int, new_tokens: int, image
     }
 
 
+def _wait_until_serving(server, ready, health_url: str, timeout_s: float) -> None:
+    """Until the server answers /health; a server process that died (an import error, say) stops the benchmark at once."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not server.is_alive():
+            raise SystemExit(f"the server process exited with code {server.exitcode} before serving (its traceback is above)")
+        if ready.wait(timeout=1):
+            try:
+                if httpx.get(health_url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+    raise SystemExit(f"the server did not answer {health_url} within {timeout_s:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
@@ -149,13 +166,7 @@ def main() -> None:
     server.start()
     base = f"http://127.0.0.1:{args.port}"
     try:
-        ready.wait(timeout=600)
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
+        _wait_until_serving(server, ready, base + "/health", timeout_s=600)
         url = base + "/v1/chat/completions"
         images = [_image_url(seed) for seed in range(64)]
         asyncio.run(_level(url, 2, 1, args.new_tokens, images))  # warm-up (first CUDA kernels, allocator)

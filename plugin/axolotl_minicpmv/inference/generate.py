@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.processing_minicpmv import MiniCPMVProcessor
+from ..model.processing_minicpmv import MiniCPMVProcessor, move_inputs
 from .chat import decode_answer, fast_generate, generation_config_for
 
 
@@ -43,6 +43,7 @@ def generate_answers(
     stopping_criteria=None,
     min_new_tokens: int = 0,
     fast: bool | None = None,
+    inputs=None,
     **overrides,
 ) -> list[Generation]:
     """Answer the last user turn of each conversation (with its pictures, `<image>`-tagged or one in front).
@@ -51,7 +52,8 @@ def generate_answers(
     False), with `overrides` for those keys (e.g. `num_beams=1` for greedy). `streamer` and `stopping_criteria`
     go to `generate` unchanged; `min_new_tokens` (every row) keeps eos away until that many tokens. `fast`
     (default: on a GPU wherever it applies) decodes through `FastDecoder`; `fast=True` where it cannot apply
-    is an error.
+    is an error. `inputs`: the processor's output for these conversations (left padding, `max_inp_length`),
+    made ahead on the CPU, e.g. while the previous batch ran.
     """
     config = generation_config_for(sampling, overrides)
     applies = config.get("num_beams", 1) == 1 and streamer is None and stopping_criteria is None
@@ -59,7 +61,10 @@ def generate_answers(
         fast = applies and model.device.type == "cuda"
     elif fast and not applies:
         raise ValueError("fast decoding is greedy or sampled (num_beams=1), without a streamer or stopping criteria")
-    batch = processor(conversations, images, padding_side="left", max_length=max_inp_length, device=model.device)
+    if inputs is None:
+        batch = processor(conversations, images, padding_side="left", max_length=max_inp_length, device=model.device)
+    else:
+        batch = move_inputs(inputs, model.device)
     embeds = model.embed_inputs(batch["input_ids"], batch.get("pixel_values"), batch.get("vision_order"), batch.get("image_bound"))
     tokenizer = processor.tokenizer
     if fast:

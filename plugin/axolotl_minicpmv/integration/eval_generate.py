@@ -34,8 +34,18 @@ class EvalGenerateCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if not logs or "eval_loss" not in logs or model is None:
             return
+        # generate(), not FastDecoder: its compiled step holds the weights of the moment it was compiled
+        # (and would compile again for minutes), while training changes them between evaluations.
         rows = list(
-            predict(model, self.processor, self.requests, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, metrics=METRICS)
+            predict(
+                model,
+                self.processor,
+                self.requests,
+                batch_size=self.batch_size,
+                max_new_tokens=self.max_new_tokens,
+                metrics=METRICS,
+                fast=False,
+            )
         )
         ok = [row for row in rows if not row["error"]]
         for row in rows:

@@ -15,7 +15,9 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from ..model.processing_minicpmv import MiniCPMVProcessor
 LOG = logging.getLogger("axolotl_minicpmv.predict")
 
 TURNS = ("last", "all")
+PREFETCH_BATCHES = 2  # batches whose inputs are made ahead of the one being answered
 
 
 class PredictionError(RuntimeError):
@@ -176,7 +179,8 @@ def predict(
     """Answer and score `samples` (seed-format dicts, `Request`s, or a JSON/JSONL path); yield one result per row.
 
     Defaults are greedy (`chat(sampling=False, num_beams=1)`); `num_beams=N` is beam search, `sampling=True` uses
-    chat's sampling defaults; `overrides` change those keys (e.g. `temperature`). A result is a dict with `id`,
+    chat's sampling defaults; `overrides` change those keys (e.g. `temperature`) and may set `generate_answers`'
+    `fast` (default: FastDecoder on a GPU for greedy and sampled answers) or `min_new_tokens`. A result is a dict with `id`,
     `turn`, `question`, `prediction`, `reference` (a string, or the list of answers), one value per metric,
     `finish_reason`, `prompt_tokens`, `generated_tokens` and `error` (None, or why the row could not run).
     `skip` holds (id, turn) pairs not to run (resume). `strict=True` raises PredictionError at the first bad row.
@@ -238,20 +242,49 @@ def _predict_requests(
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        ready: list[tuple[Request, list]] = []
-        for request in requests:
-            images, error = (None, request.error) if request.error else _prepare(processor, request, max_inp_length)
-            if error:
-                yield _checked(_error_row(request, error, metrics), strict)
-                continue
-            ready.append((request, images))
-            if len(ready) == batch_size:
-                yield from (_checked(row, strict) for row in _run_batch(model, processor, ready, settings, metrics))
-                ready = []
-        if ready:
-            yield from (_checked(row, strict) for row in _run_batch(model, processor, ready, settings, metrics))
+        # One thread reads the pictures and runs the processor for the next batches while the model answers
+        # this one (PIL and torch release the GIL), so the GPU does not wait for JPEG decoding and slicing.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-inputs") as pool:
+            pending: deque = deque()
+            for start in range(0, len(requests), batch_size):
+                pending.append(pool.submit(_prepare_batch, processor, requests[start : start + batch_size], max_inp_length))
+                if len(pending) > PREFETCH_BATCHES:
+                    yield from _answer_batch(model, processor, pending.popleft().result(), settings, metrics, strict)
+            while pending:
+                yield from _answer_batch(model, processor, pending.popleft().result(), settings, metrics, strict)
     finally:
         model.train(was_training)
+
+
+@dataclass
+class _PreparedBatch:
+    errors: list[tuple[Request, str]]  # rows that cannot run, with the reason
+    ready: list[tuple[Request, list]]  # the others, with their loaded pictures
+    inputs: object = None  # the processor's CPU output for `ready` (None: it failed; the rows are then retried one by one)
+
+
+def _prepare_batch(processor: MiniCPMVProcessor, requests: Sequence[Request], max_inp_length: int) -> _PreparedBatch:
+    prepared = _PreparedBatch([], [])
+    for request in requests:
+        images, error = (None, request.error) if request.error else _prepare(processor, request, max_inp_length)
+        if error:
+            prepared.errors.append((request, error))
+        else:
+            prepared.ready.append((request, images))
+    if prepared.ready:
+        try:
+            conversations, pictures = [r.conversation for r, _ in prepared.ready], [ims for _, ims in prepared.ready]
+            prepared.inputs = processor(conversations, pictures, padding_side="left", max_length=max_inp_length)
+        except (InvalidInputError, RuntimeError, ValueError, OSError):
+            pass  # _run_batch finds the failing row and reports it
+    return prepared
+
+
+def _answer_batch(model, processor, prepared: _PreparedBatch, settings: dict, metrics, strict: bool) -> Iterator[dict]:
+    for request, error in prepared.errors:
+        yield _checked(_error_row(request, error, metrics), strict)
+    if prepared.ready:
+        yield from (_checked(row, strict) for row in _run_batch(model, processor, prepared.ready, settings, metrics, prepared.inputs))
 
 
 def _checked(row: dict, strict: bool) -> dict:
@@ -273,9 +306,11 @@ def _prepare(processor: MiniCPMVProcessor, request: Request, max_inp_length: int
     return images, None
 
 
-def _run_batch(model, processor, batch: list[tuple[Request, list]], settings: dict, metrics) -> list[dict]:
+def _run_batch(model, processor, batch: list[tuple[Request, list]], settings: dict, metrics, inputs=None) -> list[dict]:
     try:
-        answers = generate_answers(model, processor, [r.conversation for r, _ in batch], [ims for _, ims in batch], **settings)
+        answers = generate_answers(
+            model, processor, [r.conversation for r, _ in batch], [ims for _, ims in batch], inputs=inputs, **settings
+        )
     except (InvalidInputError, RuntimeError, ValueError, OSError) as err:
         if len(batch) > 1:  # find the row that fails: each one alone
             return [row for one in batch for row in _run_batch(model, processor, [one], settings, metrics)]

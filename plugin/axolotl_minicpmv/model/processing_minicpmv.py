@@ -289,9 +289,7 @@ class MiniCPMVProcessor(ProcessorMixin):
             check_image_slots(bounds, self.query_num)
             groups, order = group_by_size(flat)
             out.update(pixel_values=groups, vision_order=order, image_bound=bounds)
-        if device is not None:
-            out = {k: ([to_device(g, device) for g in v] if k == "pixel_values" else to_device(v, device)) for k, v in out.items()}
-        return BatchFeature(out)
+        return move_inputs(out, device) if device is not None else BatchFeature(out)
 
     def _row_bounds(self, ids: torch.Tensor, row: int, count: int) -> torch.Tensor:
         bounds = image_bounds(ids, self.tokenizer.im_start_id, self.tokenizer.im_end_id, count=count)
@@ -338,3 +336,10 @@ def image_bounds(input_ids: torch.Tensor, im_start_id: int, im_end_id: int, coun
             )
         rows.extend((row, int(s), int(e)) for s, e in zip(starts, ends))
     return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
+
+
+def move_inputs(inputs, device) -> BatchFeature:
+    """A processor output (its tensors, and the stacks of `pixel_values`) on `device`, without blocking the host."""
+    return BatchFeature(
+        {k: ([to_device(g, device) for g in v] if k == "pixel_values" else to_device(v, device)) for k, v in inputs.items()}
+    )

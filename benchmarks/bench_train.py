@@ -5,7 +5,9 @@ Builds (once) a random full-size MiniCPM-V 2.0 checkpoint and a dataset shaped l
 `accelerate launch -m axolotl.cli.train` on configs/minicpmv_lora.yml (r 64, q/k/v, vision tower +
 resampler + embeddings trained, batch 2, gradient checkpointing, sequence_len 2048, 9 slices) with
 the given DeepSpeed config. Reports samples/s over steady-state steps (the plugin logs
-`minicpmv/samples_per_second` per step) and peak GPU memory (Axolotl's `memory/max_allocated`).
+`minicpmv/samples_per_second` per step) and peak GPU memory (Axolotl's `memory/max_allocated`), and the
+model FLOPs per sample of the dataset as trained (train_flops.py says what is counted) with the MFU they give
+at the overall rate against --peak-tflops per GPU.
 
     python benchmarks/bench_train.py --deepspeed configs/deepspeed/zero2_offload.json --steps 20
 
@@ -72,6 +74,20 @@ def make_dataset(folder: Path, samples: int, seed: int = 0) -> Path:
     return target
 
 
+def training_flops(model_dir: Path, data: Path, cfg: dict) -> dict[str, float]:
+    """Mean model FLOPs per sample of `data` under the run's config (its slices, LoRA rank and targets)."""
+    from train_flops import dataset_flops, model_shape
+
+    from axolotl_minicpmv import MiniCPMVConfig, load_tokenizer
+    from axolotl_minicpmv.model.image_processing_minicpmv import load_image
+    from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor
+
+    config = MiniCPMVConfig.from_pretrained(model_dir)
+    processor = MiniCPMVProcessor.from_config(load_tokenizer(model_dir), config, max_slice_nums=cfg.get("minicpmv_max_slice_nums"))
+    shape = model_shape(config, cfg.get("lora_r") or 0, cfg.get("lora_target_modules"))
+    return dataset_flops(shape, processor, json.loads(data.read_text()), lambda path: load_image(data.parent / path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--deepspeed", default="configs/deepspeed/zero2_offload.json")
@@ -82,6 +98,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/minicpmv-bench")
     parser.add_argument("--config", default=str(REPO / "configs" / "minicpmv_lora.yml"))
     parser.add_argument("--set", nargs="*", default=[], help="extra YAML overrides key=value (YAML-parsed values)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=790.0, help="dense bf16 rate of one GPU for the MFU (790: the lent H200's, per its notes)"
+    )
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.jsonl")))
     args = parser.parse_args()
 
@@ -113,6 +132,7 @@ def main() -> None:
         cfg[key] = yaml.safe_load(value)
     config_path = work / f"bench-{tag}.yml"
     config_path.write_text(yaml.safe_dump(cfg))
+    flops = training_flops(model_dir, data, cfg)
 
     command = [
         "accelerate",
@@ -142,6 +162,7 @@ def main() -> None:
 
     import torch
 
+    overall = statistics.harmonic_mean(steady) if steady else None
     result = {
         "bench": "train",
         "deepspeed": tag,
@@ -151,7 +172,10 @@ def main() -> None:
         "samples_per_second_median": statistics.median(steady) if steady else None,
         "samples_per_second_by_step": rates,
         # all steady-state samples over the time they took: each rate covers one step of the same samples
-        "samples_per_second_overall": round(statistics.harmonic_mean(steady), 3) if steady else None,
+        "samples_per_second_overall": round(overall, 3) if overall else None,
+        "model_tflops_per_sample": {part: round(value / 1e12, 3) for part, value in flops.items()},
+        "mfu_overall": round(flops["total"] * overall / (args.peak_tflops * 1e12 * args.num_processes), 4) if overall else None,
+        "peak_tflops_per_gpu": args.peak_tflops,
         "peak_mem_allocated_gib": max((float(s.get("memory/max_allocated (GiB)", 0)) for s in steps), default=None),
         "peak_mem_active_gib": max((float(s.get("memory/max_active (GiB)", 0)) for s in steps), default=None),
         "device_reserved_gib": max((float(s.get("memory/device_reserved (GiB)", 0)) for s in steps), default=None),

@@ -11,6 +11,7 @@ answers do not depend on the batch (tests/test_serve.py: 8 concurrent clients, f
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -123,10 +124,15 @@ class _Row:
         if answer.startswith(self.sent):
             rest = answer[len(self.sent) :]
         else:  # incremental decoding differed from decoding the whole answer (rare): finish incrementally
-            logger.warning("streamed text differs from the whole answer's decoding; finishing the stream incrementally")
+            _warn_stream_mismatch()
             rest = (self.text + self._increment()).rstrip()[len(self.sent) :]
         if rest:
             self.job.emit("delta", rest)
+
+
+@functools.cache
+def _warn_stream_mismatch() -> None:  # once per process: with some tokenizers it is every request
+    logger.warning("streamed text differs from the whole answer's decoding; finishing such streams incrementally")
 
 
 class _Streamer:

@@ -143,7 +143,9 @@ def _init_fast_path(model) -> None:
         model._fast_path_for = (model.device, model.dtype)
         on_gpu = model.device.type == "cuda"
         if on_gpu:
-            logger.warning("chat(fast=True): the first request compiles the prefill and the vision blocks (once, minutes)")
+            logger.warning(
+                "fast path (FastDecoder): the first request compiles the prefill and the decoding step (once per process, minutes)"
+            )
         model._fast_decoder = FastDecoder(model)
         model._fast_encode_images = image_encoder(model, compile_blocks=on_gpu, cuda_graphs=on_gpu)
 

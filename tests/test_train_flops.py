@@ -20,7 +20,16 @@ from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwa
 
 def test_sample_flops_by_hand():
     shape = ModelShape(
-        vision_linear=10, vision_width=2, vision_blocks=3, resampler=5, decoder_linear=7, hidden=4, layers=2, vocab=11, lora=1, patch_size=14
+        vision_linear=10,
+        vision_width=2,
+        vision_blocks=3,
+        resampler=5,
+        decoder_linear=7,
+        hidden=4,
+        layers=2,
+        vocab=11,
+        lora=1,
+        patch_size=14,
     )
     flops = sample_flops(shape, [(28, 42)], tokens=5, supervised=3)
     # 6 patches: forward 2*10*6 + 4*36*2*3 = 984, trained in full: x3

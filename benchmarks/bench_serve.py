@@ -52,6 +52,7 @@ def _serve(port: int, max_batch_size: int, max_queue: int, ready, tiny: bool = F
     else:
         model, _, processor = bench_model()
     scheduler = Scheduler(model, processor, max_batch_size=max_batch_size, max_queue=max_queue)
+    scheduler.warm_up()  # as `minicpmv-serve` does: compiles the fast path on a GPU before the first client
     app = create_app(scheduler, ServerSettings(model_name="bench", ui=False))
     ready.set()
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")

@@ -61,8 +61,54 @@ def test_a_shorter_request_reuses_the_longer_cache(tiny_model, prompt):
     # A smaller batch runs in the kept cache too (filled up with copies of its last row), with its own tokens.
     assert torch.equal(decoder.generate(prompt[:1], 12), ours[:1])
     assert decoder._cache is cache
-    decoder.generate(torch.cat([prompt, prompt]), 12)  # a larger batch gets its own cache
-    assert decoder._cache is not cache and decoder._cache.get_max_length() == 256
+    decoder.generate(torch.cat([prompt, prompt]), 12)  # a larger batch grows the cache, keeping its length
+    assert decoder._cache is not cache and decoder._cache.get_max_length() == 512
+    assert decoder._cache_key == (4, 512)
+
+
+def test_streaming_hands_over_each_step_and_ends_the_rows_it_is_told(tiny_model, prompt):
+    decoder = FastDecoder(tiny_model)
+    full = decoder.generate(prompt, 12, sampling=Sampling(repetition_penalty=1.2))
+    seen = []
+
+    def on_tokens(tokens):
+        seen.append(tokens)
+        return [1] if len(seen) == 4 else []  # end row 1 at its fourth token
+
+    streamed = decoder.generate(prompt, 12, sampling=Sampling(repetition_penalty=1.2), on_tokens=on_tokens)
+    assert [step[0] for step in seen] == full[0].tolist()
+    assert [step[1] for step in seen] == full[1, :4].tolist() + [0] * 8  # pad once ended
+    assert streamed[0].tolist() == full[0].tolist()
+    assert streamed[1].tolist() == full[1, :4].tolist() + [0] * 8
+    # Rows that all end stop the decoding there.
+    seen.clear()
+    assert decoder.generate(prompt, 12, on_tokens=lambda tokens: seen.append(tokens) or [0, 1]).shape == (2, 12)
+    assert len(seen) == 1
+
+
+def test_streamed_answers_are_the_same_fast_and_plain(tiny_model, tiny_tokenizer):
+    from axolotl_minicpmv.inference.generate import generate_answers
+
+    processor = MiniCPMVProcessor.from_config(tiny_tokenizer, tiny_model.config)
+    conversations = [[{"role": "user", "content": q}] for q in ("What is 17 times 3?", "Name a colour.", "Hello?")]
+    streams = {}
+    for fast in (True, False):
+        seen = []
+
+        def on_tokens(tokens, seen=seen):
+            seen.append(tokens)
+            return [2] if len(seen) >= 3 else []  # row 2 ends at its third token
+
+        answers = generate_answers(
+            tiny_model, processor, conversations, None, fast=fast, max_new_tokens=8, num_beams=1, on_tokens=on_tokens
+        )
+        streams[fast] = (answers, seen)
+    assert streams[True] == streams[False]
+    answers, seen = streams[True]
+    assert len(answers[2].token_ids) == 3 and [step[2] for step in seen[3:]] == [0] * (len(seen) - 3)
+    assert [step[0] for step in seen] == answers[0].token_ids
+    with pytest.raises(ValueError, match="num_beams=1"):
+        generate_answers(tiny_model, processor, conversations[:1], None, fast=False, max_new_tokens=2, on_tokens=lambda t: [])
 
 
 def test_left_padded_prompts_give_generates_tokens(tiny_model, prompt):

@@ -6,7 +6,8 @@ generate()'s tokens next to the eager step on its own static cache: the largest 
 the smallest top-2 margin show whether a differing token is a rounding-level near-tie. Then a
 left-padded batch of mixed prompts (pictures of three sizes, a text-only row, two pictures in one row,
 as `predict` batches them) goes through `generate_answers` fast and plain, and the rows whose tokens
-agree are counted. One JSON line per dtype.
+agree are counted; streamed decoding (`on_tokens`, as the server decodes) is compared with unstreamed. One
+JSON line per dtype.
 
     python benchmarks/gpu_checks/check_fast_decode.py [--dtypes float32 bfloat16]
 """
@@ -65,6 +66,28 @@ def teacher_forced(model, decoder, embeds, tokens) -> dict:
     }
 
 
+def streamed(decoder, embeds, unstreamed, stop) -> dict:
+    """Streaming (`on_tokens`, the host reading step t while step t + 1 runs): the same tokens, handed over
+    in order; a row ended at step 10 holds pad after it."""
+    seen, calls = [], []
+
+    def watch(tokens):
+        seen.append(tokens[0])
+        return []
+
+    def end_at_step_10(tokens):
+        calls.append(tokens[0])
+        return [0] if len(calls) == 11 else []
+
+    whole = decoder.generate(embeds, NEW_TOKENS, on_tokens=watch, **stop)
+    cut = decoder.generate(embeds, NEW_TOKENS, on_tokens=end_at_step_10, **stop)
+    expected_cut = unstreamed[0, :11].tolist() + [0] * (NEW_TOKENS - 11)
+    return {
+        "streamed_equals_unstreamed": bool(torch.equal(whole, unstreamed)) and seen == unstreamed[0].tolist(),
+        "streamed_cut_at_step_10_ok": cut[0].tolist() == expected_cut,
+    }
+
+
 def padded_batch(model, processor) -> dict:
     """`generate_answers` fast (FastDecoder, left padding in its static mask) and plain on one mixed batch."""
     rows = [
@@ -117,6 +140,7 @@ def main() -> None:
                 "fast_equals_generate": bool(torch.equal(fast, plain)),
                 "first_diff": None if torch.equal(fast, plain) else int((fast != plain).nonzero()[0, 1]),
             }
+            row.update(streamed(decoder, embeds, fast, stop))
             row.update(teacher_forced(model, decoder, embeds, plain))
         row.update(padded_batch(model, processor))
         print(json.dumps(row), flush=True)

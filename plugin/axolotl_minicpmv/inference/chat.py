@@ -73,7 +73,7 @@ def chat(
     prompt_ids = processor.encode_prompt(processor.prompt_text(turns, layouts), max_inp_length).unsqueeze(0)
     input_ids = to_device(prompt_ids, model.device)
     if fast:
-        _init_fast_path(model)
+        init_fast_path(model)
     if image is None:
         inputs_embeds = model.embed_text(input_ids)
     else:
@@ -135,7 +135,7 @@ def decode_answer(ids: torch.Tensor, tokenizer) -> str:
     return tokenizer.decode(ids).strip()
 
 
-def _init_fast_path(model) -> None:
+def init_fast_path(model) -> None:
     """`FastDecoder` and an image encoder whose tower blocks are compiled and replayed from CUDA graphs on a
     GPU (`fast_vision`). Plain attributes, not submodules: never saved. Rebuilt when the model moved to
     another device or dtype: graphs and compiled steps point at the old weights."""
@@ -148,15 +148,25 @@ def _init_fast_path(model) -> None:
             )
         model._fast_decoder = FastDecoder(model)
         model._fast_encode_images = image_encoder(model, compile_blocks=on_gpu, cuda_graphs=on_gpu)
+        # Batches (predict, serving) bring stacks of ever new sizes, each of which a graph would record anew
+        # (three forwards); their large stacks are bound by the GPU's arithmetic, not by launches.
+        model._fast_encode_stacks = image_encoder(model, compile_blocks=on_gpu)
 
 
 def fast_generate(
-    model, inputs_embeds, generation_config: dict, tokenizer, max_new_tokens: int, attention_mask=None, min_new_tokens: int = 0
+    model,
+    inputs_embeds,
+    generation_config: dict,
+    tokenizer,
+    max_new_tokens: int,
+    attention_mask=None,
+    min_new_tokens: int = 0,
+    on_tokens=None,
 ) -> torch.Tensor:
     """`generate`'s new tokens for `generation_config` (greedy or sampled), through the model's `FastDecoder`."""
     if generation_config.get("num_beams", 1) != 1:
         raise ValueError("fast decoding is greedy or sampled, not beam search: pass num_beams=1 (or sampling=True)")
-    _init_fast_path(model)
+    init_fast_path(model)
     fields = Sampling.__dataclass_fields__.keys()
     sampling = Sampling(**{k: v for k, v in generation_config.items() if k in fields})
     return model._fast_decoder.generate(
@@ -166,4 +176,5 @@ def fast_generate(
         min_new_tokens=min_new_tokens,
         sampling=sampling,
         attention_mask=attention_mask,
+        on_tokens=on_tokens,
     )

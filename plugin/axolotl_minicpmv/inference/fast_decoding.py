@@ -13,6 +13,7 @@ random stream.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -159,11 +160,11 @@ class FastDecoder:
     On a GPU the prefill is compiled for any prompt length, and each decoding step is one CUDA graph
     replay: the decoder forward is compiled (torch.compile, fixed shapes) and captured together with the
     token choice, so the host only queues replays and reads the end-of-sequence flags every `sync_every`
-    tokens. One `StaticCache` is kept, sized to the next power of two (at least 256) of prompt + new
-    tokens and reused while requests fit: a shorter request attends over its unused tail, a smaller batch is
-    filled up with copies of its last row (dropped from the output), so neither recompiles; a longer
-    request or a larger batch compiles once more, another set of sampling settings captures one more
-    graph. Prompts of different lengths come left-padded with their attention mask, as for `generate`. On
+    tokens (streaming: see `on_tokens`). One `StaticCache` is kept, sized to the next power of two (at least
+    256) of prompt + new tokens and reused while requests fit: a shorter request attends over its unused
+    tail, a smaller batch is filled up with copies of its last row (dropped from the output), so neither
+    recompiles; a longer request or a larger batch grows the cache and compiles once more, another set of
+    sampling settings captures one more graph. Prompts of different lengths come left-padded with their attention mask, as for `generate`. On
     CPU the same loop runs eagerly. Sampling uses torch's global RNG.
     """
 
@@ -188,10 +189,11 @@ class FastDecoder:
     def _loop_for(self, batch: int, length: int, settings: tuple) -> _DecodeLoop:
         # A kept cache that is large enough serves smaller requests too: attending over its unused tail and
         # decoding filler rows cost a little bandwidth per token, a new cache size costs a compilation (about a minute).
-        if self._cache_key is not None and self._cache_key[0] >= batch and self._cache_key[1] >= length:
-            batch, cache_len = self._cache_key
-        else:
-            cache_len = max(256, 1 << (length - 1).bit_length())
+        # The cache only grows (a long request after a large batch keeps the batch size, and back), so requests
+        # that alternate between them do not compile in turn.
+        cache_len = max(256, 1 << (length - 1).bit_length())
+        if self._cache_key is not None:
+            batch, cache_len = max(batch, self._cache_key[0]), max(cache_len, self._cache_key[1])
         if self._cache_key != (batch, cache_len):
             self._loops.clear()  # their graphs point into the old cache: free both before allocating
             self._cache = None
@@ -214,9 +216,14 @@ class FastDecoder:
         min_new_tokens: int = 0,
         sampling: Sampling = Sampling(),
         attention_mask: torch.Tensor | None = None,
+        on_tokens: Callable[[list[int]], Iterable[int]] | None = None,
     ) -> torch.LongTensor:
         """New token ids (batch, n <= max_new_tokens) for prompts left-padded under `attention_mask` (batch,
-        prompt length; none: no padding); after its eos a row holds pad ids."""
+        prompt length; none: no padding); after its eos a row holds pad ids.
+
+        `on_tokens` (streaming): called with each step's tokens, one per row (pad for rows that have ended),
+        it returns the rows to end there (a stop string, a row's own limit, a disconnect); an ended row holds
+        pad ids after that token, as after an eos."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         batch, prompt_len, _ = inputs_embeds.shape
@@ -240,13 +247,65 @@ class FastDecoder:
             torch._dynamo.mark_dynamic(inputs_embeds, 1)
             torch._dynamo.mark_dynamic(position_ids, 1)
         loop.advance(self._prefill(self.model.llm, loop.cache, inputs_embeds, position_ids, loop.padding))
-        for step in range(1, max_new_tokens):
-            if eos_token_id is not None and step % self.sync_every == 0 and bool(loop.finished[:batch].all()):
-                break
-            loop.run_one()
-        out = loop.out[:batch, :max_new_tokens].clone()
+        if on_tokens is None:
+            for step in range(1, max_new_tokens):
+                if eos_token_id is not None and step % self.sync_every == 0 and bool(loop.finished[:batch].all()):
+                    break
+                loop.run_one()
+            out = loop.out[:batch, :max_new_tokens].clone()
+        else:
+            out = self._stream(loop, batch, max_new_tokens, eos_token_id, pad_token_id, on_tokens)
         if eos_token_id is None:
             return out
         # Like generate: stop after the column where the last row finished.
         before_eos = ((out == eos_token_id).cumsum(-1) == 0).sum(-1)
         return out[:, : int((before_eos + 1).clamp(max=max_new_tokens).max())]
+
+    def _stream(self, loop: _DecodeLoop, batch: int, max_new_tokens: int, eos_token_id, pad_token_id, on_tokens) -> torch.Tensor:
+        """Decode while handing each step's tokens to `on_tokens`. On a GPU the host reads step t's tokens
+        while step t + 1 runs, so its per-token work (detokenizing, stop strings) overlaps the GPU's; a row
+        that `on_tokens` ends is told to the device one step late, and its extra token is cut afterwards."""
+        ended_at: dict[int, int] = {}  # row -> the step of its last token
+        host = torch.empty((max_new_tokens, batch), dtype=torch.long, pin_memory=self.on_gpu)
+        copied = [torch.cuda.Event() for _ in range(2)] if self.on_gpu else None
+
+        def fetch(step: int) -> None:  # queue the copy of step's tokens behind the step itself
+            host[step].copy_(loop.out[:batch, step], non_blocking=self.on_gpu)
+            if copied:
+                copied[step % 2].record()
+
+        def hand_over(step: int) -> None:
+            if copied:
+                copied[step % 2].synchronize()
+            tokens = [pad_token_id if row in ended_at else t for row, t in enumerate(host[step].tolist())]
+            for row, token in enumerate(tokens):
+                if token == eos_token_id and row not in ended_at:
+                    ended_at[row] = step
+            stopped = [row for row in on_tokens(tokens) if row not in ended_at]
+            for row in stopped:
+                ended_at[row] = step
+            if stopped:
+                loop.finished[stopped] = True  # from the next queued step on
+
+        fetch(0)
+        last = 0
+        for step in range(1, max_new_tokens):
+            if copied:  # step runs while the host hands over step - 1
+                loop.run_one()
+                fetch(step)
+                hand_over(step - 1)
+            else:
+                hand_over(step - 1)
+                if len(ended_at) == batch:
+                    break
+                loop.run_one()
+                fetch(step)
+            last = step
+            if len(ended_at) == batch:
+                break
+        if len(ended_at) < batch:
+            hand_over(last)
+        out = loop.out[:batch, :max_new_tokens].clone()
+        for row, step in ended_at.items():
+            out[row, step + 1 :] = pad_token_id
+        return out

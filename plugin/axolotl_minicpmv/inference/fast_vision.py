@@ -1,4 +1,5 @@
-"""The vision tower for `chat(fast=True)`: compiled blocks, replayed from one CUDA graph per input shape.
+"""The vision tower of the fast paths: compiled blocks (batches: `generate_answers`), for `chat(fast=True)` replayed
+from one CUDA graph per input shape.
 
 Eager, each block is a dozen small kernels launched from Python, and the tower took as long to launch
 as to run (benchmarks/RESULTS.md). Compiling the whole

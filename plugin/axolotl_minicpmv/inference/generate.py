@@ -3,20 +3,21 @@
 The prompts are left-padded with an attention mask (transformers derives the positions from it) and the
 images of the whole batch go through the vision tower grouped by size. Greedy answers equal one-by-one
 `chat(..., sampling=False, num_beams=1)` answers (tests/test_predict.py, float32). On a GPU, greedy and
-sampled batches without a streamer decode through `FastDecoder` (the same tokens in float32:
-tests/test_fast_decoding.py); beam search, streaming and stopping criteria go through `generate`.
+sampled batches decode through `FastDecoder` (the same tokens in float32: tests/test_fast_decoding.py),
+streamed ones too; beam search goes through `generate`.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..model.processing_minicpmv import MiniCPMVProcessor, move_inputs
-from .chat import decode_answer, fast_generate, generation_config_for
+from .chat import decode_answer, fast_generate, generation_config_for, init_fast_path
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,7 @@ def generate_answers(
     sampling: bool = False,
     max_new_tokens: int = 1024,
     max_inp_length: int = 2048,
-    streamer=None,
-    stopping_criteria=None,
+    on_tokens: Callable[[list[int]], Iterable[int]] | None = None,
     min_new_tokens: int = 0,
     fast: bool | None = None,
     inputs=None,
@@ -49,27 +49,36 @@ def generate_answers(
     """Answer the last user turn of each conversation (with its pictures, `<image>`-tagged or one in front).
 
     The generation settings are `chat`'s: the official defaults for `sampling` (beam search with 3 beams when
-    False), with `overrides` for those keys (e.g. `num_beams=1` for greedy). `streamer` and `stopping_criteria`
-    go to `generate` unchanged; `min_new_tokens` (every row) keeps eos away until that many tokens. `fast`
+    False), with `overrides` for those keys (e.g. `num_beams=1` for greedy). `on_tokens` streams: it gets each
+    step's tokens, one per row (pad for ended rows), and returns the rows to end there (num_beams=1 only);
+    `min_new_tokens` (every row) keeps eos away until that many tokens. `fast`
     (default: on a GPU wherever it applies) decodes through `FastDecoder`; `fast=True` where it cannot apply
     is an error. `inputs`: the processor's output for these conversations (left padding, `max_inp_length`),
     made ahead on the CPU, e.g. while the previous batch ran.
     """
     config = generation_config_for(sampling, overrides)
-    applies = config.get("num_beams", 1) == 1 and streamer is None and stopping_criteria is None
+    greedy_or_sampled = config.get("num_beams", 1) == 1
+    if on_tokens is not None and not greedy_or_sampled:
+        raise ValueError("streaming (on_tokens) needs num_beams=1")
     if fast is None:
-        fast = applies and model.device.type == "cuda"
-    elif fast and not applies:
-        raise ValueError("fast decoding is greedy or sampled (num_beams=1), without a streamer or stopping criteria")
+        fast = greedy_or_sampled and model.device.type == "cuda"
+    elif fast and not greedy_or_sampled:
+        raise ValueError("fast decoding is greedy or sampled (num_beams=1), not beam search")
     if inputs is None:
         batch = processor(conversations, images, padding_side="left", max_length=max_inp_length, device=model.device)
     else:
         batch = move_inputs(inputs, model.device)
-    embeds = model.embed_inputs(batch["input_ids"], batch.get("pixel_values"), batch.get("vision_order"), batch.get("image_bound"))
+    if fast:
+        init_fast_path(model)
+    encode = model._fast_encode_stacks if fast else None
+    embeds = model.embed_inputs(
+        batch["input_ids"], batch.get("pixel_values"), batch.get("vision_order"), batch.get("image_bound"), encode=encode
+    )
     tokenizer = processor.tokenizer
     if fast:
-        output = fast_generate(model, embeds, config, tokenizer, max_new_tokens, batch["attention_mask"], min_new_tokens)
+        output = fast_generate(model, embeds, config, tokenizer, max_new_tokens, batch["attention_mask"], min_new_tokens, on_tokens)
     else:
+        per_step = {} if on_tokens is None else _StepCallback(on_tokens, len(embeds)).generate_kwargs()
         with warnings.catch_warnings():
             # As in `chat`, the repetition penalty sees only generated tokens.
             warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
@@ -80,8 +89,7 @@ def generate_answers(
                 eos_token_id=tokenizer.eos_token_id,
                 bos_token_id=tokenizer.bos_token_id,
                 max_new_tokens=max_new_tokens,
-                streamer=streamer,
-                stopping_criteria=stopping_criteria,
+                **per_step,
                 **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}),
                 **config,
             )
@@ -102,3 +110,27 @@ def _strip_padding(ids: list[int]) -> list[int]:
     while end and ids[end - 1] == 0:
         end -= 1
     return ids[:end]
+
+
+class _StepCallback(StoppingCriteria):
+    """`on_tokens` for `generate`: its streamer hands over each step's tokens, its stopping criterion ends the
+    rows that `on_tokens` returned (later tokens of an ended row are pad, as after an eos)."""
+
+    def __init__(self, on_tokens, batch: int):
+        self.on_tokens = on_tokens
+        self.ended = [False] * batch
+
+    def generate_kwargs(self) -> dict:
+        return {"streamer": self, "stopping_criteria": StoppingCriteriaList([self])}
+
+    def put(self, value: torch.Tensor) -> None:  # the streamer's side
+        if value.dim() != 1:  # the prompt (empty: generation starts from embeddings)
+            return
+        for row in self.on_tokens(value.tolist()):
+            self.ended[row] = True
+
+    def end(self) -> None:
+        pass
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.tensor(self.ended, dtype=torch.bool, device=input_ids.device)

@@ -361,15 +361,17 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         height, width = image_size
         return self.resampler(features, (math.ceil(height / patch), math.ceil(width / patch)))
 
-    def get_image_features(self, pixel_values: list[torch.Tensor], vision_order: torch.Tensor | None = None) -> torch.Tensor:
-        """(num_images, query_num, hidden): each same-size stack goes through the tower in one call."""
-        features = torch.cat([self.encode_images(stack) for stack in pixel_values])
+    def get_image_features(self, pixel_values: list[torch.Tensor], vision_order: torch.Tensor | None = None, encode=None) -> torch.Tensor:
+        """(num_images, query_num, hidden): each same-size stack goes through the tower in one call (`encode`,
+        default `encode_images`: the inference fast path passes its compiled equal)."""
+        encode = encode or self.encode_images
+        features = torch.cat([encode(stack) for stack in pixel_values])
         return features if vision_order is None else features[vision_order.to(features.device)]
 
     def embed_text(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.get_input_embeddings()(input_ids) * self.config.scale_emb
 
-    def embed_inputs(self, input_ids, pixel_values=None, vision_order=None, image_bound=None) -> torch.Tensor:
+    def embed_inputs(self, input_ids, pixel_values=None, vision_order=None, image_bound=None, encode=None) -> torch.Tensor:
         """Token embeddings times scale_emb, with the resampler outputs written over the image slots."""
         if pixel_values is None or len(pixel_values) == 0:
             embeds = self.embed_text(input_ids)
@@ -381,7 +383,7 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
             return embeds
         if image_bound is None:
             raise InvalidInputError("pixel_values were given without image_bound")
-        return self.place_image_features(input_ids, self.get_image_features(pixel_values, vision_order), image_bound)
+        return self.place_image_features(input_ids, self.get_image_features(pixel_values, vision_order, encode), image_bound)
 
     def place_image_features(self, input_ids, features: torch.Tensor, image_bound: torch.Tensor) -> torch.Tensor:
         """Token embeddings times scale_emb with `features[i]` written over the slots of `image_bound[i]`."""

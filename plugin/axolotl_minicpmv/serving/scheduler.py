@@ -1,7 +1,7 @@
 """The one thread that runs the model: queued requests are batched through `generate_answers`.
 
-Batches form between `generate` calls: requests that arrive while a batch runs wait (up to `max_queue` of
-them) and join the next batch, up to `max_batch_size`, taking the oldest request's generation settings and
+Batches form between `generate_answers` calls (on a GPU they decode through `FastDecoder`, streamed step by
+step): requests that arrive while a batch runs wait (up to `max_queue` of them) and join the next batch, up to `max_batch_size`, taking the oldest request's generation settings and
 every waiting request with equal settings (one `generate` call has one generation config; a request with a
 `seed` runs alone; `min_tokens` is part of the settings). Inside a batch, the vision tower sees the pictures of all requests grouped by size, and
 each row has its own end: eos, a stop string, its own `max_tokens`, or its client's disconnect. Greedy
@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from PIL import Image
 
 from ..inference.generate import generate_answers
 from ..model.conversation import InvalidInputError
@@ -135,41 +135,32 @@ def _warn_stream_mismatch() -> None:  # once per process: with some tokenizers i
     logger.warning("streamed text differs from the whole answer's decoding; finishing such streams incrementally")
 
 
-class _Streamer:
-    """A transformers streamer: one `put` per generated step with a token per row."""
-
-    def __init__(self, rows: list[_Row]):
-        self.rows = rows
-
-    def put(self, value: torch.Tensor) -> None:
-        if value.dim() != 1:  # the prompt (empty: generation starts from embeddings)
-            return
-        for row, token in zip(self.rows, value.tolist()):
-            row.add(token)
-
-    def end(self) -> None:
-        pass
-
-
-class _RowsEnded(StoppingCriteria):
-    """Per-row end: the rows that `_Row.add` ended (stop string, own max_tokens, disconnect) or a shutdown."""
+class _Rows:
+    """`generate_answers`' `on_tokens` for a batch: each step's tokens go to their rows; returns the rows that
+    ended there (stop string, own max_tokens, disconnect), or every row on a shutdown."""
 
     def __init__(self, rows: list[_Row], stopping: threading.Event):
         self.rows, self.stopping = rows, stopping
 
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+    def __call__(self, tokens: list[int]) -> list[int]:
+        for row, token in zip(self.rows, tokens):
+            row.add(token)
         for row in self.rows:
             if row.reason is None and row.job.cancelled.is_set():
                 row.reason = "cancelled"
-        done = [row.reason is not None or self.stopping.is_set() for row in self.rows]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        if self.stopping.is_set():
+            return list(range(len(self.rows)))
+        return [i for i, row in enumerate(self.rows) if row.reason is not None]
 
 
 class Scheduler:
     """Owns the model: `submit` queues a Job (or raises QueueFull); one worker thread runs the batches."""
 
-    def __init__(self, model, processor, *, max_batch_size: int = 8, max_queue: int = 64, max_inp_length: int = 2048):
+    def __init__(
+        self, model, processor, *, max_batch_size: int = 8, max_queue: int = 64, max_inp_length: int = 2048, fast: bool | None = None
+    ):
         self.model, self.processor = model, processor
+        self.fast = model.device.type == "cuda" if fast is None else fast  # FastDecoder (see generate_answers)
         self.max_batch_size, self.max_queue, self.max_inp_length = max_batch_size, max_queue, max_inp_length
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -179,6 +170,31 @@ class Scheduler:
         self._seconds_per_batch = 1.0  # for Retry-After
         self._thread = threading.Thread(target=self._work, name="minicpmv-scheduler", daemon=True)
         self._thread.start()
+
+    def warm_up(self, cache_tokens: int = 1024) -> None:
+        """Compile the fast path before serving, for batches up to `max_batch_size` and prompt + answer up to
+        `cache_tokens` (FastDecoder keeps that cache for every smaller request; a longer one compiles once
+        more), so that no client waits a compilation (on a CPU nothing compiles: one step runs). Nothing to do
+        on the plain path."""
+        if not self.fast:
+            return
+        logger.info(f"compiling the fast path for batches up to {self.max_batch_size} and {cache_tokens} tokens (once; minutes)")
+        start = time.monotonic()
+        conversation = [{"role": "user", "content": "warm-up"}]
+        picture = Image.new("RGB", (448, 448), "gray")  # the vision tower's compiled blocks too
+        prompt = len(self.processor([conversation], [[picture]])["input_ids"][0])
+        generate_answers(
+            self.model,
+            self.processor,
+            [conversation] * self.max_batch_size,
+            [[picture]] + [[]] * (self.max_batch_size - 1),
+            max_new_tokens=cache_tokens - prompt,
+            num_beams=1,
+            fast=True,
+            on_tokens=lambda tokens: range(len(tokens)),  # a first token is enough: the step is compiled by then
+        )
+        self.stats["warm_up_s"] = round(time.monotonic() - start, 1)
+        logger.info(f"fast path ready in {self.stats['warm_up_s']:.0f} s")
 
     @property
     def queued(self) -> int:
@@ -250,8 +266,8 @@ class Scheduler:
                 max_new_tokens=max(j.request.max_tokens for j in batch),
                 max_inp_length=self.max_inp_length,
                 min_new_tokens=request.min_tokens,
-                streamer=_Streamer(rows),
-                stopping_criteria=StoppingCriteriaList([_RowsEnded(rows, self._stopping)]),
+                on_tokens=_Rows(rows, self._stopping),
+                fast=self.fast,
                 **request.overrides,
             )
         except Exception as err:  # a failed batch must not stop the server

@@ -35,6 +35,7 @@ def build_app(
     scheduler = Scheduler(
         model, processor, max_batch_size=max_batch_size, max_queue=max_queue, max_inp_length=server_settings.max_inp_length
     )
+    scheduler.warm_up()
     logger.info(f"serving {model_path}{f' + {adapter}' if adapter else ''} as {name!r} on {device} ({torch_dtype})")
     return create_app(scheduler, server_settings)
 

@@ -5,7 +5,7 @@ a one-sentence question, single-stream decode tokens/s over 256 forced tokens, t
 batch of 8 such requests, and peak GPU memory. Speed does not depend on the weights' values when the
 token counts are fixed; the 256 new tokens are forced with min_new_tokens.
 
-    python benchmarks/bench_chat.py [--fast] [--out benchmarks/results.jsonl]
+    python benchmarks/bench_chat.py [--fast] [--sizes WxH ...] [--batches 1 8] [--out benchmarks/results.jsonl]
 
 --fast measures `chat(..., fast=True)` and `FastDecoder` (static KV cache, CUDA graphs, no per-token
 host synchronisation) and checks that its greedy tokens equal generate()'s.
@@ -14,6 +14,7 @@ host synchronisation) and checks that its greedy tokens equal generate()'s.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -97,6 +98,7 @@ def main() -> None:
         help="images for time to first token, WxH; none (a bare --sizes) measures decoding only",
     )
     parser.add_argument("--ttft-only", action="store_true", help="skip the decode and memory measurements")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], choices=[1, 8], help="decode batch sizes")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.jsonl")))
     args = parser.parse_args()
 
@@ -145,7 +147,7 @@ def main() -> None:
             )
 
     image = picture(448, 448)
-    for batch in (1, 8):
+    for batch in args.batches:
         embeds, _ = prompt_embeds(model, processor, image, batch)
         torch.cuda.reset_peak_memory_stats()
         # The full request first: FastDecoder then sizes its cache (and compiles) once for both timings.
@@ -162,6 +164,7 @@ def main() -> None:
             fast, plain = generate(embeds, 64, **stop), generate(embeds, 64, fast=False, **stop)
             result["fast_equals_plain_64_tokens"] = bool(torch.equal(fast, plain))
             result["fast_vs_plain_first_diff"] = None if torch.equal(fast, plain) else int((fast != plain).nonzero()[0, 1])
+        print("so far:", json.dumps(result), flush=True)  # each batch size's compilation takes minutes: a cut run keeps these
     record(result, Path(args.out))
 
 

@@ -287,3 +287,26 @@ def test_fast_chat_works_after_the_model_changes_dtype(tiny_checkpoint_fp32, tin
     answer, _, _ = model.chat(None, MSGS, **kwargs)
     assert model._fast_decoder is not decoder and model._fast_decoder._cache.layers[0].keys.dtype == torch.bfloat16
     assert isinstance(answer, str)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled step and its CUDA graph need a GPU (run on the device machine)")
+def test_streaming_on_a_gpu_gives_the_unstreamed_tokens(tiny_model, prompt):
+    """On a GPU the host reads step t while step t + 1 runs, so a row it ends gets one more token, which is
+    cut: streamed and unstreamed tokens agree, and an ended row holds pad right after its last token."""
+    import copy
+
+    model = copy.deepcopy(tiny_model).cuda()
+    embeds = prompt.cuda()
+    decoder = FastDecoder(model)
+    unstreamed = decoder.generate(embeds, 24).cpu()
+    seen = []
+
+    def end_row_1_at_step_5(tokens):
+        seen.append(tokens)
+        return [1] if len(seen) == 6 else []
+
+    streamed = decoder.generate(embeds, 24, on_tokens=end_row_1_at_step_5).cpu()
+    assert [step[0] for step in seen] == unstreamed[0].tolist()
+    assert streamed[0].tolist() == unstreamed[0].tolist()
+    assert streamed[1].tolist() == unstreamed[1, :6].tolist() + [0] * 18
+    assert [step[1] for step in seen[6:]] == [0] * 18

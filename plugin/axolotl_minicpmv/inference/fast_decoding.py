@@ -164,8 +164,8 @@ class FastDecoder:
     256) of prompt + new tokens and reused while requests fit: a shorter request attends over its unused
     tail, a smaller batch is filled up with copies of its last row (dropped from the output), so neither
     recompiles; a longer request or a larger batch grows the cache and compiles once more, another set of
-    sampling settings captures one more graph. Prompts of different lengths come left-padded with their attention mask, as for `generate`. On
-    CPU the same loop runs eagerly. Sampling uses torch's global RNG.
+    sampling settings captures one more graph. Prompts of different lengths come left-padded with their
+    attention mask, as for `generate`. On CPU the same loop runs eagerly. Sampling uses torch's global RNG.
     """
 
     def __init__(self, model, sync_every: int = 16):
@@ -262,9 +262,10 @@ class FastDecoder:
         return out[:, : int((before_eos + 1).clamp(max=max_new_tokens).max())]
 
     def _stream(self, loop: _DecodeLoop, batch: int, max_new_tokens: int, eos_token_id, pad_token_id, on_tokens) -> torch.Tensor:
-        """Decode while handing each step's tokens to `on_tokens`. On a GPU the host reads step t's tokens
-        while step t + 1 runs, so its per-token work (detokenizing, stop strings) overlaps the GPU's; a row
-        that `on_tokens` ends is told to the device one step late, and its extra token is cut afterwards."""
+        """Decode while handing each step's tokens to `on_tokens`. Step t + 1 is queued before the host reads
+        step t's tokens, so on a GPU the host's per-token work (detokenizing, stop strings) overlaps the step;
+        a row that `on_tokens` ends is told to the device one step late, and its extra token is cut afterwards
+        (on a CPU the order is the same, so the CPU tests cover it)."""
         ended_at: dict[int, int] = {}  # row -> the step of its last token
         host = torch.empty((max_new_tokens, batch), dtype=torch.long, pin_memory=self.on_gpu)
         copied = [torch.cuda.Event() for _ in range(2)] if self.on_gpu else None
@@ -288,23 +289,15 @@ class FastDecoder:
                 loop.finished[stopped] = True  # from the next queued step on
 
         fetch(0)
-        last = 0
-        for step in range(1, max_new_tokens):
-            if copied:  # step runs while the host hands over step - 1
+        computed, handed = 1, 0  # steps queued on the device / handed to on_tokens
+        while len(ended_at) < batch and handed < max_new_tokens:
+            if computed < max_new_tokens and computed - handed <= 1:  # the device runs one step ahead
                 loop.run_one()
-                fetch(step)
-                hand_over(step - 1)
+                fetch(computed)
+                computed += 1
             else:
-                hand_over(step - 1)
-                if len(ended_at) == batch:
-                    break
-                loop.run_one()
-                fetch(step)
-            last = step
-            if len(ended_at) == batch:
-                break
-        if len(ended_at) < batch:
-            hand_over(last)
+                hand_over(handed)
+                handed += 1
         out = loop.out[:batch, :max_new_tokens].clone()
         for row, step in ended_at.items():
             out[row, step + 1 :] = pad_token_id

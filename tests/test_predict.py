@@ -94,6 +94,37 @@ def test_batched_greedy_answers_equal_one_by_one_chat(tiny_model, tiny_tokenizer
         assert batched[sample["id"]]["prediction"] == answer, sample["id"]
 
 
+def test_prepared_batches_are_the_processors_batch(tiny_model, tiny_tokenizer):
+    """The inputs predict prepares ahead (each prompt tokenized once, while its length is checked) are what
+    the processor's own call gives for the same conversations and pictures."""
+    import torch
+
+    from axolotl_minicpmv.integration.predict import _prepare_batch
+    from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor
+
+    samples = [
+        {"id": "sliced", "image": str(IMAGES / "handwritten_note.jpg"), "conversations": [{"role": "user", "content": "Read: <image>"}]},
+        {"id": "text", "conversations": [{"role": "user", "content": "What is 17 times 3?"}]},
+        {
+            "id": "two",
+            "image": [str(IMAGES / "clock.jpg"), str(IMAGES / "stop_sign.jpg")],
+            "conversations": [{"role": "user", "content": "<image> or <image>?"}],
+        },
+    ]
+    samples = [dict(s, answers=["x"]) for s in samples]
+    processor = MiniCPMVProcessor.from_config(tiny_tokenizer, tiny_model.config)
+    requests = list(requests_from_samples(samples))
+    prepared = _prepare_batch(processor, requests, 2048)
+    assert not prepared.errors and len(prepared.ready) == 3
+    expected = processor([r.conversation for r in requests], [ims for _, ims in prepared.ready], padding_side="left", max_length=2048)
+    assert sorted(prepared.inputs.keys()) == sorted(expected.keys())
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(prepared.inputs[key], value), key
+        else:  # the grouped pixel stacks
+            assert len(prepared.inputs[key]) == len(value) and all(torch.equal(a, b) for a, b in zip(prepared.inputs[key], value)), key
+
+
 # ------------------------------------------------------------------ requests and bad rows
 
 

@@ -267,16 +267,20 @@ class _PreparedBatch:
 
 def _prepare_batch(processor: MiniCPMVProcessor, requests: Sequence[Request], max_inp_length: int) -> _PreparedBatch:
     prepared = _PreparedBatch([], [])
+    rows, pixels = [], []
     for request in requests:
-        images, error = (None, request.error) if request.error else _prepare(processor, request, max_inp_length)
+        loaded, error = (None, request.error) if request.error else _prepare(processor, request, max_inp_length)
         if error:
             prepared.errors.append((request, error))
-        else:
-            prepared.ready.append((request, images))
+            continue
+        images, layouts, ids = loaded
+        prepared.ready.append((request, images))
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+        pixels.append([p for image, layout in zip(images, layouts) for p in processor.pixel_values(image, None, layout)])
     if prepared.ready:
-        try:
-            conversations, pictures = [r.conversation for r, _ in prepared.ready], [ims for _, ims in prepared.ready]
-            prepared.inputs = processor(conversations, pictures, padding_side="left", max_length=max_inp_length)
+        try:  # the processor's batch of the rows tokenized (once) and measured above
+            names = [f"sample {r.id!r} turn {r.turn}" for r, _ in prepared.ready]
+            prepared.inputs = processor.batch(rows, pixels, padding_side="left", names=names)
         except (InvalidInputError, RuntimeError, ValueError, OSError):
             pass  # _run_batch finds the failing row and reports it
     return prepared
@@ -295,17 +299,19 @@ def _checked(row: dict, strict: bool) -> dict:
     return row
 
 
-def _prepare(processor: MiniCPMVProcessor, request: Request, max_inp_length: int) -> tuple[list | None, str | None]:
-    """Load the pictures and check the prompt's length before batching, so an error belongs to its row."""
+def _prepare(processor: MiniCPMVProcessor, request: Request, max_inp_length: int) -> tuple[tuple | None, str | None]:
+    """Load the pictures and tokenize the prompt (refusing one over `max_inp_length`) before batching, so an
+    error belongs to its row: `(pictures, their layouts, prompt ids)`, or the reason."""
     try:
         images = [
             load_image(im, what=f"image {str(im)!r}" if isinstance(im, (str, Path)) else f"image {k}")
             for k, im in enumerate(request.images)
         ]
-        processor.encode_prompt(processor.prompt_text(request.conversation, [processor.layout(im) for im in images]), max_inp_length)
+        layouts = [processor.layout(im) for im in images]
+        ids = processor.encode_prompt(processor.prompt_text(request.conversation, layouts), max_inp_length).tolist()
     except InvalidInputError as err:
         return None, f"sample {request.id!r} turn {request.turn}: {err}"
-    return images, None
+    return (images, layouts, ids), None
 
 
 def _run_batch(model, processor, batch: list[tuple[Request, list]], settings: dict, metrics, inputs=None) -> list[dict]:

@@ -66,6 +66,17 @@ def test_a_shorter_request_reuses_the_longer_cache(tiny_model, prompt):
     assert decoder._cache_key == (4, 512)
 
 
+def test_many_sampling_settings_keep_a_bounded_number_of_loops(tiny_model, prompt):
+    # a server's clients choose their own settings; each loop holds buffers (and on a GPU a graph)
+    decoder = FastDecoder(tiny_model, max_loops=3)
+    greedy = decoder.generate(prompt, 6)
+    for penalty in (1.1, 1.2, 1.3, 1.4, 1.5):
+        decoder.generate(prompt, 6, sampling=Sampling(repetition_penalty=penalty))
+    assert len(decoder._loops) == 3
+    assert [key[0].repetition_penalty for key in decoder._loops] == [1.3, 1.4, 1.5]
+    assert torch.equal(decoder.generate(prompt, 6), greedy)  # a dropped loop is made again
+
+
 def test_streaming_hands_over_each_step_and_ends_the_rows_it_is_told(tiny_model, prompt):
     decoder = FastDecoder(tiny_model)
     full = decoder.generate(prompt, 12, sampling=Sampling(repetition_penalty=1.2))

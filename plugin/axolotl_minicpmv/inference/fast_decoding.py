@@ -13,6 +13,7 @@ random stream.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -164,11 +165,12 @@ class FastDecoder:
     256) of prompt + new tokens and reused while requests fit: a shorter request attends over its unused
     tail, a smaller batch is filled up with copies of its last row (dropped from the output), so neither
     recompiles; a longer request or a larger batch grows the cache and compiles once more, another set of
-    sampling settings captures one more graph. Prompts of different lengths come left-padded with their
-    attention mask, as for `generate`. On CPU the same loop runs eagerly. Sampling uses torch's global RNG.
+    sampling settings captures one more graph (the last `max_loops` are kept). Prompts of different lengths
+    come left-padded with their attention mask, as for `generate`. On CPU the same loop runs eagerly.
+    Sampling uses torch's global RNG.
     """
 
-    def __init__(self, model, sync_every: int = 16):
+    def __init__(self, model, sync_every: int = 16, max_loops: int = 8):
         self.model = model
         self.sync_every = sync_every
         self.on_gpu = model.device.type == "cuda"
@@ -184,7 +186,10 @@ class FastDecoder:
             self._prefill = torch.compile(_prefill_forward, fullgraph=True)
         self._cache: StaticCache | None = None
         self._cache_key: tuple[int, int] | None = None
-        self._loops: dict[tuple, _DecodeLoop] = {}
+        # One loop (and CUDA graph, with its own memory for the step's intermediates) per set of sampling
+        # settings; a server's clients may send many: the least recently used beyond `max_loops` is dropped.
+        self._loops: OrderedDict[tuple, _DecodeLoop] = OrderedDict()
+        self.max_loops = max_loops
 
     def _loop_for(self, batch: int, length: int, settings: tuple) -> _DecodeLoop:
         # A kept cache that is large enough serves smaller requests too: attending over its unused tail and
@@ -204,6 +209,9 @@ class FastDecoder:
             self._cache_key = (batch, cache_len)
         if settings not in self._loops:
             self._loops[settings] = _DecodeLoop(self._forward, self.model.llm, self._cache, batch, *settings, device=self.model.device)
+            if len(self._loops) > self.max_loops:
+                self._loops.popitem(last=False)
+        self._loops.move_to_end(settings)
         return self._loops[settings]
 
     @torch.inference_mode()

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import EXAMPLES
 from PIL import Image
+from transformers.cache_utils import StaticCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from axolotl_minicpmv.inference.fast_decoding import FastDecoder, Sampling, choose_tokens
@@ -64,6 +65,22 @@ def test_a_shorter_request_reuses_the_longer_cache(tiny_model, prompt):
     decoder.generate(torch.cat([prompt, prompt]), 12)  # a larger batch grows the cache, keeping its length
     assert decoder._cache is not cache and decoder._cache.get_max_length() == 512
     assert decoder._cache_key == (4, 512)
+
+
+def test_a_cache_that_does_not_fit_leaves_the_decoder_usable(tiny_model, prompt, monkeypatch):
+    decoder = FastDecoder(tiny_model)
+    before = decoder.generate(prompt, 12)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated: no GPU here)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StaticCache, "early_initialization", out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            decoder.generate(prompt, 600)  # a longer request grows the cache: the allocation fails
+    assert decoder._cache is None and decoder._cache_key is None
+    assert torch.equal(decoder.generate(prompt, 12), before)  # sized for itself again
+    assert decoder._cache_key == (2, 256)
 
 
 def test_many_sampling_settings_keep_a_bounded_number_of_loops(tiny_model, prompt):

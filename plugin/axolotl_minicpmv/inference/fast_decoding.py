@@ -200,13 +200,15 @@ class FastDecoder:
         if self._cache_key is not None:
             batch, cache_len = max(batch, self._cache_key[0]), max(cache_len, self._cache_key[1])
         if self._cache_key != (batch, cache_len):
-            self._loops.clear()  # their graphs point into the old cache: free both before allocating
-            self._cache = None
+            # The loops' graphs point into the old cache: free both before allocating. If the new one does not
+            # fit (out of memory), nothing is kept, and the next request gets a cache of its own size.
+            self._loops.clear()
+            self._cache, self._cache_key = None, None
             config = self.model.config
-            self._cache = StaticCache(config=config, max_cache_len=cache_len)
+            cache = StaticCache(config=config, max_cache_len=cache_len)
             # Allocated now, outside any graph capture (it is otherwise allocated by its first update).
-            self._cache.early_initialization(batch, config.num_key_value_heads, config.head_dim, self.model.dtype, self.model.device)
-            self._cache_key = (batch, cache_len)
+            cache.early_initialization(batch, config.num_key_value_heads, config.head_dim, self.model.dtype, self.model.device)
+            self._cache, self._cache_key = cache, (batch, cache_len)
         if settings not in self._loops:
             self._loops[settings] = _DecodeLoop(self._forward, self.model.llm, self._cache, batch, *settings, device=self.model.device)
             if len(self._loops) > self.max_loops:

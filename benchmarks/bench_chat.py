@@ -99,6 +99,7 @@ def main() -> None:
     )
     parser.add_argument("--ttft-only", action="store_true", help="skip the decode and memory measurements")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], choices=[1, 8], help="decode batch sizes")
+    parser.add_argument("--beams", action="store_true", help="also beam search (3 beams, batch 1): FastDecoder's with --fast")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.jsonl")))
     args = parser.parse_args()
 
@@ -165,6 +166,27 @@ def main() -> None:
             result["fast_equals_plain_64_tokens"] = bool(torch.equal(fast, plain))
             result["fast_vs_plain_first_diff"] = None if torch.equal(fast, plain) else int((fast != plain).nonzero()[0, 1])
         print("so far:", json.dumps(result), flush=True)  # each batch size's compilation takes minutes: a cut run keeps these
+    if args.beams:  # the official default for sampling=False; tokens/s of the answer (one sequence), forced length
+        embeds, _ = prompt_embeds(model, processor, image, 1)
+
+        @torch.inference_mode()
+        def beams(new_tokens):
+            if args.fast:
+                return decoder.beam_search(embeds, new_tokens, 3, repetition_penalty=1.2)
+            return model.generate(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"),
+                do_sample=False,
+                num_beams=3,
+                repetition_penalty=1.2,
+                max_new_tokens=new_tokens,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+
+        full = timed(lambda: beams(args.new_tokens), args.runs)
+        first = timed(lambda: beams(1), args.runs)
+        result["beam3_tokens_per_s"] = round((args.new_tokens - 1) / (full - first), 1)
     record(result, Path(args.out))
 
 

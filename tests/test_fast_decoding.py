@@ -189,8 +189,9 @@ def test_batched_answers_are_the_same_fast_and_plain(tiny_model, tiny_tokenizer)
         plain = generate_answers(tiny_model, processor, conversations, pictures, fast=False, **kwargs)
         assert fast == plain
         assert len({g.text for g in fast}) > 1
-    with pytest.raises(ValueError, match="num_beams=1"):
-        generate_answers(tiny_model, processor, conversations[:1], pictures[:1], fast=True, max_new_tokens=2)
+    # beam search (the official default for sampling=False: 3 beams, repetition penalty 1.2), left-padded rows
+    fast = generate_answers(tiny_model, processor, conversations, pictures, fast=True, max_new_tokens=10)
+    assert fast == generate_answers(tiny_model, processor, conversations, pictures, fast=False, max_new_tokens=10)
 
 
 @pytest.mark.parametrize("sync_every", [1, 4, 64])
@@ -237,9 +238,10 @@ def test_chat_fast_gives_the_greedy_answer(tiny_model, tiny_tokenizer):
     assert config == {"num_beams": 1, "repetition_penalty": 1.2}
 
 
-def test_chat_fast_refuses_beam_search(tiny_model, tiny_tokenizer):
-    with pytest.raises(ValueError, match="num_beams=1"):
-        tiny_model.chat(None, MSGS, tokenizer=tiny_tokenizer, sampling=False, fast=True, max_new_tokens=4)
+def test_chat_fast_beam_search_is_the_official_default_answer(tiny_model, tiny_tokenizer):
+    image = Image.open(EXAMPLES / "images" / "clock.jpg").convert("RGB")
+    plain = tiny_model.chat(image, MSGS, tokenizer=tiny_tokenizer, sampling=False, max_new_tokens=12)
+    assert tiny_model.chat(image, MSGS, tokenizer=tiny_tokenizer, sampling=False, fast=True, max_new_tokens=12) == plain
 
 
 def test_chat_fast_samples_with_the_official_defaults(tiny_model, tiny_tokenizer):
@@ -338,3 +340,61 @@ def test_streaming_on_a_gpu_gives_the_unstreamed_tokens(tiny_model, prompt):
     assert streamed[0].tolist() == unstreamed[0].tolist()
     assert streamed[1].tolist() == unstreamed[1, :6].tolist() + [0] * 18
     assert [step[1] for step in seen[6:]] == [0] * 18
+
+
+@pytest.mark.parametrize("repetition_penalty", [1.0, 1.2])
+def test_beam_search_gives_generates_beams(tiny_model, prompt, repetition_penalty):
+    """generate(num_beams=3)'s tokens: left-padded prompts, with and without an end of sequence, the official
+    chat's repetition penalty, and min_new_tokens."""
+    embeds = prompt.clone()
+    embeds[1, :5] = 0
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    mask[1, :5] = 0
+    free = FastDecoder(tiny_model).generate(embeds[:1], 30)[0].tolist()
+    decoder = FastDecoder(tiny_model)
+    ended = []  # rows whose best hypothesis ends with eos before the limit
+    for eos, extra in ((None, {}), (free[4], {}), (free[4], {"min_new_tokens": 8}), (free[1], {})):
+        ours = decoder.beam_search(embeds, 20, 3, eos_token_id=eos, repetition_penalty=repetition_penalty, attention_mask=mask, **extra)
+        with torch.inference_mode():
+            theirs = tiny_model.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                do_sample=False,
+                num_beams=3,
+                pad_token_id=0,
+                max_new_tokens=20,
+                eos_token_id=eos,
+                repetition_penalty=repetition_penalty,
+                **extra,
+            )
+        for row in range(2):  # generate fills a row past its end with eos, FastDecoder with pad
+            mine, its = ours[row].tolist(), theirs[row].tolist()
+            if eos is not None and eos in its:
+                its = its[: its.index(eos) + 1]
+                mine = mine[: len(its)]
+                ended.append(len(its))
+            assert mine == its, (eos, extra, row)
+    assert len(set(ended)) > 1  # hypotheses ended at different lengths: finished beams and the output's cut are covered
+    assert decoder.beam_search(embeds[:1], 1, 3).shape == (1, 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled step and its CUDA graph need a GPU (run on the device machine)")
+def test_beam_search_on_a_gpu_gives_generates_beams(tiny_model, prompt):
+    """The beam step (cache reordered in place) compiled and replayed from a CUDA graph: generate's beams."""
+    import copy
+
+    model = copy.deepcopy(tiny_model).cuda()
+    embeds = prompt.cuda()
+    ours = FastDecoder(model).beam_search(embeds, 24, 3, repetition_penalty=1.2).cpu()
+    with torch.inference_mode():
+        theirs = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"),
+            do_sample=False,
+            num_beams=3,
+            pad_token_id=0,
+            max_new_tokens=24,
+            eos_token_id=None,
+            repetition_penalty=1.2,
+        ).cpu()
+    assert torch.equal(ours, theirs)

@@ -6,8 +6,8 @@ generate()'s tokens next to the eager step on its own static cache: the largest 
 the smallest top-2 margin show whether a differing token is a rounding-level near-tie. Then a
 left-padded batch of mixed prompts (pictures of three sizes, a text-only row, two pictures in one row,
 as `predict` batches them) goes through `generate_answers` fast and plain, and the rows whose tokens
-agree are counted; streamed decoding (`on_tokens`, as the server decodes) is compared with unstreamed. One
-JSON line per dtype.
+agree are counted; streamed decoding (`on_tokens`, as the server decodes) is compared with unstreamed, and
+FastDecoder's beam search with generate's. One JSON line per dtype.
 
     python benchmarks/gpu_checks/check_fast_decode.py [--dtypes float32 bfloat16]
 """
@@ -88,6 +88,24 @@ def streamed(decoder, embeds, unstreamed, stop) -> dict:
     }
 
 
+def beams(model, decoder, embeds, eos_token_id) -> dict:
+    """FastDecoder's beam search (chat's default: 3 beams, repetition penalty 1.2) against generate's."""
+    settings = {"eos_token_id": eos_token_id, "min_new_tokens": NEW_TOKENS, "repetition_penalty": 1.2}
+    fast = decoder.beam_search(embeds, NEW_TOKENS, 3, **settings)
+    plain = model.generate(
+        inputs_embeds=embeds,
+        attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
+        do_sample=False,
+        num_beams=3,
+        max_new_tokens=NEW_TOKENS,
+        pad_token_id=0,
+        **settings,
+    )
+    same = fast.shape == plain.shape and bool(torch.equal(fast, plain))
+    first = next((i for i, (a, b) in enumerate(zip(fast[0].tolist(), plain[0].tolist())) if a != b), None)
+    return {"beams_equal_generate": same, "beams_first_diff": None if same else first}
+
+
 def padded_batch(model, processor) -> dict:
     """`generate_answers` fast (FastDecoder, left padding in its static mask) and plain on one mixed batch."""
     rows = [
@@ -141,6 +159,7 @@ def main() -> None:
                 "first_diff": None if torch.equal(fast, plain) else int((fast != plain).nonzero()[0, 1]),
             }
             row.update(streamed(decoder, embeds, fast, stop))
+            row.update(beams(model, decoder, embeds, stop["eos_token_id"]))
             row.update(teacher_forced(model, decoder, embeds, plain))
         row.update(padded_batch(model, processor))
         print(json.dumps(row), flush=True)

@@ -19,7 +19,7 @@ import click
     "--fast",
     is_flag=True,
     help="Decode with FastDecoder: static KV cache, and on a GPU one CUDA graph per "
-    "token (compiled on first use, about a minute). Sampling only, not with --beam.",
+    "token (compiled on first use, about a minute); with --beam, its beam search.",
 )
 @click.option("--max-new-tokens", default=1024, show_default=True)
 @click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
@@ -34,8 +34,6 @@ def chat_command(model_path, adapter, image, questions, beam, fast, max_new_toke
 
     from .inference.chat_helper import MiniCPMVChat, img2base64
 
-    if fast and beam:
-        raise click.UsageError("--fast decodes by sampling; it cannot be combined with --beam")
     if image and not Path(image).is_file():
         raise click.ClickException(f"--image {image!r}: no such file")
     try:

@@ -57,8 +57,8 @@ def chat(
 
     `context` is accepted for the official signature and ignored, as the official 2.0 code ignores it: the
     conversation is `msgs`. A leading system turn is put in front of the first user turn's text.
-    `fast=True` decodes with `FastDecoder` (static KV cache, CUDA graphs on a GPU; greedy or sampled, so
-    not with beam search: pass `num_beams=1` with `sampling=False`); on a GPU the prefill and the vision
+    `fast=True` decodes with `FastDecoder` (static KV cache, CUDA graphs on a GPU; sampled, greedy with
+    `num_beams=1`, or beam search: `generate`'s tokens in float32); on a GPU the prefill and the vision
     tower's blocks are compiled too (the first call compiles them; see benchmarks/RESULTS.md for times).
     Returns `(answer, msgs + [assistant answer], generation_config)`; `msgs` is not modified.
     """
@@ -163,10 +163,22 @@ def fast_generate(
     min_new_tokens: int = 0,
     on_tokens=None,
 ) -> torch.Tensor:
-    """`generate`'s new tokens for `generation_config` (greedy or sampled), through the model's `FastDecoder`."""
-    if generation_config.get("num_beams", 1) != 1:
-        raise ValueError("fast decoding is greedy or sampled, not beam search: pass num_beams=1 (or sampling=True)")
+    """`generate`'s new tokens for `generation_config` (greedy, sampled or beam search), through the model's
+    `FastDecoder`. Streaming (`on_tokens`) is greedy or sampled."""
     init_fast_path(model)
+    num_beams = generation_config.get("num_beams", 1)
+    if num_beams > 1:
+        if on_tokens is not None:
+            raise ValueError("streaming (on_tokens) needs num_beams=1")
+        return model._fast_decoder.beam_search(
+            inputs_embeds,
+            max_new_tokens,
+            num_beams,
+            eos_token_id=tokenizer.eos_token_id,
+            min_new_tokens=min_new_tokens,
+            repetition_penalty=generation_config.get("repetition_penalty", 1.0),
+            attention_mask=attention_mask,
+        )
     fields = Sampling.__dataclass_fields__.keys()
     sampling = Sampling(**{k: v for k, v in generation_config.items() if k in fields})
     return model._fast_decoder.generate(

@@ -58,11 +58,15 @@ class Sampling:
         return warpers
 
 
+def penalise_repeats(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """generate's RepetitionPenaltyLogitsProcessor, over a fixed-shape mask of each row's generated tokens."""
+    return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+
+
 def choose_tokens(logits: torch.Tensor, seen: torch.Tensor | None, sampling: Sampling, generator=None) -> torch.Tensor:
     """(batch, vocab) float logits -> (batch,) token ids, without reading anything back to the host."""
-    if seen is not None:  # generate's RepetitionPenaltyLogitsProcessor, over a fixed-shape mask of generated tokens
-        penalty = sampling.repetition_penalty
-        logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    if seen is not None:
+        logits = penalise_repeats(logits, seen, sampling.repetition_penalty)
     if not sampling.do_sample:
         return logits.argmax(-1)
     probs = sampling.warpers()(None, logits).softmax(-1)
@@ -112,8 +116,9 @@ class _DecodeLoop:
             self.is_eos = torch.arange(vocab, device=device) == eos_token_id
         self.graph = None
 
-    def start(self, attention_mask: torch.Tensor) -> None:
-        """Reset for prompts of this (batch, prompt length) left-padding mask."""
+    def start(self, attention_mask: torch.Tensor, max_new_tokens: int = 1) -> None:
+        """Reset for prompts of this (batch, prompt length) left-padding mask (`max_new_tokens`: for the beam
+        loop, which ends hypotheses at that length on the device; this loop's host stops it)."""
         self.cache.reset()
         self.padding.fill_(1)
         self.padding[:, : attention_mask.shape[1]].copy_(attention_mask)
@@ -155,6 +160,122 @@ class _DecodeLoop:
             self.graph.replay()
 
 
+class _BeamLoop(_DecodeLoop):
+    """`generate(num_beams=K)`'s beam search (transformers' vectorised one: 2K candidates a step, finished
+    hypotheses scored with the length penalty, its early-stop heuristic) in fixed shapes, so that a step is
+    one CUDA graph like the greedy one. Rows b*K .. b*K+K-1 of the cache are prompt b's beams; rows past
+    batch*K are fillers. The penalty and min_new_tokens act on log-probabilities, as in generate's beam search.
+    """
+
+    def __init__(
+        self,
+        forward,
+        llm,
+        cache,
+        rows,
+        batch,
+        num_beams,
+        length_penalty,
+        repetition_penalty,
+        eos_token_id,
+        pad_token_id,
+        min_new_tokens,
+        device,
+    ):
+        super().__init__(
+            forward, llm, cache, rows, Sampling(repetition_penalty=repetition_penalty), eos_token_id, pad_token_id, min_new_tokens, device
+        )
+        self.batch, self.num_beams, self.length_penalty = batch, num_beams, length_penalty
+        length = cache.get_max_length()
+        self.max_new = torch.zeros(1, dtype=torch.long, device=device)
+        self.running = torch.zeros((batch, num_beams, length), dtype=torch.long, device=device)  # running beams' tokens
+        self.running_scores = torch.zeros((batch, num_beams), dtype=torch.float32, device=device)
+        self.best = torch.zeros((batch, num_beams, length), dtype=torch.long, device=device)  # finished hypotheses
+        self.best_scores = torch.zeros((batch, num_beams), dtype=torch.float32, device=device)
+        self.best_lengths = torch.zeros((batch, num_beams), dtype=torch.long, device=device)
+        self.best_finished = torch.zeros((batch, num_beams), dtype=torch.bool, device=device)
+        self.improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)  # the early-stop heuristic
+        self.done = torch.zeros((), dtype=torch.bool, device=device)
+        self.first_candidates = torch.arange(2 * num_beams, device=device) < num_beams
+        self.row_offsets = torch.arange(batch, device=device)[:, None] * num_beams
+        self.filler_rows = torch.arange(batch * num_beams, rows, device=device)
+
+    def start(self, attention_mask: torch.Tensor, max_new_tokens: int = 1) -> None:
+        super().start(attention_mask, max_new_tokens)
+        self.max_new.fill_(max_new_tokens)
+        self.running.fill_(self.pad_token_id)
+        self.running_scores.fill_(-1e9)
+        self.running_scores[:, 0] = 0.0  # the beams start equal: only the first one's continuations count
+        self.best.fill_(self.pad_token_id)
+        self.best_scores.fill_(-1e9)
+        self.best_lengths.zero_()
+        self.best_finished.zero_()
+        self.improvable.fill_(True)
+        self.done.fill_(False)
+
+    def advance(self, logits: torch.Tensor) -> None:
+        batch, beams, vocab = self.batch, self.num_beams, logits.shape[-1]
+        log_probs = logits[: batch * beams].float().log_softmax(-1)
+        if self.seen is not None:
+            log_probs = penalise_repeats(log_probs, self.seen[: batch * beams], self.sampling.repetition_penalty)
+        if self.is_eos is not None and self.min_new_tokens:
+            log_probs = log_probs.masked_fill(self.is_eos & (self.step < self.min_new_tokens), float("-inf"))
+        scores = (log_probs.view(batch, beams, vocab) + self.running_scores[:, :, None]).view(batch, beams * vocab)
+        top_scores, top = scores.topk(2 * beams)
+        source, tokens = top // vocab, top % vocab
+        length = self.running.shape[-1]
+        candidates = self.running.gather(1, source[:, :, None].expand(-1, -1, length))
+        candidates.scatter_(2, self.step.view(1, 1, 1).expand(batch, 2 * beams, 1), tokens[:, :, None])
+        ends = self.step + 1 >= self.max_new
+        if self.is_eos is not None:
+            ends = ends | (tokens == self.eos_token_id)
+        else:
+            ends = ends.expand(batch, 2 * beams)
+        # the best K candidates that go on
+        going = top_scores + ends.float() * -1.0e9
+        keep = going.topk(beams).indices
+        kept_source, kept_tokens = source.gather(1, keep), tokens.gather(1, keep)
+        self.running.copy_(candidates.gather(1, keep[:, :, None].expand(-1, -1, length)))
+        self.running_scores.copy_(going.gather(1, keep))
+        # finished hypotheses: the first K candidates that ended, scored with the length penalty
+        just_finished = ends & self.first_candidates
+        finished_scores = top_scores / (self.step + 1).float() ** self.length_penalty
+        finished_scores = finished_scores + (~self.improvable).float() * -1.0e9 + (~just_finished) * -1.0e9
+        merged_scores = torch.cat([self.best_scores, finished_scores], 1)
+        pick = merged_scores.topk(beams).indices
+        lengths = torch.cat([self.best_lengths, (self.step + 1).expand(batch, 2 * beams)], 1)
+        # generate stops once done; steps run past it (the host looks every `sync_every`) change nothing
+        for kept, merged in (
+            (self.best, torch.cat([self.best, candidates], 1).gather(1, pick[:, :, None].expand(-1, -1, length))),
+            (self.best_scores, merged_scores.gather(1, pick)),
+            (self.best_lengths, lengths.gather(1, pick)),
+            (self.best_finished, torch.cat([self.best_finished, just_finished], 1).gather(1, pick)),
+        ):
+            kept.copy_(torch.where(self.done, kept, merged))
+        # the cache, the generated-token masks and the next inputs follow the beams that go on
+        order = (kept_source + self.row_offsets).view(-1)
+        rows = torch.cat([order, self.filler_rows])
+        for layer in self.cache.layers:
+            layer.keys.copy_(layer.keys.index_select(0, rows))
+            layer.values.copy_(layer.values.index_select(0, rows))
+        if self.seen is not None:
+            self.seen[: batch * beams].copy_(self.seen[: batch * beams].index_select(0, order))
+            self.seen[: batch * beams].scatter_(1, kept_tokens.view(-1, 1), True)
+        self.tokens[: batch * beams].copy_(kept_tokens.view(-1, 1))
+        self.step += 1
+        # generate's early-stop heuristic, then its stopping condition
+        best_possible = self.running_scores[:, :1] / self.step.float() ** self.length_penalty
+        worst_kept = torch.where(self.best_finished, self.best_scores.min(1, keepdim=True).values, -1.0e9)
+        self.improvable &= (best_possible > worst_kept).any(-1, keepdim=True)
+        self.done |= ~self.improvable.any() | ends.all()
+
+    def result(self) -> torch.Tensor:
+        """(batch, n) tokens of each prompt's best hypothesis, pad after its end."""
+        lengths = self.best_lengths[:, 0]
+        out = self.best[:, 0, : int(lengths.max())].clone()
+        return out.masked_fill(torch.arange(out.shape[1], device=out.device) >= lengths[:, None], self.pad_token_id)
+
+
 class FastDecoder:
     """Greedy or sampled decoding for `MiniCPMV` from prompt embeddings (see `MiniCPMV.embed_inputs`).
 
@@ -191,7 +312,7 @@ class FastDecoder:
         self._loops: OrderedDict[tuple, _DecodeLoop] = OrderedDict()
         self.max_loops = max_loops
 
-    def _loop_for(self, batch: int, length: int, settings: tuple) -> _DecodeLoop:
+    def _loop_for(self, batch: int, length: int, settings: tuple, make_loop) -> _DecodeLoop:
         # A kept cache that is large enough serves smaller requests too: attending over its unused tail and
         # decoding filler rows cost a little bandwidth per token, a new cache size costs a compilation (about a minute).
         # The cache only grows (a long request after a large batch keeps the batch size, and back), so requests
@@ -210,7 +331,7 @@ class FastDecoder:
             cache.early_initialization(batch, config.num_key_value_heads, config.head_dim, self.model.dtype, self.model.device)
             self._cache, self._cache_key = cache, (batch, cache_len)
         if settings not in self._loops:
-            self._loops[settings] = _DecodeLoop(self._forward, self.model.llm, self._cache, batch, *settings, device=self.model.device)
+            self._loops[settings] = make_loop(self._cache, batch)
             if len(self._loops) > self.max_loops:
                 self._loops.popitem(last=False)
         self._loops.move_to_end(settings)
@@ -239,24 +360,12 @@ class FastDecoder:
         batch, prompt_len, _ = inputs_embeds.shape
         if attention_mask is None:
             attention_mask = torch.ones((batch, prompt_len), dtype=torch.long, device=inputs_embeds.device)
-        loop = self._loop_for(batch, prompt_len + max_new_tokens, (sampling, eos_token_id, pad_token_id, min_new_tokens))
-        if self.on_gpu and loop.graph is None and max_new_tokens > 1:  # a first token alone needs no graph
-            logger.warning(
-                f"FastDecoder: compiling the decoding step for batch {self._cache_key[0]}, cache {self._cache_key[1]} (once; about a minute)"
-            )
-            loop.capture()
-        fillers = self._cache_key[0] - batch
-        if fillers:
-            inputs_embeds = torch.cat([inputs_embeds, inputs_embeds[-1:].expand(fillers, -1, -1)])
-            attention_mask = torch.cat([attention_mask, attention_mask[-1:].expand(fillers, -1)])
-        attention_mask = attention_mask.to(torch.long)
-        loop.start(attention_mask)
-        # generate()'s prefill positions: counted over attended tokens, 1 under padding (never attended).
-        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        if self.on_gpu:
-            torch._dynamo.mark_dynamic(inputs_embeds, 1)
-            torch._dynamo.mark_dynamic(position_ids, 1)
-        loop.advance(self._prefill(self.model.llm, loop.cache, inputs_embeds, position_ids, loop.padding))
+        settings = (sampling, eos_token_id, pad_token_id, min_new_tokens)
+
+        def make_loop(cache, rows):
+            return _DecodeLoop(self._forward, self.model.llm, cache, rows, *settings, device=self.model.device)
+
+        loop = self._prefilled_loop(inputs_embeds, attention_mask, max_new_tokens, settings, make_loop)
         if on_tokens is None:
             for step in range(1, max_new_tokens):
                 if eos_token_id is not None and step % self.sync_every == 0 and bool(loop.finished[:batch].all()):
@@ -270,6 +379,62 @@ class FastDecoder:
         # Like generate: stop after the column where the last row finished.
         before_eos = ((out == eos_token_id).cumsum(-1) == 0).sum(-1)
         return out[:, : int((before_eos + 1).clamp(max=max_new_tokens).max())]
+
+    def _prefilled_loop(self, inputs_embeds, attention_mask, max_new_tokens: int, settings: tuple, make_loop) -> _DecodeLoop:
+        """The loop for these settings (its graph captured on first use), started and fed the prompt's logits."""
+        rows, prompt_len, _ = inputs_embeds.shape
+        loop = self._loop_for(rows, prompt_len + max_new_tokens, settings, make_loop)
+        if self.on_gpu and loop.graph is None and max_new_tokens > 1:  # a first token alone needs no graph
+            logger.warning(
+                f"FastDecoder: compiling the decoding step for batch {self._cache_key[0]}, cache {self._cache_key[1]} (once; about a minute)"
+            )
+            loop.capture()
+        fillers = self._cache_key[0] - rows
+        if fillers:
+            inputs_embeds = torch.cat([inputs_embeds, inputs_embeds[-1:].expand(fillers, -1, -1)])
+            attention_mask = torch.cat([attention_mask, attention_mask[-1:].expand(fillers, -1)])
+        attention_mask = attention_mask.to(torch.long)
+        loop.start(attention_mask, max_new_tokens)
+        # generate()'s prefill positions: counted over attended tokens, 1 under padding (never attended).
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        if self.on_gpu:
+            torch._dynamo.mark_dynamic(inputs_embeds, 1)
+            torch._dynamo.mark_dynamic(position_ids, 1)
+        loop.advance(self._prefill(self.model.llm, loop.cache, inputs_embeds, position_ids, loop.padding))
+        return loop
+
+    @torch.inference_mode()
+    def beam_search(
+        self,
+        inputs_embeds: torch.Tensor,
+        max_new_tokens: int,
+        num_beams: int,
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
+        min_new_tokens: int = 0,
+        repetition_penalty: float = 1.0,
+        length_penalty: float = 1.0,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.LongTensor:
+        """`generate(num_beams=num_beams, do_sample=False)`'s tokens (batch, n): each prompt's best hypothesis,
+        pad after its end. Each prompt's beams are rows of the static cache, reordered in place every step."""
+        if max_new_tokens < 1 or num_beams < 2:
+            raise ValueError(f"beam search needs max_new_tokens >= 1 and num_beams >= 2, got {max_new_tokens}, {num_beams}")
+        batch, prompt_len, _ = inputs_embeds.shape
+        if attention_mask is None:
+            attention_mask = torch.ones((batch, prompt_len), dtype=torch.long, device=inputs_embeds.device)
+        settings = ("beams", batch, num_beams, length_penalty, repetition_penalty, eos_token_id, pad_token_id, min_new_tokens)
+
+        def make_loop(cache, rows):
+            return _BeamLoop(self._forward, self.model.llm, cache, rows, *settings[1:], device=self.model.device)
+
+        embeds, mask = inputs_embeds.repeat_interleave(num_beams, 0), attention_mask.repeat_interleave(num_beams, 0)
+        loop = self._prefilled_loop(embeds, mask, max_new_tokens, settings, make_loop)
+        for step in range(1, max_new_tokens):
+            if step % self.sync_every == 0 and bool(loop.done):
+                break
+            loop.run_one()
+        return loop.result()
 
     def _stream(self, loop: _DecodeLoop, batch: int, max_new_tokens: int, eos_token_id, pad_token_id, on_tokens) -> torch.Tensor:
         """Decode while handing each step's tokens to `on_tokens`. Step t + 1 is queued before the host reads

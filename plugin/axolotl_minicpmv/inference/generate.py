@@ -4,7 +4,7 @@ The prompts are left-padded with an attention mask (transformers derives the pos
 images of the whole batch go through the vision tower grouped by size. Greedy answers equal one-by-one
 `chat(..., sampling=False, num_beams=1)` answers (tests/test_predict.py, float32). On a GPU, greedy and
 sampled batches decode through `FastDecoder` (the same tokens in float32: tests/test_fast_decoding.py),
-streamed ones too; beam search goes through `generate`.
+streamed ones too; beam search goes through `generate` unless `fast=True` asks for FastDecoder's.
 """
 
 from __future__ import annotations
@@ -51,19 +51,16 @@ def generate_answers(
     The generation settings are `chat`'s: the official defaults for `sampling` (beam search with 3 beams when
     False), with `overrides` for those keys (e.g. `num_beams=1` for greedy). `on_tokens` streams: it gets each
     step's tokens, one per row (pad for ended rows), and returns the rows to end there (num_beams=1 only);
-    `min_new_tokens` (every row) keeps eos away until that many tokens. `fast`
-    (default: on a GPU wherever it applies) decodes through `FastDecoder`; `fast=True` where it cannot apply
-    is an error. `inputs`: the processor's output for these conversations (left padding, `max_inp_length`),
+    `min_new_tokens` (every row) keeps eos away until that many tokens. `fast` decodes through `FastDecoder`
+    (default: on a GPU, greedy and sampled batches; beam search when asked for). `inputs`: the processor's output for these conversations (left padding, `max_inp_length`),
     made ahead on the CPU, e.g. while the previous batch ran.
     """
     config = generation_config_for(sampling, overrides)
     greedy_or_sampled = config.get("num_beams", 1) == 1
     if on_tokens is not None and not greedy_or_sampled:
         raise ValueError("streaming (on_tokens) needs num_beams=1")
-    if fast is None:
+    if fast is None:  # FastDecoder's beam search is not yet measured on a GPU: asked for, not the default
         fast = greedy_or_sampled and model.device.type == "cuda"
-    elif fast and not greedy_or_sampled:
-        raise ValueError("fast decoding is greedy or sampled (num_beams=1), not beam search")
     if inputs is None:
         batch = processor(conversations, images, padding_side="left", max_length=max_inp_length, device=model.device)
     else:

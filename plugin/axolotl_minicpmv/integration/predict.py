@@ -273,10 +273,10 @@ def _prepare_batch(processor: MiniCPMVProcessor, requests: Sequence[Request], ma
         if error:
             prepared.errors.append((request, error))
             continue
-        images, layouts, ids = loaded
+        images, ids, row_pixels = loaded
         prepared.ready.append((request, images))
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
-        pixels.append([p for image, layout in zip(images, layouts) for p in processor.pixel_values(image, None, layout)])
+        pixels.append(row_pixels)
     if prepared.ready:
         try:  # the processor's batch of the rows tokenized (once) and measured above
             names = [f"sample {r.id!r} turn {r.turn}" for r, _ in prepared.ready]
@@ -300,8 +300,9 @@ def _checked(row: dict, strict: bool) -> dict:
 
 
 def _prepare(processor: MiniCPMVProcessor, request: Request, max_inp_length: int) -> tuple[tuple | None, str | None]:
-    """Load the pictures and tokenize the prompt (refusing one over `max_inp_length`) before batching, so an
-    error belongs to its row: `(pictures, their layouts, prompt ids)`, or the reason."""
+    """Load the pictures, tokenize the prompt (refusing one over `max_inp_length`) and make the pixels before
+    batching, so an error belongs to its row: `(pictures, prompt ids, pixels)`, or the reason."""
+    where = f"sample {request.id!r} turn {request.turn}"
     try:
         images = [
             load_image(im, what=f"image {str(im)!r}" if isinstance(im, (str, Path)) else f"image {k}")
@@ -310,8 +311,12 @@ def _prepare(processor: MiniCPMVProcessor, request: Request, max_inp_length: int
         layouts = [processor.layout(im) for im in images]
         ids = processor.encode_prompt(processor.prompt_text(request.conversation, layouts), max_inp_length).tolist()
     except InvalidInputError as err:
-        return None, f"sample {request.id!r} turn {request.turn}: {err}"
-    return (images, layouts, ids), None
+        return None, f"{where}: {err}"
+    try:
+        pixels = [p for image, layout in zip(images, layouts) for p in processor.pixel_values(image, None, layout)]
+    except (InvalidInputError, RuntimeError, ValueError, OSError) as err:
+        return None, f"{where}: cannot make the pictures' pixels: {type(err).__name__}: {err}"
+    return (images, ids, pixels), None
 
 
 def _run_batch(model, processor, batch: list[tuple[Request, list]], settings: dict, metrics, inputs=None) -> list[dict]:

@@ -5,10 +5,11 @@ Python work costs more than the GPU's. Here a whole decoding step (compiled deco
 transformers `StaticCache`, token choice, bookkeeping) is one CUDA graph, and the host reads the
 end-of-sequence flags only every `sync_every` tokens.
 
-Greedy decoding emits the tokens of `generate(num_beams=1, do_sample=False)` (in float32; on the GPU
-benchmarks/gpu_checks/check_fast_decode.py compares them); sampling draws from the same distribution (repetition
-penalty over generated tokens, then generate's own temperature, top-k and top-p warpers) with its own
-random stream.
+Greedy decoding emits the tokens of `generate(num_beams=1, do_sample=False)` and beam search those of
+`generate(num_beams=K)` (in float32: tests/test_fast_decoding.py; on the GPU
+benchmarks/gpu_checks/check_fast_decode.py compares them); sampling draws from the same distribution
+(repetition penalty over generated tokens, then generate's own temperature, top-k and top-p warpers) with
+its own random stream.
 """
 
 from __future__ import annotations
@@ -277,7 +278,8 @@ class _BeamLoop(_DecodeLoop):
 
 
 class FastDecoder:
-    """Greedy or sampled decoding for `MiniCPMV` from prompt embeddings (see `MiniCPMV.embed_inputs`).
+    """Greedy or sampled decoding (`generate`) and beam search (`beam_search`) for `MiniCPMV` from prompt
+    embeddings (see `MiniCPMV.embed_inputs`).
 
     On a GPU the prefill is compiled for any prompt length, and each decoding step is one CUDA graph
     replay: the decoder forward is compiled (torch.compile, fixed shapes) and captured together with the
@@ -298,8 +300,9 @@ class FastDecoder:
         self._forward, self._prefill = _decode_forward, _prefill_forward
         if self.on_gpu:
             # Coordinate-descent tuning turns the batch-1 matrix-vector products into tuned Triton reductions,
-            # and freezing compiles the weights in as constants (each measured faster: benchmarks/RESULTS.md). Frozen weights may be folded
-            # into the compiled step: make a new FastDecoder after changing them (merging an adapter, say).
+            # and freezing compiles the weights in as constants (each measured faster: benchmarks/RESULTS.md).
+            # Frozen weights may be folded into the compiled step: make a new FastDecoder after changing them
+            # (merging an adapter, say).
             options = {"coordinate_descent_tuning": True, "freezing": True}
             self._forward = torch.compile(_decode_forward, fullgraph=True, dynamic=False, options=options)
             # Eager, the prefill is bound by the host launching ~2,000 small kernels. Compiled with a dynamic

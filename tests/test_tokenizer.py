@@ -212,7 +212,10 @@ def test_batch_pads_right_with_unk(tok):
 
 
 def test_save_pretrained_round_trip(tok, tiny_dir, tmp_path):
-    tok.save_pretrained(tmp_path / "saved")
+    files = tok.save_pretrained(tmp_path / "saved")
+    # made in a private folder and moved into place (several ranks save at once): nothing else is left
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["tokenizer.model", "tokenizer_config.json"]
+    assert all(str(f).startswith(str(tmp_path / "saved")) for f in files)
     assert (tmp_path / "saved" / "tokenizer.model").read_bytes() == (tiny_dir / "tokenizer.model").read_bytes()
     config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "MiniCPMVTokenizer" and "auto_map" not in config

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -159,13 +160,23 @@ class MiniCPMVTokenizer(_MiniCPMVTokenMixin, SentencePieceBackend):
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        files = super().save_pretrained(save_directory, *args, **kwargs)
-        # transformers 5 leaves these out (its fast tokenizers bake them into tokenizer.json); we need them
-        config_file = Path(save_directory) / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        config.update(add_bos_token=self.add_bos_token, add_eos_token=self.add_eos_token)
-        _write_json(config_file, dict(sorted(config.items())))
-        return files
+        # Written in a private folder, completed there, then moved into place file by file (os.replace is
+        # atomic): Axolotl saves the tokenizer from every rank into the one output folder, and a rank that
+        # read back a file another rank was writing got half a JSON file.
+        target = Path(save_directory)
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target, prefix=".tokenizer-") as private:
+            files = super().save_pretrained(private, *args, **kwargs)
+            # transformers 5 leaves these out (its fast tokenizers bake them into tokenizer.json); we need them
+            config_file = Path(private) / "tokenizer_config.json"
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config.update(add_bos_token=self.add_bos_token, add_eos_token=self.add_eos_token)
+            _write_json(config_file, dict(sorted(config.items())))
+            for written in sorted(p for p in Path(private).rglob("*") if p.is_file()):
+                placed = target / written.relative_to(private)
+                placed.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(written, placed)
+        return tuple(str(target / Path(file).relative_to(private)) for file in files)  # the names transformers gives
 
     # -- encoding
 

@@ -187,6 +187,7 @@ def main() -> None:
         "max_batch_size": args.max_batch_size,
         "levels": levels,
         "largest_batch": health.get("largest_batch"),
+        "warm_up_s": health.get("warm_up_s"),  # the server's compilation before its first client
         **({"note": "--tiny smoke run (tiny checkpoint, CPU): not a measurement"} if args.tiny else {}),
     }
     by_clients = {level["clients"]: level for level in levels}

@@ -54,17 +54,20 @@ def test_greedy_tokens_equal_generate(tiny_model, prompt, repetition_penalty):
 def test_a_shorter_request_reuses_the_longer_cache(tiny_model, prompt):
     decoder = FastDecoder(tiny_model)
     decoder.generate(prompt, 300)  # prompt + 300 tokens: a 512-position cache
-    cache = decoder._cache
+    cache = decoder._slot(2).cache
     assert cache.get_max_length() == 512
     ours = decoder.generate(prompt, 12)
-    assert decoder._cache is cache
+    assert decoder._slot(2).cache is cache
     assert torch.equal(ours, _generate(tiny_model, prompt, max_new_tokens=12, min_new_tokens=12, eos_token_id=None))
-    # A smaller batch runs in the kept cache too (filled up with copies of its last row), with its own tokens.
-    assert torch.equal(decoder.generate(prompt[:1], 12), ours[:1])
-    assert decoder._cache is cache
     decoder.generate(torch.cat([prompt, prompt]), 12)  # a larger batch grows the cache, keeping its length
-    assert decoder._cache is not cache and decoder._cache.get_max_length() == 512
-    assert decoder._cache_key == (4, 512)
+    grown = decoder._slot(2).cache
+    assert grown is not cache and grown.get_max_length() == 512 and decoder._slot(2).key == (4, 512)
+    # A smaller batch runs in the kept cache (filled up with copies of its last row), with its own tokens.
+    assert torch.equal(decoder.generate(torch.cat([prompt, prompt[:1]]), 12), torch.cat([ours, ours[:1]]))
+    assert decoder._slot(3).cache is grown
+    # A single prompt has a cache of its own, sized for itself: no fillers to prefill and decode.
+    assert torch.equal(decoder.generate(prompt[:1], 12), ours[:1])
+    assert decoder._slot(1).key == (1, 256) and decoder._slot(2).cache is grown
 
 
 def test_a_cache_that_does_not_fit_leaves_the_decoder_usable(tiny_model, prompt, monkeypatch):
@@ -78,9 +81,9 @@ def test_a_cache_that_does_not_fit_leaves_the_decoder_usable(tiny_model, prompt,
         patch.setattr(StaticCache, "early_initialization", out_of_memory)
         with pytest.raises(torch.OutOfMemoryError):
             decoder.generate(prompt, 600)  # a longer request grows the cache: the allocation fails
-    assert decoder._cache is None and decoder._cache_key is None
+    assert decoder._slot(2).cache is None and decoder._slot(2).key is None
     assert torch.equal(decoder.generate(prompt, 12), before)  # sized for itself again
-    assert decoder._cache_key == (2, 256)
+    assert decoder._slot(2).key == (2, 256)
 
 
 def test_many_sampling_settings_keep_a_bounded_number_of_loops(tiny_model, prompt):
@@ -89,8 +92,9 @@ def test_many_sampling_settings_keep_a_bounded_number_of_loops(tiny_model, promp
     greedy = decoder.generate(prompt, 6)
     for penalty in (1.1, 1.2, 1.3, 1.4, 1.5):
         decoder.generate(prompt, 6, sampling=Sampling(repetition_penalty=penalty))
-    assert len(decoder._loops) == 3
-    assert [key[0].repetition_penalty for key in decoder._loops] == [1.3, 1.4, 1.5]
+    loops = decoder._slot(2).loops
+    assert len(loops) == 3
+    assert [key[0].repetition_penalty for key in loops] == [1.3, 1.4, 1.5]
     assert torch.equal(decoder.generate(prompt, 6), greedy)  # a dropped loop is made again
 
 
@@ -315,7 +319,7 @@ def test_fast_chat_works_after_the_model_changes_dtype(tiny_checkpoint_fp32, tin
     model.to(torch.bfloat16)
     # The kept decoder's float32 cache cannot take bfloat16 keys: the fast path must be rebuilt.
     answer, _, _ = model.chat(None, MSGS, **kwargs)
-    assert model._fast_decoder is not decoder and model._fast_decoder._cache.layers[0].keys.dtype == torch.bfloat16
+    assert model._fast_decoder is not decoder and model._fast_decoder._slot(1).cache.layers[0].keys.dtype == torch.bfloat16
     assert isinstance(answer, str)
 
 

@@ -63,6 +63,10 @@ def test_a_batch_of_streams_gets_the_solo_answers_fast_and_plain(tiny_model, tin
         scheduler = Scheduler(tiny_model, processor, max_batch_size=8, fast=fast)
         try:
             scheduler.warm_up()  # on a CPU one eager step; compiles nothing
+            if fast:  # caches for a lone request and for a full batch are made before any client comes
+                decoder = tiny_model._fast_decoder
+                (single, single_len), (rows, rows_len) = decoder._slot(1).key, decoder._slot(8).key
+                assert single == 1 and rows >= 8 and min(single_len, rows_len) >= 1024
             served[fast] = asyncio.run(_serve_all(scheduler, requests))
             assert scheduler.stats["largest_batch"] == 8
         finally:

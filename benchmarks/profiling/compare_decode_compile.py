@@ -56,9 +56,9 @@ def main() -> None:
             flush=True,
         )
 
-        loop = next(iter(decoder._loops.values()))
+        loop = next(iter(decoder._slot(1).loops.values()))
         with torch.inference_mode():
-            loop.start(embeds.shape[1])
+            loop.start(torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device))
             for _ in range(3):
                 loop.decode_one()
             torch.cuda.synchronize()

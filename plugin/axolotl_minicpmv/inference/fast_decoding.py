@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import StaticCache
@@ -277,6 +277,15 @@ class _BeamLoop(_DecodeLoop):
         return out.masked_fill(torch.arange(out.shape[1], device=out.device) >= lengths[:, None], self.pad_token_id)
 
 
+@dataclass
+class _CacheSlot:
+    """A `StaticCache` kept for reuse, its (batch, length) and the decoding loops built over it."""
+
+    cache: StaticCache | None = None
+    key: tuple[int, int] | None = None
+    loops: OrderedDict = field(default_factory=OrderedDict)  # settings -> _DecodeLoop, least recently used first
+
+
 class FastDecoder:
     """Greedy or sampled decoding (`generate`) and beam search (`beam_search`) for `MiniCPMV` from prompt
     embeddings (see `MiniCPMV.embed_inputs`).
@@ -284,13 +293,14 @@ class FastDecoder:
     On a GPU the prefill is compiled for any prompt length, and each decoding step is one CUDA graph
     replay: the decoder forward is compiled (torch.compile, fixed shapes) and captured together with the
     token choice, so the host only queues replays and reads the end-of-sequence flags every `sync_every`
-    tokens (streaming: see `on_tokens`). One `StaticCache` is kept, sized to the next power of two (at least
-    256) of prompt + new tokens and reused while requests fit: a shorter request attends over its unused
-    tail, a smaller batch is filled up with copies of its last row (dropped from the output), so neither
-    recompiles; a longer request or a larger batch grows the cache and compiles once more, another set of
-    sampling settings captures one more graph (the last `max_loops` are kept). Prompts of different lengths
-    come left-padded with their attention mask, as for `generate`. On CPU the same loop runs eagerly.
-    Sampling uses torch's global RNG.
+    tokens (streaming: see `on_tokens`). Static caches are kept, sized to the next power of two (at least
+    256) of prompt + new tokens and reused while requests fit: one for single prompts (`chat`, a server's
+    lone client) and one for batches. A shorter request attends over its cache's unused tail, a smaller batch
+    is filled up with copies of its last row (dropped from the output), so neither recompiles; a longer
+    request or a larger batch grows its cache and compiles once more, another set of sampling settings
+    captures one more graph (the last `max_loops` per cache are kept). Prompts of different lengths come
+    left-padded with their attention mask, as for `generate`. On CPU the same loop runs eagerly. Sampling
+    uses torch's global RNG.
     """
 
     def __init__(self, model, sync_every: int = 16, max_loops: int = 8):
@@ -308,37 +318,39 @@ class FastDecoder:
             # Eager, the prefill is bound by the host launching ~2,000 small kernels. Compiled with a dynamic
             # sequence length (marked in generate), one graph serves every prompt length.
             self._prefill = torch.compile(_prefill_forward, fullgraph=True)
-        self._cache: StaticCache | None = None
-        self._cache_key: tuple[int, int] | None = None
-        # One loop (and CUDA graph, with its own memory for the step's intermediates) per set of sampling
-        # settings; a server's clients may send many: the least recently used beyond `max_loops` is dropped.
-        self._loops: OrderedDict[tuple, _DecodeLoop] = OrderedDict()
+        # A lone prompt in a cache sized for a batch would pay for the fillers' prefill (its first token) and
+        # their attention over the whole cache (every step): single prompts keep a cache of their own.
+        self._single, self._batched = _CacheSlot(), _CacheSlot()
         self.max_loops = max_loops
+
+    def _slot(self, batch: int) -> _CacheSlot:
+        return self._single if batch == 1 else self._batched
 
     def _loop_for(self, batch: int, length: int, settings: tuple, make_loop) -> _DecodeLoop:
         # A kept cache that is large enough serves smaller requests too: attending over its unused tail and
         # decoding filler rows cost a little bandwidth per token, a new cache size costs a compilation (about a minute).
         # The cache only grows (a long request after a large batch keeps the batch size, and back), so requests
         # that alternate between them do not compile in turn.
+        slot = self._slot(batch)
         cache_len = max(256, 1 << (length - 1).bit_length())
-        if self._cache_key is not None:
-            batch, cache_len = max(batch, self._cache_key[0]), max(cache_len, self._cache_key[1])
-        if self._cache_key != (batch, cache_len):
+        if slot.key is not None:
+            batch, cache_len = max(batch, slot.key[0]), max(cache_len, slot.key[1])
+        if slot.key != (batch, cache_len):
             # The loops' graphs point into the old cache: free both before allocating. If the new one does not
             # fit (out of memory), nothing is kept, and the next request gets a cache of its own size.
-            self._loops.clear()
-            self._cache, self._cache_key = None, None
+            slot.loops.clear()
+            slot.cache, slot.key = None, None
             config = self.model.config
             cache = StaticCache(config=config, max_cache_len=cache_len)
             # Allocated now, outside any graph capture (it is otherwise allocated by its first update).
             cache.early_initialization(batch, config.num_key_value_heads, config.head_dim, self.model.dtype, self.model.device)
-            self._cache, self._cache_key = cache, (batch, cache_len)
-        if settings not in self._loops:
-            self._loops[settings] = make_loop(self._cache, batch)
-            if len(self._loops) > self.max_loops:
-                self._loops.popitem(last=False)
-        self._loops.move_to_end(settings)
-        return self._loops[settings]
+            slot.cache, slot.key = cache, (batch, cache_len)
+        if settings not in slot.loops:
+            slot.loops[settings] = make_loop(slot.cache, batch)
+            if len(slot.loops) > self.max_loops:
+                slot.loops.popitem(last=False)
+        slot.loops.move_to_end(settings)
+        return slot.loops[settings]
 
     @torch.inference_mode()
     def generate(
@@ -387,12 +399,11 @@ class FastDecoder:
         """The loop for these settings (its graph captured on first use), started and fed the prompt's logits."""
         rows, prompt_len, _ = inputs_embeds.shape
         loop = self._loop_for(rows, prompt_len + max_new_tokens, settings, make_loop)
+        cache_rows, cache_len = self._slot(rows).key
         if self.on_gpu and loop.graph is None and max_new_tokens > 1:  # a first token alone needs no graph
-            logger.warning(
-                f"FastDecoder: compiling the decoding step for batch {self._cache_key[0]}, cache {self._cache_key[1]} (once; about a minute)"
-            )
+            logger.warning(f"FastDecoder: compiling the decoding step for batch {cache_rows}, cache {cache_len} (once; about a minute)")
             loop.capture()
-        fillers = self._cache_key[0] - rows
+        fillers = cache_rows - rows
         if fillers:
             inputs_embeds = torch.cat([inputs_embeds, inputs_embeds[-1:].expand(fillers, -1, -1)])
             attention_mask = torch.cat([attention_mask, attention_mask[-1:].expand(fillers, -1)])

@@ -174,10 +174,10 @@ class Scheduler:
         self._thread.start()
 
     def warm_up(self, cache_tokens: int = 1024) -> None:
-        """Compile the fast path before serving, for batches up to `max_batch_size` and prompt + answer up to
-        `cache_tokens` (FastDecoder keeps that cache for every smaller request; a longer one compiles once
-        more), so that no client waits a compilation (on a CPU nothing compiles: one step runs). Nothing to do
-        on the plain path."""
+        """Compile the fast path before serving, for a lone request and for batches up to `max_batch_size`
+        (FastDecoder keeps a cache for each), prompt + answer up to `cache_tokens` (a longer request compiles
+        once more), so that no client waits a compilation (on a CPU nothing compiles: one step runs). Nothing
+        to do on the plain path."""
         if not self.fast:
             return
         logger.info(f"compiling the fast path for batches up to {self.max_batch_size} and {cache_tokens} tokens (once; minutes)")
@@ -185,16 +185,17 @@ class Scheduler:
         conversation = [{"role": "user", "content": "warm-up"}]
         picture = Image.new("RGB", (448, 448), "gray")  # the vision tower's compiled blocks too
         prompt = len(self.processor([conversation], [[picture]])["input_ids"][0])
-        generate_answers(
-            self.model,
-            self.processor,
-            [conversation] * self.max_batch_size,
-            [[picture]] + [[]] * (self.max_batch_size - 1),
-            max_new_tokens=cache_tokens - prompt,
-            num_beams=1,
-            fast=True,
-            on_tokens=lambda tokens: range(len(tokens)),  # a first token is enough: the step is compiled by then
-        )
+        for batch in sorted({1, self.max_batch_size}):
+            generate_answers(
+                self.model,
+                self.processor,
+                [conversation] * batch,
+                [[picture]] + [[]] * (batch - 1),
+                max_new_tokens=cache_tokens - prompt,
+                num_beams=1,
+                fast=True,
+                on_tokens=lambda tokens: range(len(tokens)),  # a first token is enough: the step is compiled by then
+            )
         self.stats["warm_up_s"] = round(time.monotonic() - start, 1)
         logger.info(f"fast path ready in {self.stats['warm_up_s']:.0f} s")
 

@@ -39,6 +39,7 @@ CHAT_FIELDS = [  # (key, label) in the order shown; runs may lack some (e.g. --t
     ("total_tokens_per_s_batch8", "b8 total {} tok/s"),
     ("peak_mem_gib_batch1", "peak memory b1 {} GiB"),
     ("peak_mem_gib_batch8", "b8 {} GiB"),
+    ("beam3_tokens_per_s", "beam search (3 beams) {} tok/s"),
 ]
 
 
@@ -64,6 +65,8 @@ def _summary(run: dict) -> str:
         ]
         if "tokens_per_s_32_over_1" in run:
             parts.append(f"32 vs 1 client tokens/s x{run['tokens_per_s_32_over_1']}")
+        if run.get("warm_up_s") is not None:
+            parts.append(f"server warm-up {run['warm_up_s']} s")
         return "; ".join(parts)
     if run["rc"] != 0:
         return f"failed (exit {run['rc']}) after {run['steps_logged']} steps"

@@ -12,7 +12,7 @@ from PIL import Image
 from axolotl_minicpmv.inference.generate import generate_answers
 from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor
 from axolotl_minicpmv.serving.protocol import ChatRequest
-from axolotl_minicpmv.serving.scheduler import Job, Scheduler
+from axolotl_minicpmv.serving.scheduler import Job, Scheduler, prepare_prompt
 
 GREEDY = {"num_beams": 1, "repetition_penalty": 1.2}
 
@@ -31,7 +31,8 @@ def _rows():
 
 async def _serve_all(scheduler: Scheduler, requests) -> list[tuple[list[str], object]]:
     loop = asyncio.get_running_loop()
-    jobs = [Job(request, pictures, 0, loop) for request, pictures in requests]
+    processor = scheduler.processor
+    jobs = [Job(request, prepare_prompt(processor, request.conversation, pictures, 2048), loop) for request, pictures in requests]
     with scheduler._cond:  # all queued before the worker looks: one batch
         for job in jobs:
             scheduler.submit(job)
@@ -65,8 +66,8 @@ def test_a_batch_of_streams_gets_the_solo_answers_fast_and_plain(tiny_model, tin
             scheduler.warm_up()  # on a CPU one eager step; compiles nothing
             if fast:  # caches for a lone request and for a full batch are made before any client comes
                 decoder = tiny_model._fast_decoder
-                (single, single_len), (rows, rows_len) = decoder._slot(1).key, decoder._slot(8).key
-                assert single == 1 and rows >= 8 and min(single_len, rows_len) >= 1024
+                (single, single_len), (batched, batched_len) = decoder._slot(1).key, decoder._slot(8).key
+                assert single == 1 and batched >= 8 and min(single_len, batched_len) >= 1024
             served[fast] = asyncio.run(_serve_all(scheduler, requests))
             assert scheduler.stats["largest_batch"] == 8
         finally:

@@ -23,10 +23,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..model.conversation import InvalidInputError
-from ..model.processing_minicpmv import tag_images
 from .images import DEFAULT_MAX_IMAGE_PIXELS, open_image
 from .protocol import ChatRequest, RequestError, parse_chat_request
-from .scheduler import Job, QueueFull, Scheduler
+from .scheduler import Job, Prompt, QueueFull, Scheduler, prepare_prompt
 
 MAX_IMAGES_PER_REQUEST = 16
 DISCONNECT_POLL_S = 0.25
@@ -95,8 +94,8 @@ def create_app(scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
         chat = parse_chat_request(body, {settings.model_name}, settings.max_tokens)
         if len(chat.image_urls) > MAX_IMAGES_PER_REQUEST:
             raise RequestError(f"{len(chat.image_urls)} images; at most {MAX_IMAGES_PER_REQUEST} per request", "messages")
-        images, prompt_tokens = await run_in_threadpool(_prepare, chat, processor, image_root, settings)
-        job = Job(chat, images, prompt_tokens, asyncio.get_running_loop())
+        prompt = await run_in_threadpool(_prepare, chat, processor, image_root, settings)
+        job = Job(chat, prompt, asyncio.get_running_loop())
         try:
             scheduler.submit(job)
         except QueueFull:
@@ -161,17 +160,16 @@ async def _read_json(request: Request, limit: int):
         raise RequestError(f"the request body is not valid JSON ({err})", None, code="invalid_json") from None
 
 
-def _prepare(chat: ChatRequest, processor, image_root: Path | None, settings: ServerSettings) -> tuple[list, int]:
-    """Open the pictures and build the prompt once, so that bad input is refused before it is queued."""
+def _prepare(chat: ChatRequest, processor, image_root: Path | None, settings: ServerSettings) -> Prompt:
+    """Open the pictures and build the prompt and pixels once, here in the request's thread (not the model's),
+    so that bad input is refused before it is queued."""
     images = [open_image(url, param, image_root, settings.max_image_pixels) for url, param in chat.image_urls]
     try:
-        turns = tag_images(chat.conversation, len(images))
-        ids = processor.encode_prompt(processor.prompt_text(turns, [processor.layout(im) for im in images]), settings.max_inp_length)
+        return prepare_prompt(processor, chat.conversation, images, settings.max_inp_length)
     except InvalidInputError as err:
         raise RequestError(
             f"messages: {err}", "messages", code="context_length_exceeded" if "max_inp_length" in str(err) else None
         ) from None
-    return images, len(ids)
 
 
 def _usage(result) -> dict:

@@ -1,7 +1,8 @@
 """The one thread that runs the model: queued requests are batched through `generate_answers`.
 
-Batches form between `generate_answers` calls (on a GPU they decode through `FastDecoder`, streamed step by
-step): requests that arrive while a batch runs wait (up to `max_queue` of them) and join the next batch, up
+A request comes with its `Prompt` (ids and pixels, made in the request's own thread by `prepare_prompt`), so
+the model's thread only pads them into a batch. Batches form between `generate_answers` calls (on a GPU they
+decode through `FastDecoder`, streamed step by step): requests that arrive while a batch runs wait (up to `max_queue` of them) and join the next batch, up
 to `max_batch_size`, taking the oldest request's generation settings and every waiting request with equal
 settings (one call has one generation config; a request with a `seed` runs alone; `min_tokens` is part of
 the settings). Inside a batch, the vision tower sees the pictures of all requests grouped by size, and each
@@ -25,6 +26,7 @@ from PIL import Image
 
 from ..inference.generate import generate_answers
 from ..model.conversation import InvalidInputError
+from ..model.processing_minicpmv import MiniCPMVProcessor, tag_images
 from .protocol import ChatRequest
 
 logger = logging.getLogger("axolotl_minicpmv.serving")
@@ -34,13 +36,29 @@ class QueueFull(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """A request's model inputs: the prompt's token ids and its pictures' pixels (sources and cells, in order)."""
+
+    ids: list[int]
+    pixels: list[torch.Tensor]
+
+
+def prepare_prompt(processor: MiniCPMVProcessor, conversation: list[dict], images: list, max_inp_length: int) -> Prompt:
+    """The prompt `generate_answers` builds for this conversation and its opened pictures (placed where their
+    `<image>` tags are, a single untagged one in front). A prompt over `max_inp_length` raises InvalidInputError."""
+    layouts = [processor.layout(image) for image in images]
+    ids = processor.encode_prompt(processor.prompt_text(tag_images(conversation, len(images)), layouts), max_inp_length)
+    pixels = [p for image, layout in zip(images, layouts) for p in processor.pixel_values(image, None, layout)]
+    return Prompt(ids.tolist(), pixels)
+
+
 @dataclass
 class Job:
     """One request on its way through the scheduler; events go to `events` on the server's event loop."""
 
     request: ChatRequest
-    images: list
-    prompt_tokens: int
+    prompt: Prompt
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -54,6 +72,10 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt.ids)
 
 
 @dataclass
@@ -158,12 +180,10 @@ class _Rows:
 class Scheduler:
     """Owns the model: `submit` queues a Job (or raises QueueFull); one worker thread runs the batches."""
 
-    def __init__(
-        self, model, processor, *, max_batch_size: int = 8, max_queue: int = 64, max_inp_length: int = 2048, fast: bool | None = None
-    ):
+    def __init__(self, model, processor, *, max_batch_size: int = 8, max_queue: int = 64, fast: bool | None = None):
         self.model, self.processor = model, processor
         self.fast = model.device.type == "cuda" if fast is None else fast  # FastDecoder (see generate_answers)
-        self.max_batch_size, self.max_queue, self.max_inp_length = max_batch_size, max_queue, max_inp_length
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = threading.Event()
@@ -260,14 +280,15 @@ class Scheduler:
         try:
             if request.seed is not None:
                 torch.manual_seed(request.seed)
+            prompts = [{"input_ids": j.prompt.ids, "attention_mask": [1] * len(j.prompt.ids)} for j in batch]
+            inputs = self.processor.batch(prompts, [j.prompt.pixels for j in batch], padding_side="left")
             generations = generate_answers(
                 self.model,
                 self.processor,
                 [j.request.conversation for j in batch],
-                [j.images for j in batch],
+                inputs=inputs,
                 sampling=not request.greedy,
                 max_new_tokens=max(j.request.max_tokens for j in batch),
-                max_inp_length=self.max_inp_length,
                 min_new_tokens=request.min_tokens,
                 on_tokens=_Rows(rows, self._stopping),
                 fast=self.fast,

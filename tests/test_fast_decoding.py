@@ -402,3 +402,24 @@ def test_beam_search_on_a_gpu_gives_generates_beams(tiny_model, prompt):
             repetition_penalty=1.2,
         ).cpu()
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")
+def test_a_recorded_eager_step_on_a_gpu_gives_generates_tokens(tiny_model, prompt):
+    """compile=False: the eager decoder step captured as the CUDA graph (no compilation), greedy and beams."""
+    import copy
+
+    model = copy.deepcopy(tiny_model).cuda()
+    embeds = prompt.cuda()
+    decoder = FastDecoder(model, compile=False)
+    greedy = decoder.generate(embeds, 24, sampling=Sampling(repetition_penalty=1.2))
+    assert decoder._slot(2).loops[next(iter(decoder._slot(2).loops))].graph is not None  # replayed, not eager
+    beams = decoder.beam_search(embeds[:1], 24, 3, repetition_penalty=1.2)
+    with torch.inference_mode():
+        kwargs = {"attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"), "pad_token_id": 0}
+        kwargs |= {"do_sample": False, "max_new_tokens": 24, "eos_token_id": None, "repetition_penalty": 1.2}
+        plain = model.generate(inputs_embeds=embeds, num_beams=1, min_new_tokens=24, **kwargs)
+        kwargs["attention_mask"] = kwargs["attention_mask"][:1]
+        plain_beams = model.generate(inputs_embeds=embeds[:1], num_beams=3, **kwargs)
+    assert torch.equal(greedy.cpu(), plain.cpu())
+    assert torch.equal(beams.cpu(), plain_beams.cpu())

@@ -301,14 +301,18 @@ class FastDecoder:
     captures one more graph (the last `max_loops` per cache are kept). Prompts of different lengths come
     left-padded with their attention mask, as for `generate`. On CPU the same loop runs eagerly. Sampling
     uses torch's global RNG.
+
+    `compile=False` records the eager decoder step as the CUDA graph instead (the prefill runs eagerly): no
+    compilation, so a new process answers within seconds, at the price of slower steps.
     """
 
-    def __init__(self, model, sync_every: int = 16, max_loops: int = 8):
+    def __init__(self, model, sync_every: int = 16, max_loops: int = 8, compile: bool = True):
         self.model = model
         self.sync_every = sync_every
         self.on_gpu = model.device.type == "cuda"
+        self.compiled = self.on_gpu and compile
         self._forward, self._prefill = _decode_forward, _prefill_forward
-        if self.on_gpu:
+        if self.compiled:
             # Coordinate-descent tuning turns the batch-1 matrix-vector products into tuned Triton reductions,
             # and freezing compiles the weights in as constants (each measured faster: benchmarks/RESULTS.md).
             # Frozen weights may be folded into the compiled step: make a new FastDecoder after changing them
@@ -401,7 +405,8 @@ class FastDecoder:
         loop = self._loop_for(rows, prompt_len + max_new_tokens, settings, make_loop)
         cache_rows, cache_len = self._slot(rows).key
         if self.on_gpu and loop.graph is None and max_new_tokens > 1:  # a first token alone needs no graph
-            logger.warning(f"FastDecoder: compiling the decoding step for batch {cache_rows}, cache {cache_len} (once; about a minute)")
+            if self.compiled:
+                logger.warning(f"FastDecoder: compiling the decoding step for batch {cache_rows}, cache {cache_len} (once; about a minute)")
             loop.capture()
         fillers = cache_rows - rows
         if fillers:
@@ -411,7 +416,7 @@ class FastDecoder:
         loop.start(attention_mask, max_new_tokens)
         # generate()'s prefill positions: counted over attended tokens, 1 under padding (never attended).
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        if self.on_gpu:
+        if self.compiled:
             torch._dynamo.mark_dynamic(inputs_embeds, 1)
             torch._dynamo.mark_dynamic(position_ids, 1)
         loop.advance(self._prefill(self.model.llm, loop.cache, inputs_embeds, position_ids, loop.padding))

@@ -1,14 +1,14 @@
 """The one thread that runs the model: queued requests are batched through `generate_answers`.
 
 A request comes with its `Prompt` (ids and pixels, made in the request's own thread by `prepare_prompt`), so
-the model's thread only pads them into a batch. Batches form between `generate_answers` calls (on a GPU they
-decode through `FastDecoder`, streamed step by step): requests that arrive while a batch runs wait (up to `max_queue` of them) and join the next batch, up
-to `max_batch_size`, taking the oldest request's generation settings and every waiting request with equal
-settings (one call has one generation config; a request with a `seed` runs alone; `min_tokens` is part of
-the settings). Inside a batch, the vision tower sees the pictures of all requests grouped by size, and each
-row has its own end: eos, a stop string, its own `max_tokens`, or its client's disconnect. Greedy answers do
-not depend on the batch (tests/test_serve.py: 8 concurrent clients, float32; tests/test_scheduler.py: the
-same on the fast path).
+the model's thread only pads prompts into a batch. Batches form between `generate_answers` calls (on a GPU
+they decode through `FastDecoder`, streamed step by step): requests that arrive while a batch runs wait (up
+to `max_queue` of them) and join the next batch, up to `max_batch_size`, taking the oldest request's
+generation settings and every waiting request with equal settings (one call has one generation config; a
+request with a `seed` runs alone; `min_tokens` is part of the settings). Inside a batch, the vision tower
+sees the pictures of all requests grouped by size, and each row has its own end: eos, a stop string, its
+own `max_tokens`, or its client's disconnect. Greedy answers do not depend on the batch
+(tests/test_serve.py: 8 concurrent clients, float32; tests/test_scheduler.py: the same on the fast path).
 """
 
 from __future__ import annotations

@@ -32,10 +32,12 @@ def versions(*packages: str) -> dict[str, str]:
 
 
 CHAT_FIELDS = [  # (key, label) in the order shown; runs may lack some (e.g. --ttft-only)
+    ("decoder", "{}"),
     ("ttft_ms_448x448", "TTFT 448x448 {} ms"),
     ("ttft_ms_1344x896", "TTFT 1344x896 {} ms"),
     ("first_call_s_1344x896", "first 1344x896 call {} s"),
     ("decode_tokens_per_s_batch1", "decode b1 {} tok/s"),
+    ("decode_first_call_s_batch1", "first decode call b1 {} s"),
     ("total_tokens_per_s_batch8", "b8 total {} tok/s"),
     ("peak_mem_gib_batch1", "peak memory b1 {} GiB"),
     ("peak_mem_gib_batch8", "b8 {} GiB"),

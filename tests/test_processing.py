@@ -145,6 +145,23 @@ def test_encode_prompt_refuses_to_cut_a_long_prompt(processor):
     assert str(n) in message and f"max_inp_length={n - 1}" in message
 
 
+def test_inference_inputs_are_the_ids_and_pixels_of_the_processors_batch(processor):
+    conversation = [
+        {"role": "user", "content": "Compare <image> with <image>."},
+        {"role": "assistant", "content": "The first is wider."},
+        {"role": "user", "content": "And the colours?"},
+    ]
+    images = [_image((1344, 896), (200, 30, 10)), _image((300, 200))]  # a sliced (3x2) picture, then a whole one
+    ids, pixels = processor.inference_inputs(conversation, images, max_length=2048)
+    batch = processor([conversation], [images], max_length=2048)
+    assert ids == batch["input_ids"][0].tolist()
+    assert len(pixels) == 1 + 6 + 1  # each picture's source, then its cells, in placeholder order
+    stacked = [p for group in batch["pixel_values"] for p in group]  # the batch's pixels grouped by size
+    assert all(torch.equal(p, stacked[k]) for p, k in zip(pixels, batch["vision_order"].tolist()))
+    with pytest.raises(InvalidInputError, match="max_inp_length=10"):
+        processor.inference_inputs(conversation, images, max_length=10)
+
+
 def test_image_bounds_of_a_real_prompt_cover_the_unk_slots(processor, tiny_tokenizer):
     prompt = processor.chat_prompt([{"role": "user", "content": "Describe."}], _image((1344, 896)))
     ids = processor.encode_prompt(prompt)

@@ -12,7 +12,7 @@ from PIL import Image
 from axolotl_minicpmv.inference.generate import generate_answers
 from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor
 from axolotl_minicpmv.serving.protocol import ChatRequest
-from axolotl_minicpmv.serving.scheduler import Job, Scheduler, prepare_prompt
+from axolotl_minicpmv.serving.scheduler import Job, Prompt, Scheduler
 
 GREEDY = {"num_beams": 1, "repetition_penalty": 1.2}
 
@@ -32,7 +32,7 @@ def _rows():
 async def _serve_all(scheduler: Scheduler, requests) -> list[tuple[list[str], object]]:
     loop = asyncio.get_running_loop()
     processor = scheduler.processor
-    jobs = [Job(request, prepare_prompt(processor, request.conversation, pictures, 2048), loop) for request, pictures in requests]
+    jobs = [Job(request, Prompt(*processor.inference_inputs(request.conversation, pictures, 2048)), loop) for request, pictures in requests]
     with scheduler._cond:  # all queued before the worker looks: one batch
         for job in jobs:
             scheduler.submit(job)

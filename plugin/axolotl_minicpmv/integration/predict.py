@@ -313,13 +313,13 @@ def _prepare(processor: MiniCPMVProcessor, request: Request, max_inp_length: int
             load_image(im, what=f"image {str(im)!r}" if isinstance(im, (str, Path)) else f"image {k}")
             for k, im in enumerate(request.images)
         ]
-        layouts = [processor.layout(im) for im in images]
-        ids = processor.encode_prompt(processor.prompt_text(request.conversation, layouts), max_inp_length).tolist()
     except InvalidInputError as err:
         return None, f"{where}: {err}"
     try:
-        pixels = [p for image, layout in zip(images, layouts) for p in processor.pixel_values(image, None, layout)]
-    except (InvalidInputError, RuntimeError, ValueError, OSError) as err:
+        ids, pixels = processor.inference_inputs(request.conversation, images, max_inp_length)
+    except InvalidInputError as err:  # the prompt's: it is made (and refused) before any pixels
+        return None, f"{where}: {err}"
+    except (RuntimeError, ValueError, OSError) as err:  # the pixels'
         return None, f"{where}: cannot make the pictures' pixels: {type(err).__name__}: {err}"
     return (images, ids, pixels), None
 

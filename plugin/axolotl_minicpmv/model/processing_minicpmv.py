@@ -141,6 +141,25 @@ class MiniCPMVProcessor(ProcessorMixin):
             )
         return torch.tensor(ids, dtype=torch.long)
 
+    def inference_inputs(
+        self, conversation: list[dict], images: Sequence[Image.Image], max_length: int | None = None, device=None
+    ) -> tuple[list[int], list[torch.Tensor]]:
+        """`(ids, pixels)` of an inference prompt: the prompt's token ids (with bos, ending with `<AI>`) and the
+        pixels of its pictures' vision images (each picture's source, then its cells), in placeholder order.
+
+        `conversation` holds checked `{role, content}` turns; `images` its opened pictures, placed where the user
+        turns' `<image>` tags are (a single untagged one in front of the first user turn). The prompt comes
+        first: a conversation that does not fit its pictures' tags, or a prompt over `max_length` tokens, raises
+        InvalidInputError before any pixels are made; the pixels then raise what PIL and torch raise on a
+        picture that cannot be decoded (OSError, ValueError, RuntimeError).
+        """
+        layouts = [self.layout(image) for image in images]
+        ids = self.encode_prompt(self.prompt_text(tag_images(conversation, len(images)), layouts), max_length).tolist()
+        return ids, self._pixels(images, layouts, device)
+
+    def _pixels(self, images: Sequence[Image.Image], layouts: Sequence[ImageLayout], device=None) -> list[torch.Tensor]:
+        return [p for image, layout in zip(images, layouts) for p in self.pixel_values(image, device, layout)]
+
     def chat_prompt(self, msgs, image: Image.Image | None) -> str:
         """The prompt `chat` builds for `msgs` about `image` (the image in front of the first user turn)."""
         images = [] if image is None else [image]
@@ -212,28 +231,24 @@ class MiniCPMVProcessor(ProcessorMixin):
         images = images if images is not None else [[] for _ in conversations]
         if len(images) != len(conversations):
             raise ValueError(f"{len(images)} image lists for {len(conversations)} conversations")
-        rows, pictures, layouts = [], [], []
+        rows, pixels = [], []
         for index, (msgs, row_images) in enumerate(zip(conversations, images)):
             where = f"conversations[{index}]"
             row_images = [row_images] if isinstance(row_images, (Image.Image, str, bytes, Path)) else list(row_images or [])
             loaded = [load_image(im, what=f"{where}: image {k}") for k, im in enumerate(row_images)]
-            row_layouts = [self.layout(im) for im in loaded]
             try:
-                turns = tag_images(validate_conversation(msgs, field=where, for_training=return_labels), len(loaded))
+                turns = validate_conversation(msgs, field=where, for_training=return_labels)
                 if return_labels:
-                    row = self.encode_training_conversation(turns, row_layouts)
+                    layouts = [self.layout(im) for im in loaded]
+                    row = self.encode_training_conversation(tag_images(turns, len(loaded)), layouts)
+                    row_pixels = self._pixels(loaded, layouts, device)
                 else:
-                    ids = self.encode_prompt(self.prompt_text(turns, row_layouts), max_length).tolist()
+                    ids, row_pixels = self.inference_inputs(turns, loaded, max_length, device)
                     row = {"input_ids": ids, "attention_mask": [1] * len(ids)}
-            except InvalidInputError as err:
+            except InvalidInputError as err:  # the prompt's (the pixels raise no InvalidInputError)
                 raise InvalidInputError(err.args[0] if err.args[0].startswith(where) else f"{where}: {err}") from None
             rows.append(row)
-            pictures.append(loaded)
-            layouts.append(row_layouts)
-        pixels = [
-            [p for picture, layout in zip(row_pictures, row_layouts) for p in self.pixel_values(picture, device, layout)]
-            for row_pictures, row_layouts in zip(pictures, layouts)
-        ]
+            pixels.append(row_pixels)
         return self.batch(rows, pixels, padding_side=padding_side, pad_to_multiple_of=pad_to_multiple_of, device=device)
 
     def batch(

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..model.conversation import InvalidInputError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, open_image
 from .protocol import ChatRequest, RequestError, parse_chat_request
-from .scheduler import Job, Prompt, QueueFull, Scheduler, prepare_prompt
+from .scheduler import Job, Prompt, QueueFull, Scheduler
 
 MAX_IMAGES_PER_REQUEST = 16
 DISCONNECT_POLL_S = 0.25
@@ -165,7 +165,7 @@ def _prepare(chat: ChatRequest, processor, image_root: Path | None, settings: Se
     so that bad input is refused before it is queued."""
     images = [open_image(url, param, image_root, settings.max_image_pixels) for url, param in chat.image_urls]
     try:
-        return prepare_prompt(processor, chat.conversation, images, settings.max_inp_length)
+        return Prompt(*processor.inference_inputs(chat.conversation, images, settings.max_inp_length))
     except InvalidInputError as err:
         raise RequestError(
             f"messages: {err}", "messages", code="context_length_exceeded" if "max_inp_length" in str(err) else None

@@ -1,13 +1,13 @@
 """The one thread that runs the model: queued requests are batched through `generate_answers`.
 
-A request comes with its `Prompt` (ids and pixels, made in the request's own thread by `prepare_prompt`), so
-the model's thread only pads prompts into a batch. Batches form between `generate_answers` calls (on a GPU
-they decode through `FastDecoder`, streamed step by step): requests that arrive while a batch runs wait (up
-to `max_queue` of them) and join the next batch, up to `max_batch_size`, taking the oldest request's
-generation settings and every waiting request with equal settings (one call has one generation config; a
-request with a `seed` runs alone; `min_tokens` is part of the settings). Inside a batch, the vision tower
-sees the pictures of all requests grouped by size, and each row has its own end: eos, a stop string, its
-own `max_tokens`, or its client's disconnect. Greedy answers do not depend on the batch
+A request comes with its `Prompt` (ids and pixels, made in the request's own thread by the processor's
+`inference_inputs`), so the model's thread only pads prompts into a batch. Batches form between
+`generate_answers` calls (on a GPU they decode through `FastDecoder`, streamed step by step): requests that
+arrive while a batch runs wait (up to `max_queue` of them) and join the next batch, up to `max_batch_size`,
+taking the oldest request's generation settings and every waiting request with equal settings (one call has
+one generation config; a request with a `seed` runs alone; `min_tokens` is part of the settings). Inside a
+batch, the vision tower sees the pictures of all requests grouped by size, and each row has its own end: eos,
+a stop string, its own `max_tokens`, or its client's disconnect. Greedy answers do not depend on the batch
 (tests/test_serve.py: 8 concurrent clients, float32; tests/test_scheduler.py: the same on the fast path).
 """
 
@@ -26,7 +26,6 @@ from PIL import Image
 
 from ..inference.generate import generate_answers
 from ..model.conversation import InvalidInputError
-from ..model.processing_minicpmv import MiniCPMVProcessor, tag_images
 from .protocol import ChatRequest
 
 logger = logging.getLogger("axolotl_minicpmv.serving")
@@ -38,19 +37,11 @@ class QueueFull(Exception):
 
 @dataclass(frozen=True)
 class Prompt:
-    """A request's model inputs: the prompt's token ids and its pictures' pixels (sources and cells, in order)."""
+    """A request's model inputs: the prompt's token ids and its pictures' pixels (sources and cells, in order),
+    as `MiniCPMVProcessor.inference_inputs` makes them (`Prompt(*processor.inference_inputs(...))`)."""
 
     ids: list[int]
     pixels: list[torch.Tensor]
-
-
-def prepare_prompt(processor: MiniCPMVProcessor, conversation: list[dict], images: list, max_inp_length: int) -> Prompt:
-    """The prompt `generate_answers` builds for this conversation and its opened pictures (placed where their
-    `<image>` tags are, a single untagged one in front). A prompt over `max_inp_length` raises InvalidInputError."""
-    layouts = [processor.layout(image) for image in images]
-    ids = processor.encode_prompt(processor.prompt_text(tag_images(conversation, len(images)), layouts), max_inp_length)
-    pixels = [p for image, layout in zip(images, layouts) for p in processor.pixel_values(image, None, layout)]
-    return Prompt(ids.tolist(), pixels)
 
 
 @dataclass

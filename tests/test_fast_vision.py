@@ -41,9 +41,15 @@ def test_graphed_encoder_replays_encode_images(tiny_model):
     model = tiny_model.to("cuda")
     try:
         encode = image_encoder(model, compile_blocks=False, cuda_graphs=True)
+        graphs = encode.graphed._graphs
         with torch.inference_mode():
-            for size in SIZES + SIZES[:2]:  # the repeats replay their recorded graphs
+            for size in SIZES:  # a shape's first call runs directly, nothing recorded
                 pixels = _pixels(*size).cuda()
                 assert torch.equal(encode(pixels), model.encode_images(pixels))
+            assert not graphs
+            for size in SIZES + SIZES[:2]:  # the second call records, the third replays
+                pixels = _pixels(*size).cuda()
+                assert torch.equal(encode(pixels), model.encode_images(pixels))
+            assert len(graphs) == len(SIZES)
     finally:
         tiny_model.to("cpu")

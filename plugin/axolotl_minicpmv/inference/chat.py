@@ -148,8 +148,8 @@ def init_fast_path(model) -> None:
             )
         model._fast_decoder = FastDecoder(model)
         model._fast_encode_images = image_encoder(model, compile_blocks=on_gpu, cuda_graphs=on_gpu)
-        # Batches (predict, serving) bring stacks of ever new sizes, each of which a graph would record anew
-        # (three forwards); their large stacks are bound by the GPU's arithmetic, not by launches.
+        # Batches of several conversations (predict, serving) bring stacks of ever new sizes, each of which a
+        # graph would record anew (three forwards); their large stacks are bound by the GPU's arithmetic, not by launches.
         model._fast_encode_stacks = image_encoder(model, compile_blocks=on_gpu)
 
 

@@ -99,16 +99,16 @@ class _DecodeLoop:
     """Static buffers for one batch size, cache and set of settings, and on a GPU the CUDA graph of one
     decoding step over them (compiled decoder forward + token choice + bookkeeping, all on the device)."""
 
-    def __init__(
-        self, forward, llm, cache: StaticCache, batch: int, sampling: Sampling, eos_token_id, pad_token_id, min_new_tokens, device
-    ):
+    def __init__(self, forward, llm, cache: StaticCache, batch: int, sampling: Sampling, eos_token_id, pad_token_id, device):
         self.forward, self.llm, self.cache = forward, llm, cache
-        self.sampling, self.eos_token_id, self.pad_token_id, self.min_new_tokens = sampling, eos_token_id, pad_token_id, min_new_tokens
+        self.sampling, self.eos_token_id, self.pad_token_id = sampling, eos_token_id, pad_token_id
         vocab = llm.config.vocab_size
         self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)  # fed to the next step
         self.positions = torch.zeros((batch, 1), dtype=torch.long, device=device)  # each row's next position
         self.padding = torch.ones((batch, cache.get_max_length()), dtype=torch.long, device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)  # tokens chosen so far
+        # a value on the device, not a setting: one graph serves every request's min_new_tokens
+        self.min_new = torch.zeros(1, dtype=torch.long, device=device)
         self.out = torch.zeros((batch, cache.get_max_length()), dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.seen = torch.zeros((batch, vocab), dtype=torch.bool, device=device) if sampling.repetition_penalty != 1.0 else None
@@ -117,10 +117,12 @@ class _DecodeLoop:
             self.is_eos = torch.arange(vocab, device=device) == eos_token_id
         self.graph = None
 
-    def start(self, attention_mask: torch.Tensor, max_new_tokens: int = 1) -> None:
+    def start(self, attention_mask: torch.Tensor, max_new_tokens: int = 1, min_new_tokens: int = 0) -> None:
         """Reset for prompts of this (batch, prompt length) left-padding mask (`max_new_tokens`: for the beam
-        loop, which ends hypotheses at that length on the device; this loop's host stops it)."""
+        loop, which ends hypotheses at that length on the device; this loop's host stops it); eos is kept
+        away until `min_new_tokens` tokens."""
         self.cache.reset()
+        self.min_new.fill_(min_new_tokens)
         self.padding.fill_(1)
         self.padding[:, : attention_mask.shape[1]].copy_(attention_mask)
         self.positions.copy_(attention_mask.sum(-1, keepdim=True))
@@ -132,8 +134,8 @@ class _DecodeLoop:
 
     def advance(self, logits: torch.Tensor) -> None:
         """Choose the next tokens from (batch, vocab) logits and record them."""
-        if self.is_eos is not None and self.min_new_tokens:
-            logits = logits.masked_fill(self.is_eos & (self.step < self.min_new_tokens), float("-inf"))
+        if self.is_eos is not None:
+            logits = logits.masked_fill(self.is_eos & (self.step < self.min_new), float("-inf"))
         tokens = choose_tokens(logits, self.seen, self.sampling)
         if self.is_eos is not None:
             tokens = tokens.masked_fill(self.finished, self.pad_token_id)
@@ -180,12 +182,9 @@ class _BeamLoop(_DecodeLoop):
         repetition_penalty,
         eos_token_id,
         pad_token_id,
-        min_new_tokens,
         device,
     ):
-        super().__init__(
-            forward, llm, cache, rows, Sampling(repetition_penalty=repetition_penalty), eos_token_id, pad_token_id, min_new_tokens, device
-        )
+        super().__init__(forward, llm, cache, rows, Sampling(repetition_penalty=repetition_penalty), eos_token_id, pad_token_id, device)
         self.batch, self.num_beams, self.length_penalty = batch, num_beams, length_penalty
         length = cache.get_max_length()
         self.max_new = torch.zeros(1, dtype=torch.long, device=device)
@@ -201,8 +200,8 @@ class _BeamLoop(_DecodeLoop):
         self.row_offsets = torch.arange(batch, device=device)[:, None] * num_beams
         self.filler_rows = torch.arange(batch * num_beams, rows, device=device)
 
-    def start(self, attention_mask: torch.Tensor, max_new_tokens: int = 1) -> None:
-        super().start(attention_mask, max_new_tokens)
+    def start(self, attention_mask: torch.Tensor, max_new_tokens: int = 1, min_new_tokens: int = 0) -> None:
+        super().start(attention_mask, max_new_tokens, min_new_tokens)
         self.max_new.fill_(max_new_tokens)
         self.running.fill_(self.pad_token_id)
         self.running_scores.fill_(-1e9)
@@ -219,8 +218,8 @@ class _BeamLoop(_DecodeLoop):
         log_probs = logits[: batch * beams].float().log_softmax(-1)
         if self.seen is not None:
             log_probs = penalise_repeats(log_probs, self.seen[: batch * beams], self.sampling.repetition_penalty)
-        if self.is_eos is not None and self.min_new_tokens:
-            log_probs = log_probs.masked_fill(self.is_eos & (self.step < self.min_new_tokens), float("-inf"))
+        if self.is_eos is not None:
+            log_probs = log_probs.masked_fill(self.is_eos & (self.step < self.min_new), float("-inf"))
         scores = (log_probs.view(batch, beams, vocab) + self.running_scores[:, :, None]).view(batch, beams * vocab)
         top_scores, top = scores.topk(2 * beams)
         source, tokens = top // vocab, top % vocab
@@ -379,12 +378,12 @@ class FastDecoder:
         batch, prompt_len, _ = inputs_embeds.shape
         if attention_mask is None:
             attention_mask = torch.ones((batch, prompt_len), dtype=torch.long, device=inputs_embeds.device)
-        settings = (sampling, eos_token_id, pad_token_id, min_new_tokens)
+        settings = (sampling, eos_token_id, pad_token_id)
 
         def make_loop(cache, rows):
             return _DecodeLoop(self._forward, self.model.llm, cache, rows, *settings, device=self.model.device)
 
-        loop = self._prefilled_loop(inputs_embeds, attention_mask, max_new_tokens, settings, make_loop)
+        loop = self._prefilled_loop(inputs_embeds, attention_mask, max_new_tokens, min_new_tokens, settings, make_loop)
         if on_tokens is None:
             for step in range(1, max_new_tokens):
                 if eos_token_id is not None and step % self.sync_every == 0 and bool(loop.finished[:batch].all()):
@@ -399,7 +398,9 @@ class FastDecoder:
         before_eos = ((out == eos_token_id).cumsum(-1) == 0).sum(-1)
         return out[:, : int((before_eos + 1).clamp(max=max_new_tokens).max())]
 
-    def _prefilled_loop(self, inputs_embeds, attention_mask, max_new_tokens: int, settings: tuple, make_loop) -> _DecodeLoop:
+    def _prefilled_loop(
+        self, inputs_embeds, attention_mask, max_new_tokens: int, min_new_tokens: int, settings: tuple, make_loop
+    ) -> _DecodeLoop:
         """The loop for these settings (its graph captured on first use), started and fed the prompt's logits."""
         rows, prompt_len, _ = inputs_embeds.shape
         loop = self._loop_for(rows, prompt_len + max_new_tokens, settings, make_loop)
@@ -413,7 +414,7 @@ class FastDecoder:
             inputs_embeds = torch.cat([inputs_embeds, inputs_embeds[-1:].expand(fillers, -1, -1)])
             attention_mask = torch.cat([attention_mask, attention_mask[-1:].expand(fillers, -1)])
         attention_mask = attention_mask.to(torch.long)
-        loop.start(attention_mask, max_new_tokens)
+        loop.start(attention_mask, max_new_tokens, min_new_tokens)
         # generate()'s prefill positions: counted over attended tokens, 1 under padding (never attended).
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
         if self.compiled:
@@ -442,13 +443,13 @@ class FastDecoder:
         batch, prompt_len, _ = inputs_embeds.shape
         if attention_mask is None:
             attention_mask = torch.ones((batch, prompt_len), dtype=torch.long, device=inputs_embeds.device)
-        settings = ("beams", batch, num_beams, length_penalty, repetition_penalty, eos_token_id, pad_token_id, min_new_tokens)
+        settings = ("beams", batch, num_beams, length_penalty, repetition_penalty, eos_token_id, pad_token_id)
 
         def make_loop(cache, rows):
             return _BeamLoop(self._forward, self.model.llm, cache, rows, *settings[1:], device=self.model.device)
 
         embeds, mask = inputs_embeds.repeat_interleave(num_beams, 0), attention_mask.repeat_interleave(num_beams, 0)
-        loop = self._prefilled_loop(embeds, mask, max_new_tokens, settings, make_loop)
+        loop = self._prefilled_loop(embeds, mask, max_new_tokens, min_new_tokens, settings, make_loop)
         for step in range(1, max_new_tokens):
             if step % self.sync_every == 0 and bool(loop.done):
                 break

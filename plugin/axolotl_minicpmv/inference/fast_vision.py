@@ -6,7 +6,8 @@ as to run (benchmarks/RESULTS.md). Compiling the whole
 tower for dynamic image sizes took minutes (symbolic position-embedding interpolation); compiling one
 block with a dynamic batch and sequence length takes seconds and serves all 26 blocks and every image
 size. Patch and position embedding, the final norm and the resampler stay eager. `GraphedEncoder` then
-records the tower once per stack shape, so a request launches one graph instead of ~700 kernels.
+records the tower for a stack shape that comes again, so a request launches one graph instead of ~700 kernels
+(one H200, a 448x448 picture: 3.6 ms against 14.4 through the compiled blocks, which are bound by launches).
 """
 
 from __future__ import annotations
@@ -47,21 +48,25 @@ def image_encoder(model, compile_blocks: bool, cuda_graphs: bool = False) -> Cal
     def encode(stack: torch.Tensor) -> torch.Tensor:
         return model.resample(features(stack), stack.shape[-2:])
 
+    encode.graphed = features if cuda_graphs else None  # its GraphedEncoder (None without graphs)
     return encode
 
 
 class GraphedEncoder:
     """`encode` (a GPU function of one tensor) replayed from a CUDA graph recorded per input shape.
 
-    A new shape runs `encode` twice on a side stream (compilation, cuBLAS set-up), then records it; the
-    last `max_graphs` shapes are kept. All graphs share one memory pool, which is safe because they
-    replay one at a time on one stream and each result is copied out before the next replay.
+    Recording runs `encode` twice on a side stream (compilation, cuBLAS set-up), then records it: three
+    passes, worth paying for a shape that recurs. So a shape runs `encode` directly the first
+    `record_after - 1` times it comes (a server's one-off picture sizes never pay) and is recorded the time
+    after; the last `max_graphs` recorded shapes are kept. All graphs share one memory pool, which is safe
+    because they replay one at a time on one stream and each result is copied out before the next replay.
     """
 
-    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], max_graphs: int = 16):
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], max_graphs: int = 16, record_after: int = 2):
         self.encode = encode
-        self.max_graphs = max_graphs
+        self.max_graphs, self.record_after = max_graphs, record_after
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._seen: OrderedDict[tuple, int] = OrderedDict()  # shapes not recorded yet -> times they came
         self._pool = torch.cuda.graph_pool_handle()
 
     def _record(self, example: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
@@ -72,6 +77,12 @@ class GraphedEncoder:
     def __call__(self, stack: torch.Tensor) -> torch.Tensor:
         key = (tuple(stack.shape), stack.dtype, stack.device)
         if key not in self._graphs:
+            seen = self._seen.pop(key, 0) + 1
+            if seen < self.record_after:
+                self._seen[key] = seen
+                if len(self._seen) > 16 * self.max_graphs:
+                    self._seen.popitem(last=False)
+                return self.encode(stack)
             self._graphs[key] = self._record(stack)
             if len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)

@@ -194,7 +194,9 @@ class Scheduler:
         logger.info(f"compiling the fast path for batches up to {self.max_batch_size} and {cache_tokens} tokens (once; minutes)")
         start = time.monotonic()
         conversation = [{"role": "user", "content": "warm-up"}]
-        picture = Image.new("RGB", (448, 448), "gray")  # the vision tower's compiled blocks too
+        # The vision tower's compiled blocks too, for a stack of one image and (the picture's 2x1 grid of cells)
+        # for a varying number: without the second, the first request with several same-sized images compiles.
+        picture = Image.new("RGB", (896, 448), "gray")
         prompt = len(self.processor([conversation], [[picture]])["input_ids"][0])
         for batch in sorted({1, self.max_batch_size}):
             generate_answers(

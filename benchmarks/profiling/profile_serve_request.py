@@ -16,7 +16,7 @@ alone (median of --runs, synchronised), in the order a request meets them:
   http          the real app under uvicorn in this process: the first content chunk, for one picture again
                 and again (httpx), and through bench_serve's own client over its pictures
 
-    python benchmarks/profiling/profile_serve_request.py [--runs 10]
+    python benchmarks/profiling/profile_serve_request.py [--runs 10] [--max-batch-size 32]
 
 The Scheduler's warm-up time is printed first: run after bench_serve.py on the same machine, it is the start-up
 of a new process whose compiled artefacts are on disk (TORCHINDUCTOR_CACHE_DIR).
@@ -144,10 +144,11 @@ def http_first_chunk_ms(app, body: dict, images: list[str], runs: int) -> tuple[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--max-batch-size", type=int, default=32)
     args = parser.parse_args()
 
     model, _, processor = bench_model()
-    scheduler = Scheduler(model, processor, max_batch_size=32)
+    scheduler = Scheduler(model, processor, max_batch_size=args.max_batch_size)
     start = time.monotonic()
     scheduler.warm_up()
     print(json.dumps({"warm_up_s": round(time.monotonic() - start, 1)}), flush=True)

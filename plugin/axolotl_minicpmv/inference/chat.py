@@ -6,6 +6,7 @@ Answers must equal the official implementation's for the same inputs; tests/test
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -150,7 +151,7 @@ def init_fast_path(model) -> None:
         model._fast_encode_images = image_encoder(model, compile_blocks=on_gpu, cuda_graphs=on_gpu)
         # Batches of several conversations (predict, serving) bring stacks of ever new sizes, each of which a
         # graph would record anew (three forwards); their large stacks are bound by the GPU's arithmetic, not by launches.
-        model._fast_encode_stacks = image_encoder(model, compile_blocks=on_gpu)
+        model._fast_encode_stacks = functools.partial(model._fast_encode_images, graphs=False)
 
 
 def fast_generate(

@@ -28,8 +28,9 @@ def _run_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 def image_encoder(model, compile_blocks: bool, cuda_graphs: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function equal to `model.encode_images` ((n, 3, H, W) same-size pixels -> resampler outputs).
 
-    With `cuda_graphs` the tower runs from a `GraphedEncoder`; the resampler stays outside the graphs:
-    it copies its position table from pinned host memory that a graph could outlive.
+    With `cuda_graphs` the tower runs from a `GraphedEncoder` (`encode(stack, graphs=False)` runs the same
+    compiled blocks without it: one compilation serves both); the resampler stays outside the graphs: it
+    copies its position table from pinned host memory that a graph could outlive.
     """
     run_block = torch.compile(_run_block, dynamic=True) if compile_blocks else _run_block
     tower = model.vpm
@@ -42,13 +43,13 @@ def image_encoder(model, compile_blocks: bool, cuda_graphs: bool = False) -> Cal
             hidden = run_block(block, hidden)
         return tower.forward_head(tower.norm(hidden))
 
-    if cuda_graphs:
-        features = GraphedEncoder(features)
+    graphed = GraphedEncoder(features) if cuda_graphs else None
 
-    def encode(stack: torch.Tensor) -> torch.Tensor:
-        return model.resample(features(stack), stack.shape[-2:])
+    def encode(stack: torch.Tensor, graphs: bool = True) -> torch.Tensor:
+        tower_out = graphed(stack) if graphs and graphed is not None else features(stack)
+        return model.resample(tower_out, stack.shape[-2:])
 
-    encode.graphed = features if cuda_graphs else None  # its GraphedEncoder (None without graphs)
+    encode.graphed = graphed
     return encode
 
 

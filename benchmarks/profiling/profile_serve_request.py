@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugin"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_chat, bench_serve
 
-from bench_chat import bench_model  # noqa: E402
+from bench_chat import bench_model, timed  # noqa: E402
 from bench_serve import _image_url, _one  # noqa: E402
 
 from axolotl_minicpmv.inference.chat import init_fast_path  # noqa: E402
@@ -54,15 +54,7 @@ NEW_TOKENS = 128
 
 
 def median_ms(fn, runs: int) -> float:
-    fn()
-    samples = []
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return round(1000 * statistics.median(samples), 2)
+    return round(1000 * timed(fn, runs, warmup=1), 2)
 
 
 def request_body(image_url: str) -> dict:

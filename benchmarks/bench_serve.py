@@ -68,8 +68,9 @@ def _image_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
-async def _one(client, url: str, image: str, new_tokens: int) -> tuple[float, float, int]:
-    body = {
+def request_body(image: str, new_tokens: int) -> dict:
+    """The benchmark's request: a greedy streamed answer of exactly `new_tokens` tokens about one picture."""
+    return {
         "model": "bench",
         "temperature": 0,
         "max_tokens": new_tokens,
@@ -83,6 +84,11 @@ async def _one(client, url: str, image: str, new_tokens: int) -> tuple[float, fl
             }
         ],
     }
+
+
+async def _one(client, url: str, image: str, new_tokens: int) -> tuple[float, float, int]:
+    """(seconds to the first content chunk, seconds to the end, completion tokens) of one streamed request."""
+    body = request_body(image, new_tokens)
     start = time.perf_counter()
     first, tokens = None, 0
     async with client.stream("POST", url, json=body) as response:

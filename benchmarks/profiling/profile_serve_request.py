@@ -13,8 +13,8 @@ alone (median of --runs, synchronised), in the order a request meets them:
   first_token   `generate_answers(inputs=..., max_new_tokens=1)`: everything of the model's thread
   scheduler     `Scheduler.submit` of a prepared Job until its first streamed text (no HTTP), for each of
                 bench_serve's first --runs pictures (a random model's first token may stream no text yet)
-  http          the real app under uvicorn in this process: the first content chunk, for one picture again
-                and again (httpx), and through bench_serve's own client over its pictures
+  http          the real app under uvicorn in this process, through bench_serve's own client: the first
+                content chunk for one picture again and again, and for each of its pictures
 
     python benchmarks/profiling/profile_serve_request.py [--runs 10] [--max-batch-size 32]
 
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugin"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_chat, bench_serve
 
 from bench_chat import bench_model, timed  # noqa: E402
-from bench_serve import _image_url, _one  # noqa: E402
+from bench_serve import _image_url, _one, request_body  # noqa: E402
 
 from axolotl_minicpmv.inference.chat import init_fast_path  # noqa: E402
 from axolotl_minicpmv.inference.generate import generate_answers  # noqa: E402
@@ -55,25 +55,6 @@ NEW_TOKENS = 128
 
 def median_ms(fn, runs: int) -> float:
     return round(1000 * timed(fn, runs, warmup=1), 2)
-
-
-def request_body(image_url: str) -> dict:
-    return {
-        "model": "bench",
-        "temperature": 0,
-        "max_tokens": NEW_TOKENS,
-        "min_tokens": NEW_TOKENS,
-        "stream": True,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": image_url}},
-                    {"type": "text", "text": "What is shown in this picture?"},
-                ],
-            }
-        ],
-    }
 
 
 def scheduler_first_text_ms(scheduler: Scheduler, chat, prompt, runs: int) -> float:
@@ -96,8 +77,9 @@ def scheduler_first_text_ms(scheduler: Scheduler, chat, prompt, runs: int) -> fl
     return round(1000 * statistics.median(samples), 2)
 
 
-def http_first_chunk_ms(app, body: dict, images: list[str], runs: int) -> tuple[float, list[float]]:
-    """(median first content chunk of `body` sent `runs` times, bench_serve's client's first chunk per image)."""
+def http_first_chunk_ms(app, images: list[str], runs: int) -> tuple[float, list[float]]:
+    """(median first content chunk of the first picture's request sent `runs` times after one more, the first
+    chunk of each picture's request), through bench_serve's own client."""
     import httpx
     import uvicorn
 
@@ -110,27 +92,16 @@ def http_first_chunk_ms(app, body: dict, images: list[str], runs: int) -> tuple[
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     while not server.started:
         time.sleep(0.05)
-    samples = []
-    with httpx.Client(timeout=120) as client:
-        for _ in range(runs + 1):
-            start, first = time.perf_counter(), None
-            with client.stream("POST", url, json=body) as response:
-                response.raise_for_status()
-                for line in response.iter_lines():
-                    if first is None and line.startswith("data: {"):
-                        choices = json.loads(line[6:])["choices"]
-                        if choices and choices[0]["delta"].get("content"):
-                            first = time.perf_counter() - start
-            samples.append(first)
 
-    async def bench_client() -> list[float]:
+    async def first_chunks_ms(sent: list[str]) -> list[float]:
         async with httpx.AsyncClient(timeout=120) as client:
-            return [round(1000 * (await _one(client, url, image, NEW_TOKENS))[0], 1) for image in images]
+            return [1000 * (await _one(client, url, image, NEW_TOKENS))[0] for image in sent]
 
-    by_image = asyncio.run(bench_client())
+    again = asyncio.run(first_chunks_ms([images[0]] * (runs + 1)))[1:]
+    by_image = asyncio.run(first_chunks_ms(images))
     server.should_exit = True
     thread.join(timeout=10)
-    return round(1000 * statistics.median(samples[1:]), 2), by_image
+    return round(statistics.median(again), 2), [round(ms, 1) for ms in by_image]
 
 
 def main() -> None:
@@ -146,8 +117,9 @@ def main() -> None:
     print(json.dumps({"warm_up_s": round(time.monotonic() - start, 1)}), flush=True)
 
     settings = api.ServerSettings(model_name="bench", ui=False)
-    body = request_body(_image_url(0))
-    raw = json.dumps(body).encode()
+    runs = args.runs
+    images = [_image_url(seed) for seed in range(runs)]  # bench_serve's pictures; the first one for the stages
+    raw = json.dumps(request_body(images[0], NEW_TOKENS)).encode()
     chat = parse_chat_request(json.loads(raw), {"bench"}, settings.max_tokens)
     (url, param), *_ = chat.image_urls
     prompt = api._prepare(chat, processor, None, settings)
@@ -167,11 +139,9 @@ def main() -> None:
     def first_token():
         generate_answers(model, processor, [chat.conversation], inputs=to_gpu(), max_new_tokens=1, min_new_tokens=1, num_beams=1, fast=True)
 
-    runs = args.runs
-    images = [_image_url(seed) for seed in range(runs)]
     by_image = []
     for image in images:
-        image_chat = parse_chat_request(request_body(image), {"bench"}, settings.max_tokens)
+        image_chat = parse_chat_request(request_body(image, NEW_TOKENS), {"bench"}, settings.max_tokens)
         by_image.append(scheduler_first_text_ms(scheduler, image_chat, api._prepare(image_chat, processor, None, settings), 2))
     stages = {
         "parse_ms": median_ms(lambda: parse_chat_request(json.loads(raw), {"bench"}, settings.max_tokens), runs),
@@ -186,7 +156,7 @@ def main() -> None:
     }
     # last: the app's shutdown closes the scheduler
     stages["http_first_chunk_ms"], stages["http_bench_client_ms_by_image"] = http_first_chunk_ms(
-        api.create_app(scheduler, settings), body, images, runs
+        api.create_app(scheduler, settings), images, runs
     )
     print(json.dumps({"bench": "profile_serve_request", "gpu": torch.cuda.get_device_name(), "runs": runs, **stages}), flush=True)
 

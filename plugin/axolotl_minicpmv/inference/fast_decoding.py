@@ -289,7 +289,9 @@ class FastDecoder:
     """Greedy or sampled decoding (`generate`) and beam search (`beam_search`) for `MiniCPMV` from prompt
     embeddings (see `MiniCPMV.embed_inputs`).
 
-    On a GPU the prefill is compiled for any prompt length, and each decoding step is one CUDA graph
+    The decoder's q/k/v and gate/up projections run fused (`MiniCPMForCausalLM.fuse_projections`: one
+    stacked weight each, the separate maps becoming views of it, so no memory is added). On a GPU the prefill
+    is compiled for any prompt length, and each decoding step is one CUDA graph
     replay: the decoder forward is compiled (torch.compile, fixed shapes) and captured together with the
     token choice, so the host only queues replays and reads the end-of-sequence flags every `sync_every`
     tokens (streaming: see `on_tokens`). Static caches are kept, sized to the next power of two (at least
@@ -309,6 +311,9 @@ class FastDecoder:
         self.model = model
         self.sync_every = sync_every
         self.on_gpu = model.device.type == "cuda"
+        # One q/k/v and one gate/up product per layer: fewer, larger matrix-vector kernels in every step.
+        fused = model.llm.fuse_projections()
+        logger.info(f"FastDecoder: {fused} of {2 * len(model.llm.model.layers)} projection groups fused (LoRA-wrapped ones stay apart)")
         self.compiled = self.on_gpu and compile
         self._forward, self._prefill = _decode_forward, _prefill_forward
         if self.compiled:

@@ -81,13 +81,18 @@ class MiniCPMAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.register_buffer("qkv_weight", None, persistent=False)  # see fuse_projections
+
+    def project_qkv(self, hidden_states) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        maps = (self.q_proj, self.k_proj, self.v_proj)
+        if fused_applies(self.qkv_weight, *maps):
+            return nn.functional.linear(hidden_states, self.qkv_weight).split([m.out_features for m in maps], -1)
+        return tuple(m(hidden_states) for m in maps)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values: Cache | None = None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key, value = (x.view(hidden_shape).transpose(1, 2) for x in self.project_qkv(hidden_states))
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
@@ -105,11 +110,46 @@ class MiniCPMAttention(nn.Module):
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
+class MiniCPMMLP(LlamaMLP):
+    """transformers' SiLU-gated MLP, whose gate and up products can run as one (see fuse_projections)."""
+
+    def __init__(self, config: MiniCPMVConfig):
+        super().__init__(config)
+        self.register_buffer("gate_up_weight", None, persistent=False)
+
+    def forward(self, x):
+        if not fused_applies(self.gate_up_weight, self.gate_proj, self.up_proj):
+            return super().forward(x)
+        gate, up = nn.functional.linear(x, self.gate_up_weight).split([self.gate_proj.out_features, self.up_proj.out_features], -1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+def fuse_linears(linears: list[nn.Linear]) -> torch.Tensor | None:
+    """One weight for linear maps of the same input: their rows stacked in one tensor, and each map's weight
+    re-pointed to its rows, so nothing is added to memory and both paths compute with the same values (an
+    in-place update of a map's weight, such as an optimizer step or a LoRA merge, updates the stack). None
+    where a map is not a plain bias-free nn.Linear (a LoRA wrapper, a quantized layer): it stays unfused."""
+    if any(type(linear) is not nn.Linear or linear.bias is not None for linear in linears):
+        return None
+    stacked = torch.cat([linear.weight.detach() for linear in linears])
+    start = 0
+    for linear in linears:
+        linear.weight.data = stacked[start : start + linear.out_features]
+        start += linear.out_features
+    return stacked
+
+
+def fused_applies(stacked: torch.Tensor | None, *linears: nn.Module) -> bool:
+    """Use a stacked weight only without autograd (it is no parameter, so training goes through the maps
+    themselves) and while every map is still the plain nn.Linear it was made from (not since wrapped by peft)."""
+    return stacked is not None and not torch.is_grad_enabled() and all(type(linear) is nn.Linear for linear in linears)
+
+
 class MiniCPMDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: MiniCPMVConfig, layer_idx: int):
         super().__init__()
         self.self_attn = MiniCPMAttention(config, layer_idx)
-        self.mlp = LlamaMLP(config)
+        self.mlp = MiniCPMMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         # Each residual branch is damped by scale_depth / sqrt(depth) before it is added.
@@ -248,6 +288,20 @@ class MiniCPMForCausalLM(MiniCPMPreTrainedModel):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :] / self.logit_scale)
         return CausalLMOutputWithPast(loss=loss, logits=logits.float(), past_key_values=outputs.past_key_values)
+
+    def fuse_projections(self) -> int:
+        """For decoding: each layer's q/k/v products become one matrix product, and so do gate/up (fewer,
+        larger kernels: batch-1 decoding reads every weight once per token). The separate maps keep their
+        names and values (views of the stacked rows), so checkpoints, LoRA targets and training are unchanged;
+        the stacked weights are non-persistent buffers, used only under no_grad / inference_mode. Call again
+        after replacing a weight tensor (an in-place change needs nothing). Returns the number of groups fused."""
+        fused = 0
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_weight = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+            mlp.gate_up_weight = fuse_linears([mlp.gate_proj, mlp.up_proj])
+            fused += (attn.qkv_weight is not None) + (mlp.gate_up_weight is not None)
+        return fused
 
     @property
     def logit_scale(self) -> float:

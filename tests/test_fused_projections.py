@@ -26,7 +26,12 @@ def test_fused_projections_give_the_same_logits_and_add_no_memory(tiny_checkpoin
     plain = MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32).eval()
     fused = _fused_model(tiny_checkpoint_fp32)
     ids = torch.randint(1, 500, (2, 17), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(_logits(fused, ids), _logits(plain, ids), rtol=1e-5, atol=1e-5)
+    logits = _logits(fused, ids)
+    assert logits.shape[-1] == plain.config.vocab_size  # the padded lm_head's extra logits are cut off
+    torch.testing.assert_close(logits, _logits(plain, ids), rtol=1e-5, atol=1e-5)
+    head = fused.llm.padded_head_weight
+    assert head.shape[0] % 64 == 0 and head.shape[0] >= plain.config.vocab_size
+    assert fused.llm.lm_head.weight.data_ptr() == head.data_ptr()
 
     attn, mlp = fused.llm.model.layers[0].self_attn, fused.llm.model.layers[0].mlp
     # the separate maps are views of the stacked rows: one copy of every weight
@@ -41,7 +46,7 @@ def test_fused_projections_give_the_same_logits_and_add_no_memory(tiny_checkpoin
 
 def test_a_fused_model_saves_and_loads_the_official_tensors(tiny_checkpoint_fp32, tmp_path):
     fused = _fused_model(tiny_checkpoint_fp32)
-    assert not [name for name in fused.state_dict() if "qkv_weight" in name or "gate_up_weight" in name]
+    assert not [name for name in fused.state_dict() if name.endswith(("qkv_weight", "gate_up_weight", "padded_head_weight"))]
     fused.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
     reference = MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32).state_dict()

@@ -8,7 +8,7 @@ over 256 new tokens (FastDecoder: static cache + CUDA graph), peak memory, the f
 torch.profiler pass over 10 un-graphed steps: GPU kernel time and kernels per step and the 14 kernels that take
 the most time. Measured 2026-11-25 (unfused): coordinate-descent tuning alone 277.7 tokens/s, with freezing 302.7.
 
-    python benchmarks/profiling/compare_decode_compile.py [--variants shipped unfused combo recorded recorded_unfused] [--batches 1 8]
+    python benchmarks/profiling/compare_decode_compile.py [--variants shipped unfused unpadded combo recorded recorded_unfused] [--batches 1 8]
 """
 
 from __future__ import annotations
@@ -31,22 +31,27 @@ from axolotl_minicpmv.inference.fast_decoding import FastDecoder, _decode_forwar
 
 NEW_TOKENS = 256
 SHIPPED = {"coordinate_descent_tuning": True, "freezing": True}
-# name -> (inductor options of the compiled step, or None: the eager step recorded; projections fused)
+# name -> (inductor options of the compiled step, or None: the eager step recorded; what fuse_projections keeps:
+# "all", "none", or "decoder": the fused q/k/v and gate/up without the padded lm_head)
 VARIANTS = {
-    "shipped": (SHIPPED, True),
-    "unfused": (SHIPPED, False),
-    "cdt": ({"coordinate_descent_tuning": True}, True),
-    "combo": ({**SHIPPED, "combo_kernels": True}, True),
-    "aggressive": ({**SHIPPED, "aggressive_fusion": True}, True),
-    "recorded": (None, True),
-    "recorded_unfused": (None, False),
+    "shipped": (SHIPPED, "all"),
+    "unfused": (SHIPPED, "none"),
+    "unpadded": (SHIPPED, "decoder"),
+    "cdt": ({"coordinate_descent_tuning": True}, "all"),
+    "combo": ({**SHIPPED, "combo_kernels": True}, "all"),
+    "aggressive": ({**SHIPPED, "aggressive_fusion": True}, "all"),
+    "recorded": (None, "all"),
+    "recorded_unfused": (None, "none"),
 }
 
 
-def unfuse(llm) -> None:
-    for layer in llm.model.layers:
-        layer.self_attn.qkv_weight = None
-        layer.mlp.gate_up_weight = None
+def unfuse(llm, keep: str) -> None:
+    if keep != "all":
+        llm.padded_head_weight = None
+    if keep == "none":
+        for layer in llm.model.layers:
+            layer.self_attn.qkv_weight = None
+            layer.mlp.gate_up_weight = None
 
 
 def main() -> None:
@@ -62,13 +67,12 @@ def main() -> None:
 
 
 def measure(model, embeds, name: str, batch: int) -> None:
-    options, fused = VARIANTS[name]
+    options, keep = VARIANTS[name]
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     decoder = FastDecoder(model, compile=options is not None)
-    if not fused:
-        unfuse(model.llm)
+    unfuse(model.llm, keep)
     decoder._prefill = _prefill_forward
     if options is not None:
         decoder._forward = torch.compile(_decode_forward, fullgraph=True, dynamic=False, options=options)
@@ -120,8 +124,7 @@ def measure(model, embeds, name: str, batch: int) -> None:
         print(
             json.dumps({"k": event.key[:90], "us_per_step": round(event.self_device_time_total / 10, 1), "n": event.count / 10}), flush=True
         )
-    if not fused:
-        model.llm.fuse_projections()
+    model.llm.fuse_projections()
 
 
 if __name__ == "__main__":

@@ -124,14 +124,17 @@ class MiniCPMMLP(LlamaMLP):
         return self.down_proj(self.act_fn(gate) * up)
 
 
-def fuse_linears(linears: list[nn.Linear]) -> torch.Tensor | None:
-    """One weight for linear maps of the same input: their rows stacked in one tensor, and each map's weight
-    re-pointed to its rows, so nothing is added to memory and both paths compute with the same values (an
-    in-place update of a map's weight, such as an optimizer step or a LoRA merge, updates the stack). None
-    where a map is not a plain bias-free nn.Linear (a LoRA wrapper, a quantized layer): it stays unfused."""
+def fuse_linears(linears: list[nn.Linear], row_multiple: int = 1) -> torch.Tensor | None:
+    """One weight for linear maps of the same input: their rows stacked in one tensor (zero rows added up to a
+    multiple of `row_multiple`), and each map's weight re-pointed to its rows, so nothing is added to memory and
+    both paths compute with the same values (an in-place update of a map's weight, such as an optimizer step or
+    a LoRA merge, updates the stack). None where a map is not a plain bias-free nn.Linear (a LoRA wrapper, a
+    quantized layer): it stays unfused."""
     if any(type(linear) is not nn.Linear or linear.bias is not None for linear in linears):
         return None
-    stacked = torch.cat([linear.weight.detach() for linear in linears])
+    rows = sum(linear.out_features for linear in linears)
+    padding = -rows % row_multiple
+    stacked = torch.cat([linear.weight.detach() for linear in linears] + [linears[0].weight.new_zeros(padding, linears[0].in_features)])
     start = 0
     for linear in linears:
         linear.weight.data = stacked[start : start + linear.out_features]
@@ -274,6 +277,7 @@ class MiniCPMForCausalLM(MiniCPMPreTrainedModel):
         super().__init__(config)
         self.model = MiniCPMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("padded_head_weight", None, persistent=False)  # see fuse_projections
         self.post_init()
 
     def forward(self, labels=None, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
@@ -286,15 +290,23 @@ class MiniCPMForCausalLM(MiniCPMPreTrainedModel):
             # Training needs only the loss: full logits would be seq x 122,753 floats per sample.
             return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :] / self.logit_scale)
+        logits = self.project_logits(hidden[:, keep, :] / self.logit_scale)
         return CausalLMOutputWithPast(loss=loss, logits=logits.float(), past_key_values=outputs.past_key_values)
+
+    def project_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if fused_applies(self.padded_head_weight, self.lm_head):
+            return nn.functional.linear(hidden, self.padded_head_weight)[..., : self.lm_head.out_features]
+        return self.lm_head(hidden)
 
     def fuse_projections(self) -> int:
         """For decoding: each layer's q/k/v products become one matrix product, and so do gate/up (fewer,
-        larger kernels: batch-1 decoding reads every weight once per token). The separate maps keep their
-        names and values (views of the stacked rows), so checkpoints, LoRA targets and training are unchanged;
-        the stacked weights are non-persistent buffers, used only under no_grad / inference_mode. Call again
-        after replacing a weight tensor (an in-place change needs nothing). Returns the number of groups fused."""
+        larger kernels), and lm_head's weight gets zero rows up to a multiple of 64 (the 122,753-row vocabulary
+        leaves the logits rows unaligned, and cuBLAS then picks a slow align-1 kernel; the padding logits are cut
+        off). The separate maps keep their names and values (views of the stacked rows), so checkpoints, LoRA
+        targets and training are unchanged; the stacked weights are non-persistent buffers, used only under
+        no_grad / inference_mode. Call again after replacing a weight tensor (an in-place change needs nothing).
+        Returns the number of decoder groups fused."""
+        self.padded_head_weight = fuse_linears([self.lm_head], row_multiple=64)
         fused = 0
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp

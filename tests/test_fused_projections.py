@@ -44,6 +44,16 @@ def test_fused_projections_give_the_same_logits_and_add_no_memory(tiny_checkpoin
     torch.testing.assert_close(attn.qkv_weight[q : q + k], attn.k_proj.weight, rtol=0, atol=0)
 
 
+def test_a_weight_replaced_after_fusing_is_used_as_it_is(tiny_checkpoint_fp32):
+    plain = MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32).eval()
+    fused = _fused_model(tiny_checkpoint_fp32)
+    for model in (plain, fused):  # as a safe LoRA merge does: a new tensor, not an in-place change
+        for proj in (model.llm.model.layers[0].self_attn.v_proj, model.llm.model.layers[1].mlp.up_proj, model.llm.lm_head):
+            proj.weight.data = proj.weight.data * 1.5
+    ids = torch.randint(1, 500, (1, 13), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(_logits(fused, ids), _logits(plain, ids), rtol=1e-5, atol=1e-5)
+
+
 def test_a_fused_model_saves_and_loads_the_official_tensors(tiny_checkpoint_fp32, tmp_path):
     fused = _fused_model(tiny_checkpoint_fp32)
     assert not [name for name in fused.state_dict() if name.endswith(("qkv_weight", "gate_up_weight", "padded_head_weight"))]

@@ -289,8 +289,9 @@ class FastDecoder:
     """Greedy or sampled decoding (`generate`) and beam search (`beam_search`) for `MiniCPMV` from prompt
     embeddings (see `MiniCPMV.embed_inputs`).
 
-    The decoder's q/k/v and gate/up projections run fused (`MiniCPMForCausalLM.fuse_projections`: one
-    stacked weight each, the separate maps becoming views of it, so no memory is added). On a GPU the prefill
+    The decoder's q/k/v and gate/up projections run fused and lm_head's weight padded to a multiple of 64 rows
+    (`MiniCPMForCausalLM.fuse_projections`: the separate weights become views of the stacked ones, so no memory
+    is added). On a GPU the prefill
     is compiled for any prompt length, and each decoding step is one CUDA graph
     replay: the decoder forward is compiled (torch.compile, fixed shapes) and captured together with the
     token choice, so the host only queues replays and reads the end-of-sequence flags every `sync_every`

@@ -144,8 +144,21 @@ def fuse_linears(linears: list[nn.Linear], row_multiple: int = 1) -> torch.Tenso
 
 def fused_applies(stacked: torch.Tensor | None, *linears: nn.Module) -> bool:
     """Use a stacked weight only without autograd (it is no parameter, so training goes through the maps
-    themselves) and while every map is still the plain nn.Linear it was made from (not since wrapped by peft)."""
-    return stacked is not None and not torch.is_grad_enabled() and all(type(linear) is nn.Linear for linear in linears)
+    themselves) and while every map is still the plain nn.Linear it was made from (not since wrapped by peft)
+    reading its rows of the stack: a weight tensor replaced since (a safe LoRA merge, `.to(dtype)`) is used as
+    it is. A compiled step (FastDecoder's) skips that last check: it keeps the weights it was compiled with."""
+    if stacked is None or torch.is_grad_enabled() or any(type(linear) is not nn.Linear for linear in linears):
+        return False
+    return torch.compiler.is_compiling() or _reads_rows_of(stacked, linears)
+
+
+def _reads_rows_of(stacked: torch.Tensor, linears) -> bool:
+    address = stacked.data_ptr()
+    for linear in linears:
+        if linear.weight.data_ptr() != address:
+            return False
+        address += linear.weight.numel() * linear.weight.element_size()
+    return True
 
 
 class MiniCPMDecoderLayer(GradientCheckpointingLayer):

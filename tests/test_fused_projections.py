@@ -1,5 +1,6 @@
-"""Fused q/k/v and gate/up projections (`MiniCPMForCausalLM.fuse_projections`, used by FastDecoder): the same
-logits without autograd, the same checkpoint, and training and LoRA going through the separate maps."""
+"""Fused q/k/v and gate/up projections and the padded lm_head (`MiniCPMForCausalLM.fuse_projections`, used by
+FastDecoder): the same logits without autograd, the same checkpoint, and training, LoRA and replaced weights going
+through the separate maps."""
 
 from __future__ import annotations
 

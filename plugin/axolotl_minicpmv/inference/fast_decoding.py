@@ -291,8 +291,7 @@ class FastDecoder:
 
     The decoder's q/k/v and gate/up projections run fused and lm_head's weight padded to a multiple of 64 rows
     (`MiniCPMForCausalLM.fuse_projections`: the separate weights become views of the stacked ones, so no memory
-    is added). On a GPU the prefill
-    is compiled for any prompt length, and each decoding step is one CUDA graph
+    is added). On a GPU the prefill is compiled for any prompt length, and each decoding step is one CUDA graph
     replay: the decoder forward is compiled (torch.compile, fixed shapes) and captured together with the
     token choice, so the host only queues replays and reads the end-of-sequence flags every `sync_every`
     tokens (streaming: see `on_tokens`). Static caches are kept, sized to the next power of two (at least
@@ -314,6 +313,7 @@ class FastDecoder:
         self.on_gpu = model.device.type == "cuda"
         # One q/k/v and one gate/up product per layer: fewer, larger kernels in every step (measured on an H100:
         # +11 % tokens/s at batch 8 compiled, +6 % at batch 1 recorded eager, -3 % at batch 1 compiled; RESULTS.md).
+        # lm_head is padded to aligned rows too (not measured yet).
         fused = model.llm.fuse_projections()
         logger.info(f"FastDecoder: {fused} of {2 * len(model.llm.model.layers)} projection groups fused (LoRA-wrapped ones stay apart)")
         self.compiled = self.on_gpu and compile

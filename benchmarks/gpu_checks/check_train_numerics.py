@@ -1,0 +1,113 @@
+"""GPU check: every fast or memory-saving training setting trains like the eager path, in bf16 at the real size.
+
+The recipe's PEFT model (real config, random weights; LoRA on q|k|v, vision tower, resampler and embeddings
+trained in full) takes three AdamW steps on three fixed seed-shaped batches (512-1024 tokens a row, 7-10
+images of four sizes), once per setting on the same weights:
+
+    reference   eager, float32      the yardstick of bf16 rounding
+    eager       eager, bf16         what each setting is compared with
+    checkpoint  gradient checkpointing (configs/minicpmv_lora_24gb.yml), bf16
+    compiled    decoder layers compiled in place (minicpmv_compile_layers), bf16
+
+For each bf16 setting and step: the loss difference from bf16 eager and the largest relative L2 difference
+of any trained tensor's gradient (|g - g_eager| / |g_eager|). Tolerance, stated in the output: a setting
+passes when every step stays within twice the bf16 eager path's own distance from float32 (loss and
+gradients alike), i.e. it changes the numbers no more than bf16 rounding already does. One JSON line.
+
+    python benchmarks/gpu_checks/check_train_numerics.py [--settings checkpoint compiled]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugin"))
+
+from axolotl_minicpmv import MiniCPMVConfig  # noqa: E402
+from axolotl_minicpmv.integration.compiled_layers import compile_decoder_layers  # noqa: E402
+from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
+from axolotl_minicpmv.testing.training_steps import recipe_lora_model, synthetic_batch, to_device, train_steps  # noqa: E402
+
+# (tokens per row, image stacks (count, height, width)): a resized source picture plus slices, as the recipe's data
+BATCHES = [
+    (512, [(1, 378, 560), (6, 448, 448)]),
+    (768, [(2, 448, 448), (1, 644, 308), (3, 336, 602)]),
+    (1024, [(10, 448, 448)]),
+]
+LR = 1e-5
+
+
+def prepare(model: torch.nn.Module, setting: str) -> None:
+    if setting == "checkpoint":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif setting == "compiled":
+        compile_decoder_layers(model)
+
+
+def run(setting: str, dtype: torch.dtype, batches: list[dict]) -> tuple[list, float]:
+    model = recipe_lora_model(MiniCPMVConfig(**_model_kwargs(OFFICIAL_CONFIG)), device="cuda", dtype=dtype, lora_r=64)
+    prepare(model, setting)
+    start = time.perf_counter()
+    steps = train_steps(model, batches, lr=LR)
+    torch.cuda.synchronize()
+    del model
+    torch.cuda.empty_cache()
+    return steps, time.perf_counter() - start
+
+
+def distance(steps, reference) -> list[dict]:
+    """Per step: the loss difference and the largest relative gradient difference (and which tensor)."""
+    out = []
+    for (loss, grads), (ref_loss, ref_grads) in zip(steps, reference, strict=True):
+        if grads.keys() != ref_grads.keys():
+            raise AssertionError(f"different trained tensors: {sorted(grads.keys() ^ ref_grads.keys())[:5]}")
+        rel = {name: ((grads[name] - g).norm() / g.norm().clamp_min(1e-30)).item() for name, g in ref_grads.items()}
+        worst = max(rel, key=rel.get)
+        out.append({"loss_diff": abs(loss - ref_loss), "loss": loss, "grad_rel_max": rel[worst], "worst_tensor": worst})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=["checkpoint", "compiled"], choices=["checkpoint", "compiled"])
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 yardstick in true float32
+    vocab, queries = OFFICIAL_CONFIG["vocab_size"], OFFICIAL_CONFIG["query_num"]
+    host_batches = [synthetic_batch(length, sizes, vocab, queries, seed) for seed, (length, sizes) in enumerate(BATCHES)]
+    batches = {dtype: [to_device(b, "cuda") for b in host_batches] for dtype in (torch.float32, torch.bfloat16)}
+    for batch in batches[torch.bfloat16]:
+        batch["pixel_values"] = [p.bfloat16() for p in batch["pixel_values"]]
+
+    reference, _ = run("eager", torch.float32, batches[torch.float32])
+    eager, eager_s = run("eager", torch.bfloat16, batches[torch.bfloat16])
+    bf16_rounding = distance(eager, reference)
+    reference = None  # frees the float32 gradients
+    result = {
+        "check": "train_numerics",
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "lr": LR,
+        "batches": BATCHES,
+        "tolerance": "each step: loss and largest relative gradient difference from bf16 eager <= 2x bf16 eager's own from float32",
+        "eager_bf16_vs_float32": bf16_rounding,
+        "eager_bf16_seconds": round(eager_s, 1),
+        "settings": {},
+    }
+    for setting in args.settings:
+        steps, seconds = run(setting, torch.bfloat16, batches[torch.bfloat16])
+        diffs = distance(steps, eager)
+        passed = all(
+            d["loss_diff"] <= 2 * r["loss_diff"] + 1e-6 and d["grad_rel_max"] <= 2 * r["grad_rel_max"] for d, r in zip(diffs, bf16_rounding)
+        )
+        result["settings"][setting] = {"vs_eager_bf16": diffs, "passed": passed, "seconds_incl_compilation": round(seconds, 1)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

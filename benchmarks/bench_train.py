@@ -90,7 +90,7 @@ def training_flops(model_dir: Path, data: Path, cfg: dict) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--deepspeed", default="configs/deepspeed/zero2_offload.json")
+    parser.add_argument("--deepspeed", default="configs/deepspeed/zero2_offload.json", help="a DeepSpeed config, or none (plain Trainer)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the steady-state median")
     parser.add_argument("--samples", type=int, default=96)
@@ -113,14 +113,14 @@ def main() -> None:
     data = make_dataset(work / "data", args.samples)
 
     cfg = yaml.safe_load(Path(args.config).read_text())
-    tag = Path(args.deepspeed).stem
+    tag = Path(args.config).stem if args.deepspeed == "none" else Path(args.deepspeed).stem
     cfg.update(
         base_model=str(model_dir),
         datasets=[{"path": str(data), "type": "axolotl_minicpmv.minicpmv_chat"}],
         dataset_prepared_path=str(work / "prepared"),
         output_dir=str(work / f"out-{tag}"),
         max_steps=args.steps,
-        deepspeed=str(REPO / args.deepspeed),
+        deepspeed=None if args.deepspeed == "none" else str(REPO / args.deepspeed),
         save_strategy="no",
         logging_steps=1,
         val_set_size=0.0,

@@ -5,9 +5,10 @@ trained in full) takes three AdamW steps on three fixed seed-shaped batches (512
 images of four sizes), once per setting on the same weights:
 
     reference   eager, float32      the yardstick of bf16 rounding
-    eager       eager, bf16         what each setting is compared with
-    checkpoint  gradient checkpointing (configs/minicpmv_lora_24gb.yml), bf16
-    compiled    decoder layers compiled in place (minicpmv_compile_layers), bf16
+    eager       eager, bf16, the tower run once per image size: what each setting is compared with
+    packed      the tower run once over all sizes' patches (flash varlen attention; the GPU default), bf16
+    checkpoint  packed + gradient checkpointing (configs/minicpmv_lora_24gb.yml), bf16
+    compiled    packed + decoder layers compiled in place (minicpmv_compile_layers), bf16
 
 For each bf16 setting and step: the loss difference from bf16 eager and, for each trained part (vision tower,
 resampler, embeddings, LoRA factors), the relative L2 difference of its gradients. Tolerance, stated in the
@@ -15,7 +16,7 @@ output: a setting passes when every step stays within twice the bf16 eager path'
 (loss and each part's gradients), i.e. it changes the numbers no more than bf16 rounding already does. One
 JSON line.
 
-    python benchmarks/gpu_checks/check_train_numerics.py [--settings checkpoint compiled]
+    python benchmarks/gpu_checks/check_train_numerics.py [--settings packed checkpoint compiled]
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ LR = 1e-5
 
 
 def prepare(model: torch.nn.Module, setting: str) -> None:
-    if setting == "checkpoint":
+    if setting == "eager":
+        model.base_model.model.vision_block = None  # one tower pass per image size
+    elif setting == "checkpoint":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif setting == "compiled":
         compile_decoder_layers(model)
@@ -92,7 +95,7 @@ def within(diffs, rounding) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", default=["checkpoint", "compiled"], choices=["checkpoint", "compiled"])
+    parser.add_argument("--settings", nargs="+", default=["packed", "checkpoint", "compiled"], choices=["packed", "checkpoint", "compiled"])
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 yardstick in true float32
     vocab, queries = OFFICIAL_CONFIG["vocab_size"], OFFICIAL_CONFIG["query_num"]

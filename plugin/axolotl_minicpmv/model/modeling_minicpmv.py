@@ -27,6 +27,7 @@ from transformers.utils import logging
 from .checkpoint import check_checkpoint_dir, raise_on_incomplete_load
 from .configuration_minicpmv import MiniCPMVConfig
 from .conversation import InvalidInputError
+from .packed_vision import encode_packed, packed_block, packs
 from .processing_minicpmv import check_image_slots
 from .resampler import Resampler, sincos_2d
 from .transfer import to_device
@@ -394,6 +395,7 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         self.llm = MiniCPMForCausalLM(config)
         self.vpm = build_vision_tower(config)
         self.resampler = Resampler(config.query_num, config.hidden_size, config.hidden_size // 128, self.vpm.embed_dim)
+        self.vision_block = packed_block  # runs each tower block over packed patches; compiled_layers may compile it
         self.post_init()
 
     @classmethod
@@ -442,10 +444,25 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values: list[torch.Tensor], vision_order: torch.Tensor | None = None, encode=None) -> torch.Tensor:
         """(num_images, query_num, hidden): each same-size stack goes through the tower in one call (`encode`,
-        default `encode_images`: the inference fast path passes its compiled equal)."""
-        encode = encode or self.encode_images
-        features = torch.cat([encode(stack) for stack in pixel_values])
+        default `encode_images`: the inference fast path passes its compiled equal), or, for stacks of several
+        sizes on a GPU in 16-bit, all of them in one packed pass (`packed_vision`; `vision_block` runs its blocks,
+        None turns packing off). ZeRO-3 keeps the per-size calls: its hooks gather the tower's own parameters
+        only when the tower itself is called."""
+        if encode is None and self._packs(pixel_values):
+            towers = encode_packed(self.vpm, pixel_values, run_block=self.vision_block)
+            features = torch.cat([self.resample(tower, stack.shape[-2:]) for tower, stack in zip(towers, pixel_values, strict=True)])
+        else:
+            encode = encode or self.encode_images
+            features = torch.cat([encode(stack) for stack in pixel_values])
         return features if vision_order is None else features[vision_order.to(features.device)]
+
+    def _packs(self, pixel_values: list[torch.Tensor]) -> bool:
+        return (
+            self.vision_block is not None
+            and len(pixel_values) > 1
+            and packs(self.vpm, pixel_values[0])
+            and not is_deepspeed_zero3_enabled()
+        )
 
     def embed_text(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self.get_input_embeddings()(input_ids) * self.config.scale_emb

@@ -15,6 +15,7 @@ import torch
 
 from axolotl_minicpmv import MiniCPMVConfig
 from axolotl_minicpmv.integration.compiled_layers import compile_decoder_layers
+from axolotl_minicpmv.integration.lora_targets import DEFAULT_TARGETS
 from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, TINY_SIZES, _model_kwargs
 from axolotl_minicpmv.testing.training_steps import recipe_lora_model, synthetic_batch, train_steps
 
@@ -25,7 +26,7 @@ BATCHES = [(160, [(2, 448, 448)]), (224, [(1, 448, 448), (1, 336, 560)]), (288, 
 
 
 def lora_model() -> torch.nn.Module:
-    return recipe_lora_model(MiniCPMVConfig(**_model_kwargs(CONFIG)))
+    return recipe_lora_model(MiniCPMVConfig(**_model_kwargs(CONFIG)), DEFAULT_TARGETS)
 
 
 def batches() -> list[dict]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from axolotl_minicpmv import MiniCPMVConfig
+from axolotl_minicpmv.integration.lora_targets import DEFAULT_TARGETS
 from axolotl_minicpmv.model.packed_vision import encode_packed, packs, segment_attention
 from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, TINY_SIZES, _model_kwargs
 from axolotl_minicpmv.testing.training_steps import recipe_lora_model
@@ -26,7 +27,7 @@ def stacks(dtype=torch.float32, device="cpu") -> list[torch.Tensor]:
 
 def tiny_model(device="cpu", dtype=torch.float32):
     return recipe_lora_model(
-        MiniCPMVConfig(**_model_kwargs({**OFFICIAL_CONFIG, **TINY_SIZES, "vocab_size": 1000})), device=device, dtype=dtype
+        MiniCPMVConfig(**_model_kwargs({**OFFICIAL_CONFIG, **TINY_SIZES, "vocab_size": 1000})), DEFAULT_TARGETS, device=device, dtype=dtype
     )
 
 

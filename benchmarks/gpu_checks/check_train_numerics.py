@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugin"))
 
 from axolotl_minicpmv import MiniCPMVConfig  # noqa: E402
 from axolotl_minicpmv.integration.compiled_layers import compile_decoder_layers  # noqa: E402
+from axolotl_minicpmv.integration.lora_targets import DEFAULT_TARGETS  # noqa: E402
 from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
 from axolotl_minicpmv.testing.training_steps import recipe_lora_model, synthetic_batch, to_device, train_steps  # noqa: E402
 
@@ -55,7 +56,7 @@ def prepare(model: torch.nn.Module, setting: str) -> None:
 
 
 def run(setting: str, dtype: torch.dtype, batches: list[dict]) -> tuple[list, float]:
-    model = recipe_lora_model(MiniCPMVConfig(**_model_kwargs(OFFICIAL_CONFIG)), device="cuda", dtype=dtype, lora_r=64)
+    model = recipe_lora_model(MiniCPMVConfig(**_model_kwargs(OFFICIAL_CONFIG)), DEFAULT_TARGETS, device="cuda", dtype=dtype, lora_r=64)
     prepare(model, setting)
     start = time.perf_counter()
     steps = train_steps(model, batches, lr=LR)

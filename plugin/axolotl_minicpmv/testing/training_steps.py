@@ -13,20 +13,22 @@ from collections.abc import Sequence
 import torch
 from peft import LoraConfig, get_peft_model
 
-from ..integration.lora_targets import DEFAULT_TARGETS
 from ..model.configuration_minicpmv import MiniCPMVConfig
 from ..model.modeling_minicpmv import MiniCPMV
 
 FULLY_TRAINED = ["vpm", "resampler", "embed_tokens"]
 
 
-def recipe_lora_model(config: MiniCPMVConfig, seed: int = 0, device="cpu", dtype=torch.float32, lora_r: int = 8) -> torch.nn.Module:
-    """A seeded random MiniCPM-V wrapped as the recipe trains it (LoRA B non-zero, so every LoRA factor gets a gradient)."""
+def recipe_lora_model(
+    config: MiniCPMVConfig, target_modules: str, seed: int = 0, device="cpu", dtype=torch.float32, lora_r: int = 8
+) -> torch.nn.Module:
+    """A seeded random MiniCPM-V wrapped as the recipe trains it, LoRA on `target_modules` (the integration layer's
+    DEFAULT_TARGETS for the recipe; LoRA B non-zero, so every LoRA factor gets a gradient)."""
     torch.manual_seed(seed)
     config._attn_implementation = "sdpa"
     with torch.device(device):
         model = MiniCPMV(config).to(dtype)
-    lora = LoraConfig(r=lora_r, target_modules=DEFAULT_TARGETS, modules_to_save=FULLY_TRAINED, init_lora_weights=False)
+    lora = LoraConfig(r=lora_r, target_modules=target_modules, modules_to_save=FULLY_TRAINED, init_lora_weights=False)
     return get_peft_model(model, lora).train()
 
 

@@ -10,11 +10,12 @@ per-size ones. Variants:
     packed            one pass over every patch, flash varlen attention (the default on a GPU in 16-bit)
     packed_compiled   the same with its block compiled (`torch.compile(packed_block, dynamic=True)`)
 
-    python benchmarks/profiling/compare_vision_packing.py
+    python benchmarks/profiling/compare_vision_packing.py [--variants per_size packed] [--decoders eager compiled]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -33,10 +34,15 @@ from axolotl_minicpmv.model.packed_vision import packed_block  # noqa: E402
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["per_size", "packed", "packed_compiled"])
+    parser.add_argument("--decoders", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    args = parser.parse_args()
     batches = seed_batches(4)
     model = lora_model()
     inner = model.base_model.model
-    variants = {"per_size": None, "packed": packed_block, "packed_compiled": torch.compile(packed_block, dynamic=True)}
+    blocks = {"per_size": None, "packed": packed_block, "packed_compiled": torch.compile(packed_block, dynamic=True)}
+    variants = {name: blocks[name] for name in args.variants}
     result = {"gpu": torch.cuda.get_device_name(), "size_groups_per_batch": [len(b["pixel_values"]) for b in batches]}
     state = {"i": 0}
 
@@ -61,7 +67,7 @@ def main() -> None:
         result["per_size_max_abs"] = reference.abs().max().item()
     print(json.dumps(result), flush=True)
 
-    for decoder in ("eager", "compiled"):
+    for decoder in args.decoders:
         if decoder == "compiled":
             compile_decoder_layers(model)
         for name, block in variants.items():

@@ -6,7 +6,8 @@ the module tree and its state-dict keys untouched, so PEFT, DeepSpeed's hooks an
 the same modules. The layers share one compiled graph (dynamo caches it per code object, and dynamic
 shapes serve every sequence length). The vision blocks compiled the same way ran slower than eager,
 and so did compiled layers under gradient checkpointing (benchmarks/RESULTS.md), so the vision tower
-stays eager and the plugin warns when checkpointing is on.
+stays eager (on a GPU it runs packed, model/packed_vision.py; compiling the packed block gained nothing
+measurable either) and the plugin warns when checkpointing is on.
 """
 
 from __future__ import annotations

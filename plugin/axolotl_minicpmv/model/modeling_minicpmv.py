@@ -449,6 +449,7 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         None turns packing off). ZeRO-3 keeps the per-size calls: its hooks gather the tower's own parameters
         only when the tower itself is called."""
         if encode is None and self._packs(pixel_values):
+            logger.info_once("MiniCPM-V: images of several sizes go through the vision tower in one packed pass (flash varlen attention)")
             towers = encode_packed(self.vpm, pixel_values, run_block=self.vision_block)
             features = torch.cat([self.resample(tower, stack.shape[-2:]) for tower, stack in zip(towers, pixel_values, strict=True)])
         else:

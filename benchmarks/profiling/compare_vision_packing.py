@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugin"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from profile_train_step import cuda_time, lora_model, seed_batches  # noqa: E402
+from profile_train_step import cuda_time, lora_model, seed_batches, step_functions  # noqa: E402
 from profiler_counts import kernel_launches  # noqa: E402
 
 from axolotl_minicpmv.integration.compiled_layers import compile_decoder_layers  # noqa: E402
@@ -44,18 +44,7 @@ def main() -> None:
     blocks = {"per_size": None, "packed": packed_block, "packed_compiled": torch.compile(packed_block, dynamic=True)}
     variants = {name: blocks[name] for name in args.variants}
     result = {"gpu": torch.cuda.get_device_name(), "size_groups_per_batch": [len(b["pixel_values"]) for b in batches]}
-    state = {"i": 0}
-
-    def next_batch():
-        state["i"] += 1
-        return batches[state["i"] % len(batches)]
-
-    def step():
-        model(**next_batch()).loss.backward()
-
-    def vision_only():
-        batch = next_batch()
-        inner.get_image_features(batch["pixel_values"], batch["vision_order"]).float().sum().backward()
+    step, vision_only = step_functions(model, batches)
 
     with torch.no_grad():
         batch = next(b for b in batches if len(b["pixel_values"]) > 1)

@@ -77,8 +77,8 @@ def lora_model():
     return model
 
 
-def time_fwd_bwd(model, batches, tag: str, result: dict) -> None:
-    """Forward+backward and the vision part alone, with and without gradient checkpointing."""
+def step_functions(model, batches):
+    """(forward+backward of the whole model, of the vision part alone), each on the next of `batches` in turn."""
     state = {"i": 0}
 
     def next_batch():
@@ -92,6 +92,12 @@ def time_fwd_bwd(model, batches, tag: str, result: dict) -> None:
         batch = next_batch()
         model.base_model.model.get_image_features(batch["pixel_values"], batch["vision_order"]).float().sum().backward()
 
+    return step, vision_only
+
+
+def time_fwd_bwd(model, batches, tag: str, result: dict) -> None:
+    """Forward+backward and the vision part alone, with and without gradient checkpointing."""
+    step, vision_only = step_functions(model, batches)
     for checkpointing in (True, False):
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -395,7 +395,7 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         self.llm = MiniCPMForCausalLM(config)
         self.vpm = build_vision_tower(config)
         self.resampler = Resampler(config.query_num, config.hidden_size, config.hidden_size // 128, self.vpm.embed_dim)
-        self.vision_block = packed_block  # runs each tower block over packed patches; compiled_layers may compile it
+        self.vision_block = packed_block  # each tower block over packed patches (None: one tower call per image size)
         self.post_init()
 
     @classmethod

@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugin"))
 from axolotl_minicpmv import MiniCPMVConfig  # noqa: E402
 from axolotl_minicpmv.integration.compiled_layers import compile_decoder_layers  # noqa: E402
 from axolotl_minicpmv.integration.lora_targets import DEFAULT_TARGETS  # noqa: E402
+from axolotl_minicpmv.model.processing_minicpmv import move_inputs  # noqa: E402
 from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
-from axolotl_minicpmv.testing.training_steps import recipe_lora_model, synthetic_batch, to_device, train_steps  # noqa: E402
+from axolotl_minicpmv.testing.training_steps import recipe_lora_model, synthetic_batch, train_steps  # noqa: E402
 
 # (tokens per row, image stacks (count, height, width)): a resized source picture plus slices, as the recipe's data
 BATCHES = [
@@ -103,7 +104,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 yardstick in true float32
     vocab, queries = OFFICIAL_CONFIG["vocab_size"], OFFICIAL_CONFIG["query_num"]
     host_batches = [synthetic_batch(length, sizes, vocab, queries, seed) for seed, (length, sizes) in enumerate(BATCHES)]
-    batches = {dtype: [to_device(b, "cuda") for b in host_batches] for dtype in (torch.float32, torch.bfloat16)}
+    batches = {dtype: [move_inputs(b, "cuda") for b in host_batches] for dtype in (torch.float32, torch.bfloat16)}
     for batch in batches[torch.bfloat16]:
         batch["pixel_values"] = [p.bfloat16() for p in batch["pixel_values"]]
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..model.packed_vision import embed_patches
 from .cuda_graphs import record_cuda_graph
 
 
@@ -37,8 +38,7 @@ def image_encoder(model, compile_blocks: bool, cuda_graphs: bool = False) -> Cal
 
     def features(stack: torch.Tensor) -> torch.Tensor:
         # timm's VisionTransformer.forward_features / forward_head, with the blocks called one by one.
-        hidden = tower.patch_embed(stack.to(tower.pos_embed.dtype))
-        hidden = tower.norm_pre(tower.patch_drop(tower._pos_embed(hidden)))
+        hidden = embed_patches(tower, stack)
         for block in tower.blocks:
             hidden = run_block(block, hidden)
         return tower.forward_head(tower.norm(hidden))

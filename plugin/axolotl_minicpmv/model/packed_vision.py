@@ -15,13 +15,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .transfer import to_device
+
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
     """(T, heads, head_dim) packed queries/keys/values -> attention within each [cu_seqlens[i], cu_seqlens[i+1]) span."""
-    from torch.nn.attention.varlen import varlen_attn
-
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
 
 
@@ -38,19 +43,22 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 def packs(tower: nn.Module, pixels: torch.Tensor) -> bool:
     """Whether `varlen_attention` can run this tower's blocks on `pixels`' device and dtype (timm ViT blocks
     without attention dropout or gating; flash attention: CUDA, 16-bit, head size a multiple of 8 up to 256)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.10)
-    except ImportError:
-        return False
     attn = tower.blocks[0].attn
     return (
-        pixels.is_cuda
+        varlen_attn is not None
+        and pixels.is_cuda
         and tower.pos_embed.dtype in (torch.float16, torch.bfloat16)
         and attn.head_dim % 8 == 0
         and attn.head_dim <= 256
         and getattr(attn, "gate", None) is None
         and attn.attn_drop.p == 0.0
     )
+
+
+def embed_patches(tower: nn.Module, stack: torch.Tensor) -> torch.Tensor:
+    """(n, 3, H, W) same-size pixels -> (n, patches, C) block inputs: timm's `forward_features` up to its blocks."""
+    hidden = tower.patch_embed(stack.to(tower.pos_embed.dtype))
+    return tower.norm_pre(tower.patch_drop(tower._pos_embed(hidden)))
 
 
 def packed_block(block: nn.Module, hidden: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, attention: Attention) -> torch.Tensor:
@@ -71,12 +79,9 @@ def encode_packed(
 
     `run_block` is `packed_block` or its compiled equal; the tower's gradient-checkpointing switch applies.
     """
-    embedded = [tower.norm_pre(tower.patch_drop(tower._pos_embed(tower.patch_embed(s.to(tower.pos_embed.dtype))))) for s in stacks]
+    embedded = [embed_patches(tower, stack) for stack in stacks]
     lengths = [length for e in embedded for length in [e.shape[1]] * e.shape[0]]  # one span per image
-    cu_seqlens = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    device = embedded[0].device
-    # pinned, so the copy does not wait for the GPU work already queued
-    cu_seqlens = cu_seqlens.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else cu_seqlens
+    cu_seqlens = to_device(torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32), embedded[0].device)
     hidden = torch.cat([e.flatten(0, 1) for e in embedded])
     max_len = max(lengths)
     checkpointing = getattr(tower, "grad_checkpointing", False) and torch.is_grad_enabled()

@@ -57,10 +57,6 @@ def synthetic_batch(length: int, image_sizes: Sequence[tuple[int, int, int]], vo
     )
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) for k, v in batch.items()}
-
-
 def train_steps(model: torch.nn.Module, batches: Sequence[dict], lr: float = 1e-4) -> list[tuple[float, dict[str, torch.Tensor]]]:
     """One AdamW step per batch; returns each step's loss and the gradients of every trained tensor (float32 copies)."""
     trained = [p for p in model.parameters() if p.requires_grad]

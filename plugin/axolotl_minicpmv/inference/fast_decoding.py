@@ -14,6 +14,7 @@ its own random stream.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from transformers.generation.logits_process import (
 from transformers.utils import logging
 
 from .cuda_graphs import record_cuda_graph
+from .decode_mask import decode_block_mask
 
 logger = logging.get_logger(__name__)
 
@@ -89,7 +91,10 @@ def _prefill_forward(llm, cache: StaticCache, inputs_embeds, position_ids, atten
     ).logits[:, -1]
 
 
-def _decode_forward(llm, cache: StaticCache, tokens, positions, attention_mask) -> torch.Tensor:
+def _decode_forward(llm, cache: StaticCache, tokens, positions, attention_mask, cache_index, block_sparse: bool = True) -> torch.Tensor:
+    # Block-sparse, each row reads only the cache blocks it attends to (decode_mask); dense, SDPA reads them all.
+    if block_sparse:
+        attention_mask = decode_block_mask(attention_mask, cache_index)
     return llm(
         input_ids=tokens, position_ids=positions, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1
     ).logits[:, -1]
@@ -107,6 +112,7 @@ class _DecodeLoop:
         self.positions = torch.zeros((batch, 1), dtype=torch.long, device=device)  # each row's next position
         self.padding = torch.ones((batch, cache.get_max_length()), dtype=torch.long, device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)  # tokens chosen so far
+        self.cache_index = torch.zeros((), dtype=torch.long, device=device)  # where the next step's keys go
         # a value on the device, not a setting: one graph serves every request's min_new_tokens
         self.min_new = torch.zeros(1, dtype=torch.long, device=device)
         self.out = torch.zeros((batch, cache.get_max_length()), dtype=torch.long, device=device)
@@ -126,6 +132,7 @@ class _DecodeLoop:
         self.padding.fill_(1)
         self.padding[:, : attention_mask.shape[1]].copy_(attention_mask)
         self.positions.copy_(attention_mask.sum(-1, keepdim=True))
+        self.cache_index.fill_(attention_mask.shape[1])
         self.step.zero_()
         self.out.fill_(self.pad_token_id)
         self.finished.zero_()
@@ -147,8 +154,9 @@ class _DecodeLoop:
         self.step += 1
 
     def decode_one(self) -> None:
-        logits = self.forward(self.llm, self.cache, self.tokens, self.positions, self.padding)
+        logits = self.forward(self.llm, self.cache, self.tokens, self.positions, self.padding, self.cache_index)
         self.positions += 1
+        self.cache_index += 1
         self.advance(logits)
 
     def capture(self) -> None:
@@ -317,14 +325,18 @@ class FastDecoder:
         fused = model.llm.fuse_projections()
         logger.info(f"FastDecoder: {fused} of {2 * len(model.llm.model.layers)} projection groups fused (LoRA-wrapped ones stay apart)")
         self.compiled = self.on_gpu and compile
-        self._forward, self._prefill = _decode_forward, _prefill_forward
+        # Flex attention's block-sparse decoding kernel exists only compiled; the recorded eager step keeps SDPA's
+        # dense mask. (On CPU the eager loop runs flex's reference implementation: the tests' path.)
+        block_sparse = self.compiled or not self.on_gpu
+        self._forward = functools.partial(_decode_forward, block_sparse=block_sparse)
+        self._prefill = _prefill_forward
         if self.compiled:
             # Coordinate-descent tuning turns the batch-1 matrix-vector products into tuned Triton reductions,
             # and freezing compiles the weights in as constants (each measured faster: benchmarks/RESULTS.md).
             # Frozen weights may be folded into the compiled step: make a new FastDecoder after changing them
             # (merging an adapter, say).
             options = {"coordinate_descent_tuning": True, "freezing": True}
-            self._forward = torch.compile(_decode_forward, fullgraph=True, dynamic=False, options=options)
+            self._forward = torch.compile(self._forward, fullgraph=True, dynamic=False, options=options)
             # Eager, the prefill is bound by the host launching ~2,000 small kernels. Compiled with a dynamic
             # sequence length (marked in generate), one graph serves every prompt length.
             self._prefill = torch.compile(_prefill_forward, fullgraph=True)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import timm
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -67,6 +68,13 @@ def apply_rotary_pos_emb(q, k, cos, sin):
     return q_rot.to(q.dtype), k_rot.to(k.dtype)
 
 
+def block_mask_attention(module, query, key, value, block_mask: BlockMask, scaling: float, **kwargs) -> tuple[torch.Tensor, None]:
+    """Flex attention under a BlockMask, as an attention interface function. Unlike transformers' own, it does not
+    compile flex attention when called eagerly (an eager caller, such as the CPU decoding loop, gets flex's
+    reference implementation; a compiled one, the fused kernel)."""
+    return flex_attention(query, key, value, block_mask=block_mask, scale=scaling).transpose(1, 2), None
+
+
 class MiniCPMAttention(nn.Module):
     def __init__(self, config: MiniCPMVConfig, layer_idx: int):
         super().__init__()
@@ -98,6 +106,8 @@ class MiniCPMAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        if isinstance(attention_mask, BlockMask):  # FastDecoder's decoding step: only the cache blocks a row attends to
+            attention = block_mask_attention
         out, weights = attention(
             self,
             query,

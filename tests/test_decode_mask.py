@@ -1,0 +1,67 @@
+"""The decoding step's block-sparse mask: the blocks it visits, attention through it, and FastDecoder's tokens
+with rows whose padding and unwritten cache span whole blocks."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import flex_attention
+
+from axolotl_minicpmv.inference.decode_mask import BLOCK, decode_block_mask
+from axolotl_minicpmv.inference.fast_decoding import FastDecoder
+
+
+def _padding(length: int, pads: list[int]) -> torch.Tensor:
+    padding = torch.ones((len(pads), length), dtype=torch.long)
+    for row, pad in enumerate(pads):
+        padding[row, :pad] = 0
+    return padding
+
+
+def _blocks(counts: torch.Tensor, indices: torch.Tensor) -> list[list[int]]:
+    return [indices[row, 0, 0, :count].tolist() for row, count in enumerate(counts[:, 0, 0].tolist())]
+
+
+def test_only_blocks_with_visible_positions_are_visited():
+    padding = _padding(4 * BLOCK, [0, 130, 2 * BLOCK + 5])
+    mask = decode_block_mask(padding, torch.tensor(2 * BLOCK + 10))  # the query sits in block 2 of 4
+    # Block 3 (unwritten) never; row 1's block 0 and row 2's blocks 0-1 are all padding. Blocks seen whole are
+    # "full" (no mask_mod), the padding's edge and the query's block partial.
+    assert _blocks(mask.full_kv_num_blocks, mask.full_kv_indices) == [[0, 1], [], []]
+    assert _blocks(mask.kv_num_blocks, mask.kv_indices) == [[2], [1, 2], [2]]
+
+
+def test_attention_through_the_mask_equals_the_dense_masked_one():
+    # Compiled: flex's eager reference applies mask_mod everywhere and ignores the blocks; the fused kernel (here
+    # inductor's CPU one) visits only the listed blocks and skips mask_mod on full ones, as on a GPU.
+    torch.manual_seed(0)
+    length, pads, position = 3 * BLOCK, [0, 7, BLOCK + 40], 2 * BLOCK + 3
+    padding = _padding(length, pads)
+    query = torch.randn(len(pads), 4, 1, 16)
+    key, value = torch.randn(len(pads), 4, length, 16), torch.randn(len(pads), 4, length, 16)
+    ours = torch.compile(flex_attention)(query, key, value, block_mask=decode_block_mask(padding, torch.tensor(position)))
+    dense = (padding.bool() & (torch.arange(length) <= position))[:, None, None, :]
+    theirs = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=dense)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_rows_padded_over_whole_blocks_decode_generates_tokens(tiny_checkpoint_fp32):
+    """Three rows of prompts 300, 160 and 20 positions long, left-padded to 300 (whole blocks of padding), in a
+    512-position cache whose tail is unwritten: greedy tokens equal generate's, and each row's its own alone."""
+    from axolotl_minicpmv.model.modeling_minicpmv import MiniCPMV
+
+    model = MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    lengths = [300, 160, 20]
+    embeds = torch.randn(len(lengths), 300, model.config.hidden_size) * 0.5
+    mask = _padding(300, [300 - n for n in lengths])
+    embeds = embeds * mask[..., None]
+    decoder = FastDecoder(model)
+    ours = decoder.generate(embeds, 40, attention_mask=mask)
+    assert decoder._slot(3).key == (3, 512)
+    with torch.inference_mode():
+        theirs = model.generate(
+            inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=1, pad_token_id=0, max_new_tokens=40, min_new_tokens=40
+        )
+    assert torch.equal(ours, theirs)
+    for row, n in enumerate(lengths):
+        assert torch.equal(FastDecoder(model).generate(embeds[row : row + 1, 300 - n :], 40), ours[row : row + 1])

@@ -3,6 +3,7 @@ with rows whose padding and unwritten cache span whole blocks."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
@@ -44,16 +45,21 @@ def test_attention_through_the_mask_equals_the_dense_masked_one():
     torch.testing.assert_close(ours, theirs)
 
 
-def test_rows_padded_over_whole_blocks_decode_generates_tokens(tiny_checkpoint_fp32):
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled step needs a GPU"))],
+)
+def test_rows_padded_over_whole_blocks_decode_generates_tokens(tiny_checkpoint_fp32, device):
     """Three rows of prompts 300, 160 and 20 positions long, left-padded to 300 (whole blocks of padding), in a
-    512-position cache whose tail is unwritten: greedy tokens equal generate's, and each row's its own alone."""
+    512-position cache whose tail is unwritten: greedy tokens equal generate's, and each row's its own alone
+    (float32; on a GPU the step is compiled, flex's fused kernel, and replayed from a CUDA graph)."""
     from axolotl_minicpmv.model.modeling_minicpmv import MiniCPMV
 
-    model = MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32).eval()
+    model = MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32).eval().to(device)
     torch.manual_seed(0)
     lengths = [300, 160, 20]
-    embeds = torch.randn(len(lengths), 300, model.config.hidden_size) * 0.5
-    mask = _padding(300, [300 - n for n in lengths])
+    embeds = torch.randn(len(lengths), 300, model.config.hidden_size, device=device) * 0.5
+    mask = _padding(300, [300 - n for n in lengths]).to(device)
     embeds = embeds * mask[..., None]
     decoder = FastDecoder(model)
     ours = decoder.generate(embeds, 40, attention_mask=mask)
@@ -63,5 +69,6 @@ def test_rows_padded_over_whole_blocks_decode_generates_tokens(tiny_checkpoint_f
             inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=1, pad_token_id=0, max_new_tokens=40, min_new_tokens=40
         )
     assert torch.equal(ours, theirs)
+    alone = FastDecoder(model)  # its single-prompt cache: 512 positions from the first row on, mostly unwritten
     for row, n in enumerate(lengths):
-        assert torch.equal(FastDecoder(model).generate(embeds[row : row + 1, 300 - n :], 40), ours[row : row + 1])
+        assert torch.equal(alone.generate(embeds[row : row + 1, 300 - n :], 40), ours[row : row + 1])

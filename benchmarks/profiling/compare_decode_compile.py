@@ -1,6 +1,7 @@
 """Decode-step variants on one GPU: what FastDecoder ships (fused q/k/v and gate/up projections, compiled with
 coordinate-descent tuning + freezing) against the same step unfused, other inductor options, and the eager step
-recorded as a CUDA graph (`FastDecoder(compile=False)`), fused or not.
+recorded as a CUDA graph (`FastDecoder(compile=False)`), fused or not, and attention over the whole cache
+(`dense`, SDPA) instead of the blocks each row sees.
 
 Real size, random bf16 weights, 448x448 chat prompts at each --batches size (the prefill runs eagerly here: only
 the decoding step is measured, and nothing but the step compiles). For each variant and batch: decode tokens/s
@@ -8,12 +9,13 @@ over 256 new tokens (FastDecoder: static cache + CUDA graph), peak memory, the f
 torch.profiler pass over 10 un-graphed steps: GPU kernel time and kernels per step and the 14 kernels that take
 the most time. Measured 2026-11-25 (unfused): coordinate-descent tuning alone 277.7 tokens/s, with freezing 302.7.
 
-    python benchmarks/profiling/compare_decode_compile.py [--variants shipped unfused unpadded combo recorded recorded_unfused] [--batches 1 8]
+    python benchmarks/profiling/compare_decode_compile.py [--variants shipped dense unfused unpadded combo recorded recorded_unfused] [--batches 1 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -27,21 +29,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_chat
 
 from bench_chat import bench_model, picture, prompt_embeds, timed  # noqa: E402
 
-from axolotl_minicpmv.inference.fast_decoding import FastDecoder, _decode_forward, _prefill_forward  # noqa: E402
+from axolotl_minicpmv.inference.fast_decoding import STEP_COMPILE_OPTIONS, FastDecoder, _decode_forward, _prefill_forward  # noqa: E402
 
 NEW_TOKENS = 256
-SHIPPED = {"coordinate_descent_tuning": True, "freezing": True}
+SHIPPED = STEP_COMPILE_OPTIONS
 # name -> (inductor options of the compiled step, or None: the eager step recorded; what fuse_projections keeps:
-# "all", "none", or "decoder": the fused q/k/v and gate/up without the padded lm_head)
+# "all", "none", or "decoder": the fused q/k/v and gate/up without the padded lm_head; attention through the
+# block-sparse decoding mask, or SDPA over the whole cache)
 VARIANTS = {
-    "shipped": (SHIPPED, "all"),
-    "unfused": (SHIPPED, "none"),
-    "unpadded": (SHIPPED, "decoder"),
-    "cdt": ({"coordinate_descent_tuning": True}, "all"),
-    "combo": ({**SHIPPED, "combo_kernels": True}, "all"),
-    "aggressive": ({**SHIPPED, "aggressive_fusion": True}, "all"),
-    "recorded": (None, "all"),
-    "recorded_unfused": (None, "none"),
+    "shipped": (SHIPPED, "all", True),
+    "dense": (SHIPPED, "all", False),
+    "unfused": (SHIPPED, "none", True),
+    "unpadded": (SHIPPED, "decoder", True),
+    "cdt": ({"coordinate_descent_tuning": True}, "all", True),
+    "combo": ({**SHIPPED, "combo_kernels": True}, "all", True),
+    "aggressive": ({**SHIPPED, "aggressive_fusion": True}, "all", True),
+    "recorded": (None, "all", False),
+    "recorded_unfused": (None, "none", False),
 }
 
 
@@ -67,7 +71,7 @@ def main() -> None:
 
 
 def measure(model, embeds, name: str, batch: int) -> None:
-    options, keep = VARIANTS[name]
+    options, keep, block_sparse = VARIANTS[name]
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -75,7 +79,8 @@ def measure(model, embeds, name: str, batch: int) -> None:
     unfuse(model.llm, keep)
     decoder._prefill = _prefill_forward
     if options is not None:
-        decoder._forward = torch.compile(_decode_forward, fullgraph=True, dynamic=False, options=options)
+        step = functools.partial(_decode_forward, block_sparse=block_sparse)
+        decoder._forward = torch.compile(step, fullgraph=True, dynamic=False, options=options)
     start = time.perf_counter()
     with torch.inference_mode():
         decoder.generate(embeds, NEW_TOKENS)  # compiles / records the step, for the cache the timed runs use

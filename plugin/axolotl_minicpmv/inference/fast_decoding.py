@@ -35,6 +35,11 @@ from .decode_mask import decode_block_mask
 logger = logging.get_logger(__name__)
 
 
+# Coordinate-descent tuning turns the batch-1 matrix-vector products into tuned Triton reductions, and freezing
+# compiles the weights in as constants (each measured faster: benchmarks/RESULTS.md).
+STEP_COMPILE_OPTIONS = {"coordinate_descent_tuning": True, "freezing": True}
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How the next token is chosen; the defaults are greedy decoding."""
@@ -331,12 +336,9 @@ class FastDecoder:
         self._forward = functools.partial(_decode_forward, block_sparse=block_sparse)
         self._prefill = _prefill_forward
         if self.compiled:
-            # Coordinate-descent tuning turns the batch-1 matrix-vector products into tuned Triton reductions,
-            # and freezing compiles the weights in as constants (each measured faster: benchmarks/RESULTS.md).
             # Frozen weights may be folded into the compiled step: make a new FastDecoder after changing them
             # (merging an adapter, say).
-            options = {"coordinate_descent_tuning": True, "freezing": True}
-            self._forward = torch.compile(self._forward, fullgraph=True, dynamic=False, options=options)
+            self._forward = torch.compile(self._forward, fullgraph=True, dynamic=False, options=STEP_COMPILE_OPTIONS)
             # Eager, the prefill is bound by the host launching ~2,000 small kernels. Compiled with a dynamic
             # sequence length (marked in generate), one graph serves every prompt length.
             self._prefill = torch.compile(_prefill_forward, fullgraph=True)

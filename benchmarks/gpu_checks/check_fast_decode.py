@@ -50,8 +50,9 @@ def teacher_forced(model, decoder, embeds, tokens) -> dict:
     for step in range(tokens.shape[1] - 1):
         token = tokens[:, step : step + 1]
         position = torch.full_like(token, embeds.shape[1] + step)
-        eager = _decode_forward(model.llm, caches[0], token, position, padding)[0]
-        compiled = decoder._forward(model.llm, caches[1], token, position, padding)[0].clone()
+        index = torch.tensor(embeds.shape[1] + step, device=embeds.device)
+        eager = _decode_forward(model.llm, caches[0], token, position, padding, index, block_sparse=False)[0]
+        compiled = decoder._single.step(model.llm, caches[1], token, position, padding, index)[0].clone()
         top2 = eager.topk(2).values
         diffs.append(float((eager - compiled).abs().max()))
         margins.append(float(top2[0] - top2[1]))

@@ -62,7 +62,7 @@ def main() -> None:
     decoder = model._fast_decoder
     # The same step over the whole cache (SDPA's dense mask), for the decoding stage's comparison.
     dense = FastDecoder(model)
-    dense._forward = torch.compile(
+    dense._batched.step = torch.compile(
         functools.partial(_decode_forward, block_sparse=False), fullgraph=True, dynamic=False, options=STEP_COMPILE_OPTIONS
     )
     warm_batch = move_inputs(_prepare_batch(processor, _as_requests(samples[: args.batch_size], ".", "last"), 2048).inputs, model.device)

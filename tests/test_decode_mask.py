@@ -57,10 +57,12 @@ def test_attention_through_the_mask_equals_the_dense_masked_one(device):
 
 
 @ON_DEVICES
-def test_rows_padded_over_whole_blocks_decode_generates_tokens(tiny_checkpoint_fp32, device):
+@pytest.mark.parametrize("block_sparse", [True, False])
+def test_rows_padded_over_whole_blocks_decode_generates_tokens(tiny_checkpoint_fp32, device, block_sparse):
     """Three rows of prompts 300, 160 and 20 positions long, left-padded to 300 (whole blocks of padding), in a
     512-position cache whose tail is unwritten: greedy tokens equal generate's, and each row's its own alone
-    (float32; on a GPU the step is compiled, flex's fused kernel, and replayed from a CUDA graph)."""
+    (float32; on a GPU the step is compiled, with block_sparse flex's fused kernel, and replayed from a CUDA graph).
+    Dense beside block-sparse: on a GPU a difference in both points at the compiled padded prefill, not the mask."""
     from axolotl_minicpmv.model.modeling_minicpmv import MiniCPMV
 
     model = MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32).eval().to(device)
@@ -69,7 +71,8 @@ def test_rows_padded_over_whole_blocks_decode_generates_tokens(tiny_checkpoint_f
     embeds = torch.randn(len(lengths), 300, model.config.hidden_size, device=device) * 0.5
     mask = _padding(300, [300 - n for n in lengths]).to(device)
     embeds = embeds * mask[..., None]
-    decoder = FastDecoder(model)
+    decoder = FastDecoder(model, block_sparse=block_sparse)
+    assert decoder.block_sparse == block_sparse
     ours = decoder.generate(embeds, 40, attention_mask=mask)
     assert decoder._slot(3).key == (3, 512)
     with torch.inference_mode():

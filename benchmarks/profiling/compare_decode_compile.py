@@ -1,7 +1,7 @@
 """Decode-step variants on one GPU: what FastDecoder ships (fused q/k/v and gate/up projections, compiled with
 coordinate-descent tuning + freezing) against the same step unfused, other inductor options, and the eager step
-recorded as a CUDA graph (`FastDecoder(compile=False)`), fused or not, and attention over the whole cache
-(`dense`, SDPA) instead of the blocks each row sees.
+recorded as a CUDA graph (`FastDecoder(compile=False)`), fused or not, and attention through the block-sparse
+mask (`sparse`: only the cache blocks each row sees, `FastDecoder(block_sparse=True)`) instead of SDPA's dense one.
 
 Real size, random bf16 weights, 448x448 chat prompts at each --batches size (the prefill runs eagerly here: only
 the decoding step is measured, and nothing but the step compiles). For each variant and batch: decode tokens/s
@@ -9,7 +9,7 @@ over 256 new tokens (FastDecoder: static cache + CUDA graph), peak memory, the f
 torch.profiler pass over 10 un-graphed steps: GPU kernel time and kernels per step and the 14 kernels that take
 the most time. Measured 2026-11-25 (unfused): coordinate-descent tuning alone 277.7 tokens/s, with freezing 302.7.
 
-    python benchmarks/profiling/compare_decode_compile.py [--variants shipped dense unfused unpadded combo recorded recorded_unfused] [--batches 1 8]
+    python benchmarks/profiling/compare_decode_compile.py [--variants shipped sparse unfused unpadded combo recorded recorded_unfused] [--batches 1 8]
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ SHIPPED = STEP_COMPILE_OPTIONS
 # "all", "none", or "decoder": the fused q/k/v and gate/up without the padded lm_head; attention through the
 # block-sparse decoding mask, or SDPA over the whole cache)
 VARIANTS = {
-    "shipped": (SHIPPED, "all", True),
-    "dense": (SHIPPED, "all", False),
-    "unfused": (SHIPPED, "none", True),
-    "unpadded": (SHIPPED, "decoder", True),
-    "cdt": ({"coordinate_descent_tuning": True}, "all", True),
-    "combo": ({**SHIPPED, "combo_kernels": True}, "all", True),
-    "aggressive": ({**SHIPPED, "aggressive_fusion": True}, "all", True),
+    "shipped": (SHIPPED, "all", False),
+    "sparse": (SHIPPED, "all", True),
+    "unfused": (SHIPPED, "none", False),
+    "unpadded": (SHIPPED, "decoder", False),
+    "cdt": ({"coordinate_descent_tuning": True}, "all", False),
+    "combo": ({**SHIPPED, "combo_kernels": True}, "all", False),
+    "aggressive": ({**SHIPPED, "aggressive_fusion": True}, "all", False),
     "recorded": (None, "all", False),
     "recorded_unfused": (None, "none", False),
 }

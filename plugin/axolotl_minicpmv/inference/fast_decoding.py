@@ -96,7 +96,7 @@ def _prefill_forward(llm, cache: StaticCache, inputs_embeds, position_ids, atten
     ).logits[:, -1]
 
 
-def _decode_forward(llm, cache: StaticCache, tokens, positions, attention_mask, cache_index, block_sparse: bool = True) -> torch.Tensor:
+def _decode_forward(llm, cache: StaticCache, tokens, positions, attention_mask, cache_index, block_sparse: bool = False) -> torch.Tensor:
     # Block-sparse, each row reads only the cache blocks it attends to (decode_mask); dense, SDPA reads them all.
     if block_sparse:
         attention_mask = decode_block_mask(attention_mask, cache_index)
@@ -310,9 +310,9 @@ class FastDecoder:
     token choice, so the host only queues replays and reads the end-of-sequence flags every `sync_every`
     tokens (streaming: see `on_tokens`). Static caches are kept, sized to the next power of two (at least
     256) of prompt + new tokens and reused while requests fit: one for single prompts (`chat`, a server's
-    lone client) and one for batches. A shorter request leaves its cache's tail unused (a batch's step skips
-    it, and each row's left padding, in blocks: see decode_mask), a smaller batch is filled up with copies of its
-    last row (dropped from the output), so neither recompiles; a longer
+    lone client) and one for batches. A shorter request attends over its cache's unused tail (with
+    `block_sparse`, a batch's step skips it and each row's left padding in blocks: see decode_mask), a smaller
+    batch is filled up with copies of its last row (dropped from the output), so neither recompiles; a longer
     request or a larger batch grows its cache and compiles once more, another set of sampling settings
     captures one more graph (the last `max_loops` per cache are kept). Prompts of different lengths come
     left-padded with their attention mask, as for `generate`. On CPU the same loop runs eagerly. Sampling
@@ -322,7 +322,7 @@ class FastDecoder:
     compilation, so a new process answers within seconds, at the price of slower steps.
     """
 
-    def __init__(self, model, sync_every: int = 16, max_loops: int = 8, compile: bool = True):
+    def __init__(self, model, sync_every: int = 16, max_loops: int = 8, compile: bool = True, block_sparse: bool = False):
         self.model = model
         self.sync_every = sync_every
         self.on_gpu = model.device.type == "cuda"
@@ -332,13 +332,15 @@ class FastDecoder:
         fused = model.llm.fuse_projections()
         logger.info(f"FastDecoder: {fused} of {2 * len(model.llm.model.layers)} projection groups fused (LoRA-wrapped ones stay apart)")
         self.compiled = self.on_gpu and compile
-        # A batch's step attends block-sparse (decode_mask): its rows' left padding and the cache's unwritten tail
-        # are skipped, which pays at batch 8 and more (H100, batch 8, 512 positions: +6 % tokens/s). A single
-        # prompt's step keeps SDPA's dense mask: its cache is small beside the weights, and the sparse mask's
-        # per-layer work cost more than it saved (batch 1: 3.35 ms of kernels a step against 3.12). The recorded
-        # eager step is dense too: flex attention's fused kernel exists only compiled (on CPU the eager loop runs
-        # flex's reference implementation, the tests' path).
-        batch_step = functools.partial(_decode_forward, block_sparse=self.compiled or not self.on_gpu)
+        # block_sparse: a batch's step attends only to the cache blocks each row sees (decode_mask), skipping its
+        # left padding and the cache's unwritten tail (H100, batch 8, 512 positions: +6 % tokens/s). Off by default
+        # until its GPU check passes (tests/test_decode_mask.py on a GPU; benchmarks/RESULTS.md, 2026-12-07). A
+        # single prompt's step stays dense: its cache is small beside the weights, and at batch 1 the sparse mask's
+        # per-layer work cost more than it saved (3.35 ms of kernels a step against 3.12). The recorded eager step
+        # is dense too: flex attention's fused kernel exists only compiled (on CPU the eager loop runs flex's
+        # reference implementation, the tests' path).
+        self.block_sparse = block_sparse and (self.compiled or not self.on_gpu)
+        batch_step = functools.partial(_decode_forward, block_sparse=self.block_sparse)
         single_step = functools.partial(_decode_forward, block_sparse=False)
         self._prefill = _prefill_forward
         if self.compiled:

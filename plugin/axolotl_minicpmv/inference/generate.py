@@ -67,13 +67,9 @@ def generate_answers(
         batch = move_inputs(inputs, model.device)
     if fast:
         init_fast_path(model)
-    encode = None  # the model's own: images of several sizes packed into one pass through the tower, where that applies
-    if (
-        fast and len(conversations) == 1
-    ):  # a lone conversation's few stacks are launch-bound: its recurring shapes replay CUDA graphs, as in chat
-        encode = model._fast_encode_images
-    elif fast and not model.packs_images(batch.get("pixel_values") or []):
-        encode = model._fast_encode_stacks
+    encode = None
+    if fast:  # a lone conversation's few stacks are launch-bound: its recurring shapes replay CUDA graphs, as in chat
+        encode = model._fast_encode_images if len(conversations) == 1 else model._fast_encode_stacks
     embeds = model.embed_inputs(
         batch["input_ids"], batch.get("pixel_values"), batch.get("vision_order"), batch.get("image_bound"), encode=encode
     )

@@ -68,7 +68,7 @@ def test_rows_padded_over_whole_blocks_decode_generates_tokens(tiny_checkpoint_f
     model = MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32).eval().to(device)
     torch.manual_seed(0)
     lengths = [300, 160, 20]
-    embeds = torch.randn(len(lengths), 300, model.config.hidden_size, device=device) * 0.5
+    embeds = torch.randn(len(lengths), 300, model.config.hidden_size).to(device) * 0.5  # the same prompt on every device
     mask = _padding(300, [300 - n for n in lengths]).to(device)
     embeds = embeds * mask[..., None]
     decoder = FastDecoder(model, block_sparse=block_sparse)

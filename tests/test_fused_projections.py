@@ -55,6 +55,24 @@ def test_a_weight_replaced_after_fusing_is_used_as_it_is(tiny_checkpoint_fp32):
     torch.testing.assert_close(_logits(fused, ids), _logits(plain, ids), rtol=1e-5, atol=1e-5)
 
 
+def test_fusing_again_keeps_the_stacks_still_read_and_restacks_a_replaced_weight(tiny_checkpoint_fp32):
+    """A second FastDecoder on one model fuses again: stacks the maps still read must stay the same tensors (the
+    first decoder's CUDA graphs point at their memory; new stacks freed it, and its graphs then read garbage),
+    while a group whose weight tensor was replaced since is stacked anew."""
+    fused = _fused_model(tiny_checkpoint_fp32)
+    attn, mlp = fused.llm.model.layers[0].self_attn, fused.llm.model.layers[0].mlp
+    before = (fused.llm.padded_head_weight, attn.qkv_weight, mlp.gate_up_weight)
+    attn_1 = fused.llm.model.layers[1].self_attn
+    attn_1.v_proj.weight.data = attn_1.v_proj.weight.data * 1.5  # replaced, as a safe LoRA merge does
+    replaced = attn_1.qkv_weight
+    assert fused.llm.fuse_projections() == 2 * len(fused.llm.model.layers)
+    assert all(now is then for now, then in zip((fused.llm.padded_head_weight, attn.qkv_weight, mlp.gate_up_weight), before))
+    assert attn_1.qkv_weight is not replaced
+    v_rows = slice(attn_1.q_proj.out_features + attn_1.k_proj.out_features, None)
+    torch.testing.assert_close(attn_1.qkv_weight[v_rows], attn_1.v_proj.weight, rtol=0, atol=0)
+    assert attn_1.v_proj.weight.data_ptr() == attn_1.qkv_weight[v_rows].data_ptr()
+
+
 def test_a_fused_model_saves_and_loads_the_official_tensors(tiny_checkpoint_fp32, tmp_path):
     fused = _fused_model(tiny_checkpoint_fp32)
     assert not [name for name in fused.state_dict() if name.endswith(("qkv_weight", "gate_up_weight", "padded_head_weight"))]

@@ -1,11 +1,16 @@
-"""GPU check: FastDecoder on left-padded rows, dense and block-sparse, against generate() and the eager step.
+"""GPU check: where FastDecoder leaves generate() on left-padded rows (float32, the tiny checkpoint).
 
-tests/test_decode_mask.py's padded batch on the GPU in float32 (the tiny checkpoint; rows of prompts 300, 160
-and 20 positions long, left-padded to 300, a 512-position cache): for each decoding step (dense SDPA mask, and
-block-sparse) the first token where each row leaves generate()'s greedy tokens, then the compiled step
-teacher-forced along generate()'s tokens beside the eager dense step on caches prefilled alike. A logit
-difference far below the smallest top-2 margin with differing tokens points at the compiled prefill; a large
-difference in the block-sparse step only, at the mask or flex attention's kernel. One JSON line per step kind.
+tests/test_decode_mask.py's padded batch (rows of prompts 300, 160 and 20 positions long, left-padded to 300,
+a 512-position cache), with the prompt drawn twice: from the CPU generator (the test's) and from the GPU's (the
+test's before 2026-12-07, whose run once left generate() at row 1, token 34). For each draw it prints:
+
+- `fast`: FastDecoder's greedy tokens (recorded eager step; compiled dense step; compiled block-sparse step)
+  against generate()'s: each row's first differing token and generate()'s top-2 logit margin there;
+- `forced`: the pieces apart, fed generate()'s tokens (eager or compiled prefill; eager, compiled dense or
+  compiled block-sparse step, no CUDA graph): each row's largest logit difference from generate()'s own logits.
+
+A piece whose difference is near the margin where the tokens part is the cause; differences of ~1e-5 everywhere
+point at the CUDA graph or the loop's bookkeeping.
 
     python benchmarks/gpu_checks/check_padded_decode.py
 """
@@ -35,41 +40,40 @@ from axolotl_minicpmv.testing.tiny_checkpoint import make_tiny_checkpoint  # noq
 LENGTHS, PROMPT, CACHE, NEW_TOKENS = [300, 160, 20], 300, 512, 40
 
 
+def compiled_step(block_sparse: bool):
+    step = functools.partial(_decode_forward, block_sparse=block_sparse)
+    return torch.compile(step, fullgraph=True, dynamic=False, options=STEP_COMPILE_OPTIONS)
+
+
+def compiled_prefill(llm, cache, embeds, position_ids, padding):
+    torch._dynamo.mark_dynamic(embeds, 1)
+    torch._dynamo.mark_dynamic(position_ids, 1)
+    return _COMPILED_PREFILL(llm, cache, embeds, position_ids, padding)
+
+
+_COMPILED_PREFILL = torch.compile(_prefill_forward, fullgraph=True)
+
+
+def teacher_forced(model, prefill, step, embeds, mask, tokens) -> torch.Tensor:
+    """(batch, NEW_TOKENS, vocab) logits of `prefill` then `step` fed generate()'s `tokens`, on a fresh cache."""
+    padding = torch.ones((len(LENGTHS), CACHE), dtype=torch.long, device="cuda")
+    padding[:, :PROMPT] = mask
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    cache = StaticCache(config=model.config, max_cache_len=CACHE)
+    logits = [prefill(model.llm, cache, embeds, position_ids, padding)]
+    positions = mask.sum(-1, keepdim=True)
+    for s in range(NEW_TOKENS - 1):
+        index = torch.tensor(PROMPT + s, device="cuda")
+        logits.append(step(model.llm, cache, tokens[:, s : s + 1], positions, padding, index))
+        positions = positions + 1
+    return torch.stack(logits, 1)
+
+
 def first_differences(ours: torch.Tensor, theirs: torch.Tensor) -> list[int | None]:
     return [next((i for i, (a, b) in enumerate(zip(o.tolist(), t.tolist())) if a != b), None) for o, t in zip(ours, theirs)]
 
 
-def teacher_forced(model, step, embeds, mask, tokens) -> dict:
-    """The compiled `step` and the eager dense step fed generate()'s tokens, each on its own prefilled cache."""
-    padding = torch.ones((len(LENGTHS), CACHE), dtype=torch.long, device="cuda")
-    padding[:, :PROMPT] = mask
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    caches = [StaticCache(config=model.config, max_cache_len=CACHE) for _ in range(2)]
-    for cache in caches:
-        _prefill_forward(model.llm, cache, embeds, position_ids, padding)
-    positions = mask.sum(-1, keepdim=True)
-    worst, margin = torch.zeros(len(LENGTHS)), torch.full((len(LENGTHS),), float("inf"))
-    for s in range(NEW_TOKENS - 1):
-        token, index = tokens[:, s : s + 1], torch.tensor(PROMPT + s, device="cuda")
-        eager = _decode_forward(model.llm, caches[0], token, positions, padding, index, block_sparse=False)
-        compiled = step(model.llm, caches[1], token, positions, padding, index)
-        worst = torch.maximum(worst, (eager - compiled).abs().amax(-1).cpu())
-        top2 = eager.topk(2, -1).values
-        margin = torch.minimum(margin, (top2[:, 0] - top2[:, 1]).cpu())
-        positions = positions + 1
-    return {"max_abs_logit_diff_per_row": worst.tolist(), "min_top2_margin_per_row": margin.tolist()}
-
-
-@torch.inference_mode()
-def main() -> None:
-    checkpoint = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", dtype=torch.float32)
-    model = MiniCPMV.from_pretrained(checkpoint, dtype=torch.float32).eval().cuda()
-    torch.manual_seed(0)
-    mask = torch.ones((len(LENGTHS), PROMPT), dtype=torch.long)
-    for row, length in enumerate(LENGTHS):
-        mask[row, : PROMPT - length] = 0
-    embeds = (torch.randn(len(LENGTHS), PROMPT, model.config.hidden_size) * 0.5 * mask[..., None]).cuda()
-    mask = mask.cuda()
+def compare(model, embeds, mask, source) -> None:
     plain = model.generate(
         inputs_embeds=embeds,
         attention_mask=mask,
@@ -78,15 +82,58 @@ def main() -> None:
         pad_token_id=0,
         max_new_tokens=NEW_TOKENS,
         min_new_tokens=NEW_TOKENS,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
-    for block_sparse in (False, True):
-        fast = FastDecoder(model, block_sparse=block_sparse).generate(embeds, NEW_TOKENS, attention_mask=mask)
-        step = torch.compile(
-            functools.partial(_decode_forward, block_sparse=block_sparse), fullgraph=True, dynamic=False, options=STEP_COMPILE_OPTIONS
+    tokens, logits = plain.sequences, torch.stack(plain.logits, 1)
+    top2 = logits.topk(2, -1).values
+    margins = top2[..., 0] - top2[..., 1]
+    decoders = {
+        "recorded_eager": dict(compile=False),
+        "compiled_dense": dict(block_sparse=False),
+        "compiled_sparse": dict(block_sparse=True),
+    }
+    for name, options in decoders.items():
+        differences = first_differences(FastDecoder(model, **options).generate(embeds, NEW_TOKENS, attention_mask=mask), tokens)
+        at = [None if d is None else round(margins[r, d].item(), 6) for r, d in enumerate(differences)]
+        print(
+            json.dumps({"embeds_from": source, "fast": name, "first_difference": differences, "generate_top2_margin_there": at}), flush=True
         )
-        row = {"block_sparse": block_sparse, "first_difference_per_row": first_differences(fast, plain)}
-        row.update(teacher_forced(model, step, embeds, mask, plain))
-        print(json.dumps(row), flush=True)
+    eager_step = functools.partial(_decode_forward, block_sparse=False)
+    pieces = {
+        "eager_prefill+eager_step": (_prefill_forward, eager_step),
+        "compiled_prefill+eager_step": (compiled_prefill, eager_step),
+        "eager_prefill+compiled_dense_step": (_prefill_forward, compiled_step(False)),
+        "eager_prefill+compiled_sparse_step": (_prefill_forward, compiled_step(True)),
+    }
+    for name, (prefill, step) in pieces.items():
+        forced = teacher_forced(model, prefill, step, embeds, mask, tokens)
+        worst = (forced - logits).abs().amax(-1)  # (batch, step)
+        print(
+            json.dumps(
+                {
+                    "embeds_from": source,
+                    "forced": name,
+                    "max_logit_diff_per_row": worst.amax(1).tolist(),
+                    "at_step": worst.argmax(1).tolist(),
+                    "min_generate_top2_margin_per_row": margins.amin(1).tolist(),
+                }
+            ),
+            flush=True,
+        )
+
+
+@torch.inference_mode()
+def main() -> None:
+    checkpoint = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", dtype=torch.float32)
+    model = MiniCPMV.from_pretrained(checkpoint, dtype=torch.float32).eval().cuda()
+    mask = torch.ones((len(LENGTHS), PROMPT), dtype=torch.long)
+    for row, length in enumerate(LENGTHS):
+        mask[row, : PROMPT - length] = 0
+    for source in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        embeds = torch.randn(len(LENGTHS), PROMPT, model.config.hidden_size, device=source).cuda() * 0.5 * mask[..., None].cuda()
+        compare(model, embeds, mask.cuda(), source)
 
 
 if __name__ == "__main__":

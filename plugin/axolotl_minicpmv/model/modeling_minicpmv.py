@@ -135,14 +135,17 @@ class MiniCPMMLP(LlamaMLP):
         return self.down_proj(self.act_fn(gate) * up)
 
 
-def fuse_linears(linears: list[nn.Linear], row_multiple: int = 1) -> torch.Tensor | None:
+def fuse_linears(linears: list[nn.Linear], row_multiple: int = 1, stacked: torch.Tensor | None = None) -> torch.Tensor | None:
     """One weight for linear maps of the same input: their rows stacked in one tensor (zero rows added up to a
     multiple of `row_multiple`), and each map's weight re-pointed to its rows, so nothing is added to memory and
     both paths compute with the same values (an in-place update of a map's weight, such as an optimizer step or
     a LoRA merge, updates the stack). None where a map is not a plain bias-free nn.Linear (a LoRA wrapper, a
-    quantized layer): it stays unfused."""
+    quantized layer): it stays unfused. A `stacked` weight the maps still read their rows of is kept as it is:
+    CUDA graphs recorded by an earlier FastDecoder point at its memory, which a new stack would free."""
     if any(type(linear) is not nn.Linear or linear.bias is not None for linear in linears):
         return None
+    if stacked is not None and _reads_rows_of(stacked, linears):
+        return stacked
     rows = sum(linear.out_features for linear in linears)
     padding = -rows % row_multiple
     stacked = torch.cat([linear.weight.detach() for linear in linears] + [linears[0].weight.new_zeros(padding, linears[0].in_features)])
@@ -328,14 +331,15 @@ class MiniCPMForCausalLM(MiniCPMPreTrainedModel):
         leaves the logits rows unaligned, and cuBLAS then picks a slow align-1 kernel; the padding logits are cut
         off). The separate maps keep their names and values (views of the stacked rows), so checkpoints, LoRA
         targets and training are unchanged; the stacked weights are non-persistent buffers, used only under
-        no_grad / inference_mode. Call again after replacing a weight tensor (an in-place change needs nothing).
+        no_grad / inference_mode. Call again after replacing a weight tensor (an in-place change needs nothing); a
+        group already fused is left as it is.
         Returns the number of decoder groups fused."""
-        self.padded_head_weight = fuse_linears([self.lm_head], row_multiple=64)
+        self.padded_head_weight = fuse_linears([self.lm_head], row_multiple=64, stacked=self.padded_head_weight)
         fused = 0
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_weight = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-            mlp.gate_up_weight = fuse_linears([mlp.gate_proj, mlp.up_proj])
+            attn.qkv_weight = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj], stacked=attn.qkv_weight)
+            mlp.gate_up_weight = fuse_linears([mlp.gate_proj, mlp.up_proj], stacked=mlp.gate_up_weight)
             fused += (attn.qkv_weight is not None) + (mlp.gate_up_weight is not None)
         return fused
 

@@ -12,11 +12,12 @@ test's before 2026-12-07, whose run once left generate() at row 1, token 34). Fo
 A piece whose difference is near the margin where the tokens part is the cause; differences of ~1e-5 everywhere
 point at the CUDA graph or the loop's bookkeeping.
 
-    python benchmarks/gpu_checks/check_padded_decode.py
+    python benchmarks/gpu_checks/check_padded_decode.py [--draws cpu cuda]
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import sys
@@ -125,12 +126,15 @@ def compare(model, embeds, mask, source) -> None:
 
 @torch.inference_mode()
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--draws", nargs="+", choices=["cpu", "cuda"], default=["cpu", "cuda"], help="the generators to draw prompts from")
+    args = parser.parse_args()
     checkpoint = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", dtype=torch.float32)
     model = MiniCPMV.from_pretrained(checkpoint, dtype=torch.float32).eval().cuda()
     mask = torch.ones((len(LENGTHS), PROMPT), dtype=torch.long)
     for row, length in enumerate(LENGTHS):
         mask[row, : PROMPT - length] = 0
-    for source in ("cpu", "cuda"):
+    for source in args.draws:
         torch.manual_seed(0)
         embeds = torch.randn(len(LENGTHS), PROMPT, model.config.hidden_size, device=source).cuda() * 0.5 * mask[..., None].cuda()
         compare(model, embeds, mask.cuda(), source)

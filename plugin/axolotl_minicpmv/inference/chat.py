@@ -147,7 +147,10 @@ def init_fast_path(model) -> None:
             logger.warning(
                 "fast path (FastDecoder): the first request compiles the prefill and the decoding step (once per process, minutes)"
             )
-        model._fast_decoder = FastDecoder(model)
+        # A batch's step reads only the cache blocks each of its rows attends to (decode_mask; +6 % tokens/s at
+        # batch 8 on an H100, benchmarks/RESULTS.md 2026-12-07). Not on the CPU, whose eager loop would run flex
+        # attention's unfused reference implementation.
+        model._fast_decoder = FastDecoder(model, block_sparse=on_gpu)
         model._fast_encode_images = image_encoder(model, compile_blocks=on_gpu, cuda_graphs=on_gpu)
         # Batches of several conversations (predict, serving) bring stacks of ever new sizes, each of which a
         # graph would record anew (three forwards); their large stacks are bound by the GPU's arithmetic, not by launches.

@@ -333,12 +333,12 @@ class FastDecoder:
         logger.info(f"FastDecoder: {fused} of {2 * len(model.llm.model.layers)} projection groups fused (LoRA-wrapped ones stay apart)")
         self.compiled = self.on_gpu and compile
         # block_sparse: a batch's step attends only to the cache blocks each row sees (decode_mask), skipping its
-        # left padding and the cache's unwritten tail (H100, batch 8, 512 positions: +6 % tokens/s). Off by default
-        # until its GPU check passes (tests/test_decode_mask.py on a GPU; benchmarks/RESULTS.md, 2026-12-07). A
-        # single prompt's step stays dense: its cache is small beside the weights, and at batch 1 the sparse mask's
-        # per-layer work cost more than it saved (3.35 ms of kernels a step against 3.12). The recorded eager step
-        # is dense too: flex attention's fused kernel exists only compiled (on CPU the eager loop runs flex's
-        # reference implementation, the tests' path).
+        # left padding and the cache's unwritten tail (H100, batch 8, 512 positions: +6 % tokens/s; on a GPU
+        # init_fast_path turns it on, benchmarks/RESULTS.md 2026-12-07). A single prompt's step stays dense: its
+        # cache is small beside the weights, and at batch 1 the sparse mask's per-layer work cost more than it
+        # saved (3.35 ms of kernels a step against 3.12). The recorded eager step is dense too: flex attention's
+        # fused kernel exists only compiled (on CPU the eager loop runs flex's reference implementation, the
+        # tests' path).
         self.block_sparse = block_sparse and (self.compiled or not self.on_gpu)
         batch_step = functools.partial(_decode_forward, block_sparse=self.block_sparse)
         single_step = functools.partial(_decode_forward, block_sparse=False)

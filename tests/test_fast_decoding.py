@@ -10,7 +10,7 @@ from PIL import Image
 from transformers.cache_utils import StaticCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from axolotl_minicpmv.inference.fast_decoding import FastDecoder, Sampling, choose_tokens
+from axolotl_minicpmv.inference.fast_decoding import FastDecoder, Sampling, _prefill_forward, choose_tokens, compiled_prefill
 from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds
 
 MSGS = [{"role": "user", "content": "What is in the image?"}]
@@ -426,3 +426,28 @@ def test_a_recorded_eager_step_on_a_gpu_gives_generates_tokens(tiny_model, promp
         plain_beams = model.generate(inputs_embeds=embeds[:1], num_beams=3, **kwargs)
     assert torch.equal(greedy.cpu(), plain.cpu())
     assert torch.equal(beams.cpu(), plain_beams.cpu())
+
+
+def test_the_compiled_prefill_serves_every_prompt_length_with_one_graph(tiny_model):
+    """FastDecoder's GPU prefill, compiled here on the CPU (inductor's C++ kernels): left-padded prompts of new
+    lengths reuse the first graph (no compilation per length) and fill the cache as the eager prefill does."""
+    from torch._dynamo.utils import counters
+
+    prefill, config, cache_len = compiled_prefill(), tiny_model.config, 256
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        for length in (37, 113, 250, 2):
+            mask = torch.ones(2, length, dtype=torch.long)
+            mask[1, : length // 2] = 0
+            padding = torch.ones(2, cache_len, dtype=torch.long)
+            padding[:, :length] = mask
+            position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            embeds = torch.randn(2, length, config.hidden_size, generator=torch.Generator().manual_seed(length)) * mask[..., None]
+            caches = [StaticCache(config=config, max_cache_len=cache_len) for _ in range(2)]
+            ours = prefill(tiny_model.llm, caches[0], embeds, position_ids, padding)
+            theirs = _prefill_forward(tiny_model.llm, caches[1], embeds, position_ids, padding)
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+            for mine, reference in zip(caches[0].layers, caches[1].layers):
+                torch.testing.assert_close(mine.keys[..., :length, :], reference.keys[..., :length, :], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(mine.values[..., :length, :], reference.values[..., :length, :], rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs + 1

@@ -34,6 +34,7 @@ from axolotl_minicpmv.inference.fast_decoding import (  # noqa: E402
     FastDecoder,
     _decode_forward,
     _prefill_forward,
+    compiled_prefill,
 )
 from axolotl_minicpmv.model.modeling_minicpmv import MiniCPMV  # noqa: E402
 from axolotl_minicpmv.testing.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
@@ -44,15 +45,6 @@ LENGTHS, PROMPT, CACHE, NEW_TOKENS = [300, 160, 20], 300, 512, 40
 def compiled_step(block_sparse: bool):
     step = functools.partial(_decode_forward, block_sparse=block_sparse)
     return torch.compile(step, fullgraph=True, dynamic=False, options=STEP_COMPILE_OPTIONS)
-
-
-def compiled_prefill(llm, cache, embeds, position_ids, padding):
-    torch._dynamo.mark_dynamic(embeds, 1)
-    torch._dynamo.mark_dynamic(position_ids, 1)
-    return _COMPILED_PREFILL(llm, cache, embeds, position_ids, padding)
-
-
-_COMPILED_PREFILL = torch.compile(_prefill_forward, fullgraph=True)
 
 
 def teacher_forced(model, prefill, step, embeds, mask, tokens) -> torch.Tensor:
@@ -103,7 +95,7 @@ def compare(model, embeds, mask, source) -> None:
     eager_step = functools.partial(_decode_forward, block_sparse=False)
     pieces = {
         "eager_prefill+eager_step": (_prefill_forward, eager_step),
-        "compiled_prefill+eager_step": (compiled_prefill, eager_step),
+        "compiled_prefill+eager_step": (compiled_prefill(), eager_step),
         "eager_prefill+compiled_dense_step": (_prefill_forward, compiled_step(False)),
         "eager_prefill+compiled_sparse_step": (_prefill_forward, compiled_step(True)),
     }

@@ -96,6 +96,19 @@ def _prefill_forward(llm, cache: StaticCache, inputs_embeds, position_ids, atten
     ).logits[:, -1]
 
 
+def compiled_prefill() -> Callable:
+    """`_prefill_forward` compiled once for any prompt length: the prompt's dimension is marked dynamic on each
+    call, so a new length reuses the graph (eager, the prefill is bound by the host launching ~2,000 small kernels)."""
+    compiled = torch.compile(_prefill_forward, fullgraph=True)
+
+    def prefill(llm, cache: StaticCache, inputs_embeds, position_ids, attention_mask) -> torch.Tensor:
+        torch._dynamo.mark_dynamic(inputs_embeds, 1)
+        torch._dynamo.mark_dynamic(position_ids, 1)
+        return compiled(llm, cache, inputs_embeds, position_ids, attention_mask)
+
+    return prefill
+
+
 def _decode_forward(llm, cache: StaticCache, tokens, positions, attention_mask, cache_index, block_sparse: bool = False) -> torch.Tensor:
     # Block-sparse, each row reads only the cache blocks it attends to (decode_mask); dense, SDPA reads them all.
     if block_sparse:
@@ -349,9 +362,7 @@ class FastDecoder:
             batch_step, single_step = (
                 torch.compile(step, fullgraph=True, dynamic=False, options=STEP_COMPILE_OPTIONS) for step in (batch_step, single_step)
             )
-            # Eager, the prefill is bound by the host launching ~2,000 small kernels. Compiled with a dynamic
-            # sequence length (marked in generate), one graph serves every prompt length.
-            self._prefill = torch.compile(_prefill_forward, fullgraph=True)
+            self._prefill = compiled_prefill()
         # A lone prompt in a cache sized for a batch would pay for the fillers' prefill (its first token) and
         # their attention over the whole cache (every step): single prompts keep a cache of their own.
         self._single, self._batched = _CacheSlot(single_step), _CacheSlot(batch_step)
@@ -448,9 +459,6 @@ class FastDecoder:
         loop.start(attention_mask, max_new_tokens, min_new_tokens)
         # generate()'s prefill positions: counted over attended tokens, 1 under padding (never attended).
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        if self.compiled:
-            torch._dynamo.mark_dynamic(inputs_embeds, 1)
-            torch._dynamo.mark_dynamic(position_ids, 1)
         loop.advance(self._prefill(self.model.llm, loop.cache, inputs_embeds, position_ids, loop.padding))
         return loop
 

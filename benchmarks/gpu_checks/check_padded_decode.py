@@ -30,21 +30,16 @@ from transformers.cache_utils import StaticCache
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugin"))
 
 from axolotl_minicpmv.inference.fast_decoding import (  # noqa: E402
-    STEP_COMPILE_OPTIONS,
     FastDecoder,
     _decode_forward,
     _prefill_forward,
     compiled_prefill,
+    compiled_step,
 )
 from axolotl_minicpmv.model.modeling_minicpmv import MiniCPMV  # noqa: E402
 from axolotl_minicpmv.testing.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 
 LENGTHS, PROMPT, CACHE, NEW_TOKENS = [300, 160, 20], 300, 512, 40
-
-
-def compiled_step(block_sparse: bool):
-    step = functools.partial(_decode_forward, block_sparse=block_sparse)
-    return torch.compile(step, fullgraph=True, dynamic=False, options=STEP_COMPILE_OPTIONS)
 
 
 def teacher_forced(model, prefill, step, embeds, mask, tokens) -> torch.Tensor:

@@ -118,6 +118,12 @@ def _decode_forward(llm, cache: StaticCache, tokens, positions, attention_mask, 
     ).logits[:, -1]
 
 
+def compiled_step(block_sparse: bool) -> Callable:
+    """`_decode_forward` as FastDecoder's CUDA graphs replay it: fixed shapes, STEP_COMPILE_OPTIONS."""
+    step = functools.partial(_decode_forward, block_sparse=block_sparse)
+    return torch.compile(step, fullgraph=True, dynamic=False, options=STEP_COMPILE_OPTIONS)
+
+
 class _DecodeLoop:
     """Static buffers for one batch size, cache and set of settings, and on a GPU the CUDA graph of one
     decoding step over them (compiled decoder forward + token choice + bookkeeping, all on the device)."""
@@ -353,16 +359,14 @@ class FastDecoder:
         # fused kernel exists only compiled (on CPU the eager loop runs flex's reference implementation, the
         # tests' path).
         self.block_sparse = block_sparse and (self.compiled or not self.on_gpu)
-        batch_step = functools.partial(_decode_forward, block_sparse=self.block_sparse)
-        single_step = functools.partial(_decode_forward, block_sparse=False)
-        self._prefill = _prefill_forward
         if self.compiled:
             # Frozen weights may be folded into the compiled step: make a new FastDecoder after changing them
             # (merging an adapter, say).
-            batch_step, single_step = (
-                torch.compile(step, fullgraph=True, dynamic=False, options=STEP_COMPILE_OPTIONS) for step in (batch_step, single_step)
-            )
+            batch_step, single_step = compiled_step(self.block_sparse), compiled_step(False)
             self._prefill = compiled_prefill()
+        else:
+            batch_step, single_step = (functools.partial(_decode_forward, block_sparse=sparse) for sparse in (self.block_sparse, False))
+            self._prefill = _prefill_forward
         # A lone prompt in a cache sized for a batch would pay for the fillers' prefill (its first token) and
         # their attention over the whole cache (every step): single prompts keep a cache of their own.
         self._single, self._batched = _CacheSlot(single_step), _CacheSlot(batch_step)

@@ -3,7 +3,7 @@
 For a few batches of --batch-size samples (448x448 to 1344x1344 pictures, 64 forced new tokens) it times, each
 stage synchronised: preparing the batch on the CPU (pictures, slicing, pixels, prompt ids: what the prefetch
 threads do), moving it to the GPU, the vision tower + resampler + embedding (per image size through the
-compiled tower blocks, and all sizes packed in one pass as predict runs them), the prefill (FastDecoder's first
+compiled tower blocks as predict runs them, and all sizes packed in one pass), the prefill (FastDecoder's first
 token) and the decoding of the other 63 tokens (the block-sparse mask as shipped, and SDPA's dense one); and
 next to them a whole `predict()` over the same batches. Prints one JSON line per batch and the medians.
 

@@ -77,10 +77,10 @@ def test_a_gpu_bf16_model_packs_and_matches_the_per_size_passes():
         grads = torch.autograd.grad(features.float().square().mean(), trained)
         return features.detach().float(), torch.cat([g.float().flatten() for g in grads])
 
-    assert model._packs(pixels)
+    assert model.can_pack_images(pixels)
     packed, packed_grads = features_and_grads()
     model.vision_block = None  # the per-size passes
-    assert not model._packs(pixels)
+    assert not model.can_pack_images(pixels)
     per_size, grads = features_and_grads()
     # bf16: the same flash kernels over the same spans, in other tilings and summation orders
     torch.testing.assert_close(packed, per_size, rtol=2e-2, atol=2e-2)

@@ -2,8 +2,8 @@
 
 For a few batches of --batch-size samples (448x448 to 1344x1344 pictures, 64 forced new tokens) it times, each
 stage synchronised: preparing the batch on the CPU (pictures, slicing, pixels, prompt ids: what the prefetch
-threads do), moving it to the GPU, the vision tower + resampler + embedding (per image size through the
-compiled tower blocks as predict runs them, and all sizes packed in one pass), the prefill (FastDecoder's first
+threads do), moving it to the GPU, the vision tower + resampler + embedding (all sizes packed in one pass as
+predict runs them, and per image size through the compiled tower blocks), the prefill (FastDecoder's first
 token) and the decoding of the other 63 tokens (the block-sparse mask as shipped, and SDPA's dense one); and
 next to them a whole `predict()` over the same batches. Prints one JSON line per batch and the medians.
 
@@ -61,11 +61,9 @@ def main() -> None:
     decoder = model._fast_decoder
     # The same step through SDPA's dense mask (every cache position of every row), for comparison.
     dense = FastDecoder(model, block_sparse=False)
-    warm_batch = move_inputs(_prepare_batch(processor, _as_requests(samples[: args.batch_size], ".", "last"), 2048).inputs, model.device)
-    with torch.inference_mode():  # the packed pass's first run (nothing compiles; predict's warm-up compiled the rest)
-        model.embed_inputs(*(warm_batch[k] for k in EMBED_KEYS))
     rows = []
-    # Batch 0 runs everything once untimed: each decoder's loop for these settings is recorded on first use.
+    # Batch 0 runs everything once untimed: the per-size compiled tower blocks compile there (predict packs), and
+    # each decoder's loop for these settings is recorded on first use.
     for b in range(0, args.batches + 1):
         chunk = samples[b * args.batch_size : (b + 1) * args.batch_size]
         requests = _as_requests(chunk, ".", "last")

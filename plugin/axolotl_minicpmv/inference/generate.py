@@ -1,7 +1,8 @@
 """Answers for a batch of conversations in one `generate` call: prediction, evaluation and serving use it.
 
 The prompts are left-padded with an attention mask (transformers derives the positions from it) and the
-images of the whole batch go through the vision tower grouped by size. Greedy answers equal one-by-one
+images of the whole batch go through the vision tower grouped by size (on a GPU in 16-bit: every size in one
+packed pass, `model/packed_vision.py`). Greedy answers equal one-by-one
 `chat(..., sampling=False, num_beams=1)` answers (tests/test_predict.py, float32). On a GPU, greedy and
 sampled batches decode through `FastDecoder` (the same tokens in float32: tests/test_fast_decoding.py),
 streamed ones too; beam search goes through `generate` unless `fast=True` asks for FastDecoder's.
@@ -67,9 +68,11 @@ def generate_answers(
         batch = move_inputs(inputs, model.device)
     if fast:
         init_fast_path(model)
-    encode = None
-    if fast:  # a lone conversation's few stacks are launch-bound: its recurring shapes replay CUDA graphs, as in chat
-        encode = model._fast_encode_images if len(conversations) == 1 else model._fast_encode_stacks
+    encode = None  # the model's own: stacks of several sizes in one packed pass where it can (GPU, 16-bit)
+    if fast and len(conversations) == 1:  # a lone conversation's few stacks are launch-bound: recurring shapes replay CUDA graphs
+        encode = model._fast_encode_images
+    elif fast and not model.can_pack_images(batch.get("pixel_values") or []):
+        encode = model._fast_encode_stacks
     embeds = model.embed_inputs(
         batch["input_ids"], batch.get("pixel_values"), batch.get("vision_order"), batch.get("image_bound"), encode=encode
     )

@@ -125,6 +125,35 @@ def test_prepared_batches_are_the_processors_batch(tiny_model, tiny_tokenizer):
             assert len(prepared.inputs[key]) == len(value) and all(torch.equal(a, b) for a, b in zip(prepared.inputs[key], value)), key
 
 
+def test_batches_are_grouped_by_prompt_size_and_every_request_is_answered_once(tiny_model, tiny_tokenizer, tmp_path):
+    """Sliced, single-cell and text-only samples interleaved: batches of 2 hold prompts of one kind each (the
+    shortest first), every sample is answered once, and each answer is the one it gets in the input's order."""
+    from axolotl_minicpmv.integration.predict import grouped_by_prompt_size
+    from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor
+
+    kinds = {
+        "sliced": (str(IMAGES / "handwritten_note.jpg"), "Read it: <image>"),
+        "cell": (str(IMAGES / "stop_sign.jpg"), "<image>\nWhat is this?"),
+        "text": (None, "What is 17 times 3?"),
+    }
+    samples = []
+    for k in range(2):
+        for kind, (image, question) in kinds.items():
+            sample = {"id": f"{kind}-{k}", "conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": "x"}]}
+            samples.append(sample if image is None else dict(sample, image=image))
+    processor = MiniCPMVProcessor.from_config(tiny_tokenizer, tiny_model.config)
+    assert processor.layout(Image.open(kinds["sliced"][0]).size).num_images > 1  # the sliced picture is sliced
+    grouped = [r.id for r in grouped_by_prompt_size(list(requests_from_samples(samples)), processor, batch_size=2)]
+    assert grouped == ["text-0", "text-1", "cell-0", "cell-1", "sliced-0", "sliced-1"]
+
+    rows = list(predict(tiny_model, tiny_tokenizer, samples, batch_size=2, max_new_tokens=6))
+    assert [row["id"] for row in rows] == grouped
+    lengths = [row["prompt_tokens"] for row in rows]
+    assert lengths == sorted(lengths) and lengths[0] == lengths[1] and lengths[4] == lengths[5]
+    in_order = {row["id"]: row["prediction"] for row in predict(tiny_model, tiny_tokenizer, samples, batch_size=1, max_new_tokens=6)}
+    assert {row["id"]: row["prediction"] for row in rows} == in_order
+
+
 # ------------------------------------------------------------------ requests and bad rows
 
 

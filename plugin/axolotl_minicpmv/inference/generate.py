@@ -68,7 +68,9 @@ def generate_answers(
         batch = move_inputs(inputs, model.device)
     if fast:
         init_fast_path(model)
-    encode = None  # the model's own: stacks of several sizes in one packed pass where it can (GPU, 16-bit)
+    # None: the model's own, which on a GPU in 16-bit packs a batch's sizes into one pass (one size: one eager tower
+    # call), so batches of ever new stack shapes compile nothing.
+    encode = None
     if fast and len(conversations) == 1:  # a lone conversation's few stacks are launch-bound: recurring shapes replay CUDA graphs
         encode = model._fast_encode_images
     elif fast and not model.can_pack_images(batch.get("pixel_values") or []):

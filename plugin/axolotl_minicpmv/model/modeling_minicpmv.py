@@ -462,7 +462,7 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         sizes on a GPU in 16-bit, all of them in one packed pass (`packed_vision`; `vision_block` runs its blocks,
         None turns packing off). ZeRO-3 keeps the per-size calls: its hooks gather the tower's own parameters
         only when the tower itself is called."""
-        if encode is None and self.can_pack_images(pixel_values):
+        if encode is None and len(pixel_values) > 1 and self.can_pack_images(pixel_values):
             logger.info_once("MiniCPM-V: images of several sizes go through the vision tower in one packed pass (flash varlen attention)")
             towers = encode_packed(self.vpm, pixel_values, run_block=self.vision_block)
             features = torch.cat([self.resample(tower, stack.shape[-2:]) for tower, stack in zip(towers, pixel_values, strict=True)])
@@ -472,10 +472,10 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
         return features if vision_order is None else features[vision_order.to(features.device)]
 
     def can_pack_images(self, pixel_values: list[torch.Tensor]) -> bool:
-        """Whether `get_image_features` (without `encode`) runs these stacks through the tower in one packed pass."""
+        """Whether these stacks may go through the tower in one packed pass (`get_image_features` packs two or more)."""
         return (
             self.vision_block is not None
-            and len(pixel_values) > 1
+            and len(pixel_values) > 0
             and packs(self.vpm, pixel_values[0])
             and not is_deepspeed_zero3_enabled()
         )

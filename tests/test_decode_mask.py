@@ -73,7 +73,10 @@ def test_rows_padded_over_whole_blocks_decode_generates_tokens(tiny_checkpoint_f
     embeds = embeds * mask[..., None]
     decoder = FastDecoder(model, block_sparse=block_sparse)
     assert decoder.block_sparse == block_sparse
-    ours = decoder.generate(embeds, 40, attention_mask=mask)
+    # generate's min_new_tokens keeps eos away for all 40 tokens: so does ours (without it a row could pick eos where
+    # generate takes the runner-up, as a GPU-drawn prompt's row did at token 34, 2026-12-07)
+    eos = {"eos_token_id": model.generation_config.eos_token_id, "min_new_tokens": 40}
+    ours = decoder.generate(embeds, 40, attention_mask=mask, **eos)
     assert decoder._slot(3).key == (3, 512)
     with torch.inference_mode():
         theirs = model.generate(
@@ -83,4 +86,4 @@ def test_rows_padded_over_whole_blocks_decode_generates_tokens(tiny_checkpoint_f
     assert first_differences == [None] * len(lengths)
     alone = FastDecoder(model)  # its single-prompt cache: 512 positions from the first row on, mostly unwritten
     for row, n in enumerate(lengths):
-        assert torch.equal(alone.generate(embeds[row : row + 1, 300 - n :], 40), ours[row : row + 1])
+        assert torch.equal(alone.generate(embeds[row : row + 1, 300 - n :], 40, **eos), ours[row : row + 1])

@@ -451,3 +451,23 @@ def test_the_compiled_prefill_serves_every_prompt_length_with_one_graph(tiny_mod
                 torch.testing.assert_close(mine.keys[..., :length, :], reference.keys[..., :length, :], rtol=1e-4, atol=1e-4)
                 torch.testing.assert_close(mine.values[..., :length, :], reference.values[..., :length, :], rtol=1e-4, atol=1e-4)
     assert counters["stats"]["unique_graphs"] == graphs + 1
+
+
+def test_answers_whose_tokens_are_the_pad_id_keep_their_length(tiny_checkpoint_fp32, tiny_tokenizer):
+    """A model whose every token is 0 (<unk>, also the pad id; lm_head zeroed, so argmax takes the first id): each
+    answer still holds all its tokens, fast and plain, streamed or not (lengths once came from trailing pad ids)."""
+    from axolotl_minicpmv import MiniCPMV
+    from axolotl_minicpmv.inference.generate import generate_answers
+
+    model = MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.llm.lm_head.weight.zero_()
+    processor = MiniCPMVProcessor.from_config(tiny_tokenizer, model.config)
+    conversations = [[{"role": "user", "content": q}] for q in ("What is 17 times 3?", "Hello?")]
+    for fast in (True, False):
+        answers = generate_answers(model, processor, conversations, None, fast=fast, max_new_tokens=5, num_beams=1)
+        assert [(a.token_ids, a.finish_reason) for a in answers] == [([0] * 5, "length")] * 2
+        streamed = generate_answers(
+            model, processor, conversations, None, fast=fast, max_new_tokens=5, num_beams=1, on_tokens=lambda tokens: [1]
+        )
+        assert [a.token_ids for a in streamed] == [[0] * 5, [0]]  # row 1 ended at its first token

@@ -5,7 +5,9 @@ a 512-position cache), with the prompt drawn twice: from the CPU generator (the 
 test's before 2026-12-07, whose run once left generate() at row 1, token 34). For each draw it prints:
 
 - `fast`: FastDecoder's greedy tokens (recorded eager step; compiled dense step; compiled block-sparse step)
-  against generate()'s: each row's first differing token and generate()'s top-2 logit margin there;
+  against generate()'s, eos kept away from every step on both sides (generate's min_new_tokens): each row's first
+  differing token, generate()'s top-2 logit margin there and both tokens (the GPU run of 2026-12-07 found the
+  cause of the row-1 difference this way: FastDecoder was not given the eos that generate's min_new_tokens masks);
 - `forced`: the pieces apart, fed generate()'s tokens (eager or compiled prefill; eager, compiled dense or
   compiled block-sparse step, no CUDA graph): each row's largest logit difference from generate()'s own logits.
 
@@ -81,12 +83,15 @@ def compare(model, embeds, mask, source) -> None:
         "compiled_dense": dict(block_sparse=False),
         "compiled_sparse": dict(block_sparse=True),
     }
+    # generate's min_new_tokens keeps eos away from every step: FastDecoder is told the same
+    eos = {"eos_token_id": model.generation_config.eos_token_id, "min_new_tokens": NEW_TOKENS}
     for name, options in decoders.items():
-        differences = first_differences(FastDecoder(model, **options).generate(embeds, NEW_TOKENS, attention_mask=mask), tokens)
+        ours = FastDecoder(model, **options).generate(embeds, NEW_TOKENS, attention_mask=mask, **eos)
+        differences = first_differences(ours, tokens)
         at = [None if d is None else round(margins[r, d].item(), 6) for r, d in enumerate(differences)]
-        print(
-            json.dumps({"embeds_from": source, "fast": name, "first_difference": differences, "generate_top2_margin_there": at}), flush=True
-        )
+        there = [None if d is None else (ours[r, d].item(), tokens[r, d].item()) for r, d in enumerate(differences)]
+        result = {"embeds_from": source, "fast": name, "first_difference": differences, "generate_top2_margin_there": at}
+        print(json.dumps({**result, "tokens_there_ours_generates": there}), flush=True)
     eager_step = functools.partial(_decode_forward, block_sparse=False)
     pieces = {
         "eager_prefill+eager_step": (_prefill_forward, eager_step),

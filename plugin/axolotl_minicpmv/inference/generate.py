@@ -79,6 +79,8 @@ def generate_answers(
         batch["input_ids"], batch.get("pixel_values"), batch.get("vision_order"), batch.get("image_bound"), encode=encode
     )
     tokenizer = processor.tokenizer
+    if on_tokens is not None:
+        on_tokens = _EndedRows(on_tokens)
     if fast:
         output = fast_generate(model, embeds, config, tokenizer, max_new_tokens, batch["attention_mask"], min_new_tokens, on_tokens)
     else:
@@ -100,20 +102,29 @@ def generate_answers(
     prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
     results = []
     for row, ids in enumerate(output.tolist()):
+        # A row holds its tokens up to its eos or the step `on_tokens` ended it, pad after; the others run the
+        # whole width. (Pad is <unk>, 0, which a random model may also generate: lengths never come from it.)
+        if on_tokens is not None and row in on_tokens.last_step:
+            ids = ids[: on_tokens.last_step[row] + 1]
         ended = tokenizer.eos_token_id in ids
-        kept = ids[: ids.index(tokenizer.eos_token_id) + 1] if ended else _strip_padding(ids)
+        kept = ids[: ids.index(tokenizer.eos_token_id) + 1] if ended else ids
         finish = "stop" if ended or len(kept) < max_new_tokens else "length"
         results.append(Generation(decode_answer(torch.tensor(kept), tokenizer), kept, int(prompt_tokens[row]), finish))
     return results
 
 
-def _strip_padding(ids: list[int]) -> list[int]:
-    # a row stopped by a stopping criterion (or, in FastDecoder, finished before the others) is padded with 0
-    # (<unk>, also never a generated answer's last token)
-    end = len(ids)
-    while end and ids[end - 1] == 0:
-        end -= 1
-    return ids[:end]
+class _EndedRows:
+    """`on_tokens` as given, noting the step (token index) at which it first ended each row."""
+
+    def __init__(self, on_tokens: Callable[[list[int]], Iterable[int]]):
+        self.on_tokens, self.step, self.last_step = on_tokens, 0, {}
+
+    def __call__(self, tokens: list[int]) -> list[int]:
+        ended = list(self.on_tokens(tokens))
+        for row in ended:
+            self.last_step.setdefault(row, self.step)
+        self.step += 1
+        return ended
 
 
 class _StepCallback(StoppingCriteria):

@@ -12,9 +12,12 @@ images of four sizes), once per setting on the same weights:
 
 For each bf16 setting and step: the loss difference from bf16 eager and, for each trained part (vision tower,
 resampler, embeddings, LoRA factors), the relative L2 difference of its gradients. Tolerance, stated in the
-output: a setting passes when every step stays within twice the bf16 eager path's own distance from float32
-(loss and each part's gradients), i.e. it changes the numbers no more than bf16 rounding already does. One
-JSON line. The decoder's random weights use a trained model's scale (DECODER_INIT_STD below): with the config's
+output: a setting passes when at every step each part's gradients stay within twice bf16 eager's own distance
+from float32 at the first step (it changes them no more than bf16 rounding already does) and its loss within
+1e-4 of bf16 eager's, relative. Only the first step compares float32 and bf16 on the same weights: the bf16 runs
+train bf16 weights directly, whose AdamW updates (lr 1e-5) are mostly below bf16's resolution, so from the second
+step on the float32 run is on another trajectory (2026-12-07: its gradients 0.9-2.2 apart from bf16's at steps 2
+and 3, against 0.012-0.028 at step 1), while the bf16 settings share bf16 eager's. One JSON line. The decoder's random weights use a trained model's scale (DECODER_INIT_STD below): with the config's
 initializer_range, bf16 gradients at the real width were rounding noise (benchmarks/RESULTS.md, 2026-12-06).
 
     python benchmarks/gpu_checks/check_train_numerics.py [--settings packed checkpoint compiled]
@@ -95,11 +98,15 @@ def distance(steps, reference) -> list[dict]:
     return out
 
 
+LOSS_RTOL = 1e-4  # a fortieth of one bf16 rounding step of the loss value itself (2^-8 relative)
+
+
 def within(diffs, rounding) -> bool:
-    """Every step's loss and every part's gradients within twice bf16 eager's own distance from float32."""
+    """Every step: each part's gradients within twice bf16 eager's own distance from float32 at step 1 (the one
+    step where both hold the same weights), and the loss within LOSS_RTOL of bf16 eager's."""
+    first = rounding[0]["grad_rel"]
     return all(
-        d["loss_diff"] <= 2 * r["loss_diff"] + 1e-6 and all(d["grad_rel"][part] <= 2 * r["grad_rel"][part] for part in PARTS)
-        for d, r in zip(diffs, rounding, strict=True)
+        d["loss_diff"] <= LOSS_RTOL * abs(d["loss"]) and all(d["grad_rel"][part] <= 2 * first[part] for part in PARTS) for d in diffs
     )
 
 
@@ -124,7 +131,8 @@ def main() -> None:
         "torch": torch.__version__,
         "lr": LR,
         "batches": BATCHES,
-        "tolerance": "each step: loss and each part's relative gradient difference from bf16 eager <= 2x bf16 eager's own from float32",
+        "tolerance": "each step: each part's relative gradient difference from bf16 eager <= 2x bf16 eager's own from float32 at "
+        f"step 1; loss within {LOSS_RTOL} of bf16 eager's, relative",
         "eager_bf16_vs_float32": bf16_rounding,
         "eager_bf16_seconds": round(eager_s, 1),
         "settings": {},

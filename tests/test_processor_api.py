@@ -91,7 +91,10 @@ def test_processor_output_equals_what_chat_feeds_the_model(tiny_model, tiny_toke
     with torch.no_grad():
         from_batch = tiny_model.get_image_features(batch["pixel_values"], batch["vision_order"])
         from_chat = image_features(tiny_model, picture, processor, tiny_model.encode_images)
-    assert torch.equal(from_batch, from_chat)
+    # Equal up to float32 rounding: the batch encodes the 448x448 source and its four 448x448 cells as one stack of
+    # 5, chat the cells as 4 and the source alone, and torch's CPU kernels may round a batch of 1 differently (1.7e-6
+    # on the source's row with torch 2.13 and timm 1.0.31; the cells' rows are identical).
+    torch.testing.assert_close(from_batch, from_chat, rtol=1e-5, atol=1e-5)
     # and the answer of a greedy chat is what generating from the processor's batch gives
     answer, _, _ = tiny_model.chat(picture, msgs, tokenizer=tiny_tokenizer, sampling=False, num_beams=1, max_new_tokens=12)
     embeds = tiny_model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["vision_order"], batch["image_bound"])

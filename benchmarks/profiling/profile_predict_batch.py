@@ -1,11 +1,11 @@
 """Where a `predict()` batch's time goes (real size, random bf16 weights, one GPU; bench_predict.py's samples).
 
-For a few batches of --batch-size samples (448x448 to 1344x1344 pictures, 64 forced new tokens) it times, each
-stage synchronised: preparing the batch on the CPU (pictures, slicing, pixels, prompt ids: what the prefetch
-threads do), moving it to the GPU, the vision tower + resampler + embedding (all sizes packed in one pass as
-predict runs them, and per image size through the compiled tower blocks), the prefill (FastDecoder's first
-token) and the decoding of the other 63 tokens (the block-sparse mask as shipped, and SDPA's dense one); and
-next to them a whole `predict()` over the same batches. Prints one JSON line per batch and the medians.
+For a few batches of --batch-size samples (448x448 to 1344x1344 pictures, 64 forced new tokens), formed as predict
+forms them (grouped by prompt size), it times, each stage synchronised: preparing the batch on the CPU (pictures,
+slicing, pixels, prompt ids: what the prefetch threads do), moving it to the GPU, the vision tower + resampler +
+embedding (all sizes packed in one pass as predict runs them, and per image size through the compiled tower
+blocks), the prefill (FastDecoder's first token) and the decoding of the other 63 tokens (the block-sparse mask
+as shipped, and SDPA's dense one); and next to them a whole `predict()` over the same batches. Prints one JSON line per batch and the medians.
 
     python benchmarks/profiling/profile_predict_batch.py [--batch-size 16] [--batches 5]
 """
@@ -30,7 +30,7 @@ from bench_predict import make_samples  # noqa: E402
 
 from axolotl_minicpmv.inference.chat import init_fast_path  # noqa: E402
 from axolotl_minicpmv.inference.fast_decoding import FastDecoder  # noqa: E402
-from axolotl_minicpmv.integration.predict import _as_requests, _prepare_batch, predict  # noqa: E402
+from axolotl_minicpmv.integration.predict import _as_requests, _prepare_batch, grouped_by_prompt_size, predict  # noqa: E402
 from axolotl_minicpmv.model.processing_minicpmv import move_inputs  # noqa: E402
 
 EMBED_KEYS = ("input_ids", "pixel_values", "vision_order", "image_bound")
@@ -64,9 +64,10 @@ def main() -> None:
     rows = []
     # Batch 0 runs everything once untimed: the per-size compiled tower blocks compile there (predict packs), and
     # each decoder's loop for these settings is recorded on first use.
+    # The batches as predict forms them: grouped by prompt size (batch 0 holds the smallest prompts).
+    ordered = grouped_by_prompt_size(_as_requests(samples, ".", "last"), processor, args.batch_size)
     for b in range(0, args.batches + 1):
-        chunk = samples[b * args.batch_size : (b + 1) * args.batch_size]
-        requests = _as_requests(chunk, ".", "last")
+        requests = ordered[b * args.batch_size : (b + 1) * args.batch_size]
         prepare_s, prepared = seconds(lambda: _prepare_batch(processor, requests, 2048))
         move_s, batch = seconds(lambda: move_inputs(prepared.inputs, model.device))
         with torch.inference_mode():
@@ -83,7 +84,7 @@ def main() -> None:
             full_s, tokens = seconds(lambda: decode(args.new_tokens))
             dense_prefill_s, _ = seconds(lambda: decode(1, dense))
             dense_full_s, dense_tokens = seconds(lambda: decode(args.new_tokens, dense))
-        predict_s, _ = seconds(lambda: list(predict(model, processor, chunk, metrics=["exact"], **settings)))
+        predict_s, _ = seconds(lambda: list(predict(model, processor, requests, metrics=["exact"], **settings)))
         if b == 0:
             continue
         mask = batch["attention_mask"]

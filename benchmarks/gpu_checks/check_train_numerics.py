@@ -17,8 +17,9 @@ from float32 at the first step (it changes them no more than bf16 rounding alrea
 1e-4 of bf16 eager's, relative. Only the first step compares float32 and bf16 on the same weights: the bf16 runs
 train bf16 weights directly, whose AdamW updates (lr 1e-5) are mostly below bf16's resolution, so from the second
 step on the float32 run is on another trajectory (2026-12-07: its gradients 0.9-2.2 apart from bf16's at steps 2
-and 3, against 0.012-0.028 at step 1), while the bf16 settings share bf16 eager's. One JSON line. The decoder's random weights use a trained model's scale (DECODER_INIT_STD below): with the config's
-initializer_range, bf16 gradients at the real width were rounding noise (benchmarks/RESULTS.md, 2026-12-06).
+and 3, against 0.012-0.028 at step 1), while the bf16 settings share bf16 eager's. One JSON line. The decoder's
+random weights use a trained model's scale (DECODER_INIT_STD below): with the config's initializer_range, bf16
+gradients at the real width were rounding noise (benchmarks/RESULTS.md, 2026-12-06).
 
     python benchmarks/gpu_checks/check_train_numerics.py [--settings packed checkpoint compiled]
 """

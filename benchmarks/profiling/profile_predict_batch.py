@@ -5,7 +5,8 @@ forms them (grouped by prompt size), it times, each stage synchronised: preparin
 slicing, pixels, prompt ids: what the prefetch threads do), moving it to the GPU, the vision tower + resampler +
 embedding (all sizes packed in one pass as predict runs them, and per image size through the compiled tower
 blocks), the prefill (FastDecoder's first token) and the decoding of the other 63 tokens (the block-sparse mask
-as shipped, and SDPA's dense one); and next to them a whole `predict()` over the same batches. Prints one JSON line per batch and the medians.
+as shipped, and SDPA's dense one); and next to them a whole `predict()` over the same batches. Prints one JSON
+line per batch and the medians.
 
     python benchmarks/profiling/profile_predict_batch.py [--batch-size 16] [--batches 5]
 """
@@ -62,9 +63,9 @@ def main() -> None:
     # The same step through SDPA's dense mask (every cache position of every row), for comparison.
     dense = FastDecoder(model, block_sparse=False)
     rows = []
-    # Batch 0 runs everything once untimed: the per-size compiled tower blocks compile there (predict packs), and
-    # each decoder's loop for these settings is recorded on first use.
-    # The batches as predict forms them: grouped by prompt size (batch 0 holds the smallest prompts).
+    # The batches as predict forms them, grouped by prompt size. Batch 0 (the smallest prompts) runs everything once
+    # untimed: the per-size compiled tower blocks compile there (predict packs), and each decoder's loop for these
+    # settings is recorded on first use.
     ordered = grouped_by_prompt_size(_as_requests(samples, ".", "last"), processor, args.batch_size)
     for b in range(0, args.batches + 1):
         requests = ordered[b * args.batch_size : (b + 1) * args.batch_size]

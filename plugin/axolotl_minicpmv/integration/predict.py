@@ -4,8 +4,8 @@ A dataset in the training formats (read and checked by the training side's sampl
 becomes one request per answered assistant turn; requests, grouped by prompt size, are answered in batches by
 `generate_answers` (greedy answers equal one-by-one `chat(sampling=False, num_beams=1)` answers,
 tests/test_predict.py), scored with `metrics.py`, and written one JSON line each, flushed as it completes. Bad
-rows become rows with `error` and the run goes on (`strict=True` stops at the first). `--resume` skips the (id, turn) pairs already written; the summary
-is computed from the whole output file, so each prediction counts once.
+rows become rows with `error` and the run goes on (`strict=True` stops at the first). `--resume` skips the (id,
+turn) pairs already written; the summary is computed from the whole output file, so each prediction counts once.
 """
 
 from __future__ import annotations

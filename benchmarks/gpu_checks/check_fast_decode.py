@@ -7,7 +7,10 @@ the smallest top-2 margin show whether a differing token is a rounding-level nea
 left-padded batch of mixed prompts (pictures of three sizes, a text-only row, two pictures in one row,
 as `predict` batches them) goes through `generate_answers` fast and plain, and the rows whose tokens
 agree are counted; streamed decoding (`on_tokens`, as the server decodes) is compared with unstreamed, and
-FastDecoder's beam search with generate's. One JSON line per dtype.
+FastDecoder's beam search with generate's. Last, a fixed set of prompts (PROMPT_SET: four picture sizes, three
+questions) is answered alone by both paths, counting the prompts whose first 64 tokens agree; where they part, the
+plain path's top-2 logit margin at that token is printed beside bf16's spacing at that logit (a margin of a few
+spacings is a tie that rounding decides). One JSON line per dtype.
 
     python benchmarks/gpu_checks/check_fast_decode.py [--dtypes float32 bfloat16]
 """
@@ -36,6 +39,11 @@ from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwa
 from axolotl_minicpmv.testing.tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
 
 NEW_TOKENS = 64
+PROMPT_SET = [
+    (size, question)
+    for size in ((448, 448), (896, 448), (1344, 896), (672, 1008))
+    for question in ("What is in the picture?", "Describe the colours, then count the shapes.", "Is it day or night?")
+]
 
 
 def teacher_forced(model, decoder, embeds, tokens) -> dict:
@@ -128,6 +136,43 @@ def padded_batch(model, processor) -> dict:
     }
 
 
+def prompt_set(model, processor, decoder, stop) -> dict:
+    """PROMPT_SET answered alone by `generate` and by FastDecoder: how many agree on all NEW_TOKENS tokens, and
+    where one parts, the plain path's top-2 margin there against the logit's bf16 spacing (2**(exponent - 7))."""
+    agree, partings = 0, []
+    for (width, height), question in PROMPT_SET:
+        batch = processor([[{"role": "user", "content": question}]], [[picture(width, height)]], device=model.device)
+        keys = ("input_ids", "pixel_values", "vision_order", "image_bound")
+        embeds = model.embed_inputs(*(batch.get(k) for k in keys))
+        plain = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=batch["attention_mask"],
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=NEW_TOKENS,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+            **stop,
+        )
+        fast = decoder.generate(embeds, NEW_TOKENS, **stop)
+        if torch.equal(fast, plain.sequences):
+            agree += 1
+            continue
+        step = int((fast != plain.sequences).nonzero()[0, 1])
+        top2 = plain.scores[step][0].float().topk(2).values
+        spacing = 2.0 ** (torch.frexp(top2[0]).exponent.item() - 1 - 7)
+        partings.append(
+            {
+                "prompt": f"{width}x{height} {question[:20]}",
+                "token": step,
+                "margin": round(float(top2[0] - top2[1]), 5),
+                "bf16_spacing": spacing,
+            }
+        )
+    return {"prompt_set": len(PROMPT_SET), "prompt_set_agree_64": agree, "prompt_set_partings": partings}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
@@ -163,6 +208,8 @@ def main() -> None:
             row.update(beams(model, decoder, embeds, stop["eos_token_id"]))
             row.update(teacher_forced(model, decoder, embeds, plain))
         row.update(padded_batch(model, processor))
+        with torch.inference_mode():
+            row.update(prompt_set(model, processor, decoder, stop))
         print(json.dumps(row), flush=True)
         del model, decoder
         torch.cuda.empty_cache()

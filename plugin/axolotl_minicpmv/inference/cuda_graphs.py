@@ -19,7 +19,7 @@ def record_cuda_graph(fn: Callable[[], object], warmup_runs: int, pool=None) -> 
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     # "thread_local": only this thread is barred from unsafe CUDA calls while it records. Under the default
-    # ("global") another thread's pinned-memory allocation (predict's DataLoader pin-memory thread, a server's request
+    # ("global") another thread's pinned-memory allocation (predict's prefetch thread, a server's request
     # threads) would fail the recording.
     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         output = fn()

@@ -15,14 +15,14 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
 
 from ..inference.generate import generate_answers
 from ..inference.metrics import DEFAULT_METRICS, parse_metrics, score
@@ -33,11 +33,9 @@ from ..model.processing_minicpmv import MiniCPMVProcessor
 LOG = logging.getLogger("axolotl_minicpmv.predict")
 
 TURNS = ("last", "all")
-# Worker processes (a torch DataLoader's) that read the pictures and run the processor for the next batches while
-# the model answers this one: one process made a batch of 16 mixed pictures in 0.3-0.8 s on an H100's host
-# (benchmarks/RESULTS.md), about as long as the GPU answered it. Processes, not threads: slicing and tokenizing
-# hold the GIL between their calls into PIL and torch, and threads beside the model's thread delay its kernel launches.
-PREPARE_WORKERS = 3
+# Batches whose inputs are made ahead of the one being answered, each by its own thread: one thread made a batch
+# of 16 mixed pictures in 0.84-0.97 s on the 2-core development machine, two side by side in 0.44-0.67 s each.
+PREFETCH_BATCHES = 3
 # Requests are grouped by prompt size within windows of this many batches (`grouped_by_prompt_size`): a batch is
 # padded to its longest prompt, and a window keeps the output close to the input's order.
 GROUP_WINDOW_BATCHES = 8
@@ -265,34 +263,19 @@ def _predict_requests(
         settings["num_beams"] = num_beams
     was_training = getattr(model, "training", False)
     model.eval()
-    batches = [requests[start : start + batch_size] for start in range(0, len(requests), batch_size)]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = max(0, min(PREPARE_WORKERS, cpus, len(batches) - 1))  # a lone batch has nothing to overlap with
-    preparation = DataLoader(
-        _BatchPreparation(processor, batches, max_inp_length),
-        batch_size=None,
-        num_workers=workers,
-        # pinned (by the loader's thread), the pixels' copy to the GPU is only queued by the model's thread
-        pin_memory=model.device.type == "cuda",
-    )
     try:
-        for batch, prepared in zip(batches, preparation):
-            yield from _answer_batch(model, processor, batch, prepared, settings, metrics, strict)
+        # Threads read the pictures and run the processor for the next batches while the model answers this
+        # one (PIL and torch release the GIL), so the GPU does not wait for JPEG decoding and slicing.
+        with ThreadPoolExecutor(max_workers=PREFETCH_BATCHES, thread_name_prefix="predict-inputs") as pool:
+            pending: deque = deque()
+            for start in range(0, len(requests), batch_size):
+                pending.append(pool.submit(_prepare_batch, processor, requests[start : start + batch_size], max_inp_length))
+                if len(pending) > PREFETCH_BATCHES:
+                    yield from _answer_batch(model, processor, pending.popleft().result(), settings, metrics, strict)
+            while pending:
+                yield from _answer_batch(model, processor, pending.popleft().result(), settings, metrics, strict)
     finally:
         model.train(was_training)
-
-
-class _BatchPreparation(TorchDataset):
-    """Batch k of `batches` read and processed: `_prepare_batch` as a map-style dataset, for DataLoader workers."""
-
-    def __init__(self, processor: MiniCPMVProcessor, batches: Sequence[Sequence[Request]], max_inp_length: int):
-        self.processor, self.batches, self.max_inp_length = processor, batches, max_inp_length
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, index: int) -> _PreparedBatch:
-        return _prepare_batch(self.processor, self.batches[index], self.max_inp_length)
 
 
 def grouped_by_prompt_size(requests: Sequence[Request], processor: MiniCPMVProcessor, batch_size: int) -> list[Request]:
@@ -328,48 +311,42 @@ def grouped_by_prompt_size(requests: Sequence[Request], processor: MiniCPMVProce
 
 @dataclass
 class _PreparedBatch:
-    """A batch's requests checked and processed, by position in the batch (what a worker process sends back is the
-    tensors, through shared memory, not the requests or their decoded pictures)."""
-
-    errors: list[tuple[int, str]]  # rows that cannot run, with the reason
-    ready: list[int]  # the others
+    errors: list[tuple[Request, str]]  # rows that cannot run, with the reason
+    ready: list[tuple[Request, list]]  # the others, with their loaded pictures
     inputs: object = None  # the processor's CPU output for `ready` (None: it failed; the rows are then retried one by one)
-
-    def pin_memory(self) -> _PreparedBatch:  # DataLoader(pin_memory=True) calls this
-        if self.inputs is not None and self.inputs.get("pixel_values"):
-            self.inputs["pixel_values"] = [stack.pin_memory() for stack in self.inputs["pixel_values"]]
-        return self
 
 
 def _prepare_batch(processor: MiniCPMVProcessor, requests: Sequence[Request], max_inp_length: int) -> _PreparedBatch:
     prepared = _PreparedBatch([], [])
     rows, pixels = [], []
-    for position, request in enumerate(requests):
+    for request in requests:
         loaded, error = (None, request.error) if request.error else _prepare(processor, request, max_inp_length)
         if error:
-            prepared.errors.append((position, error))
+            prepared.errors.append((request, error))
             continue
-        _, ids, row_pixels = loaded
-        prepared.ready.append(position)
+        images, ids, row_pixels = loaded
+        prepared.ready.append((request, images))
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
         pixels.append(row_pixels)
     if prepared.ready:
         try:  # the processor's batch of the rows tokenized (once) and measured above
-            names = [f"sample {requests[k].id!r} turn {requests[k].turn}" for k in prepared.ready]
-            prepared.inputs = processor.batch(rows, pixels, padding_side="left", names=names)
+            names = [f"sample {r.id!r} turn {r.turn}" for r, _ in prepared.ready]
+            inputs = processor.batch(rows, pixels, padding_side="left", names=names)
         except (InvalidInputError, RuntimeError, ValueError, OSError):
-            pass  # _run_batch finds the failing row and reports it
+            return prepared  # _run_batch finds the failing row and reports it
+        if torch.cuda.is_available() and inputs.get("pixel_values"):
+            # Pinned here, off the model's thread, the stacks' copy to the GPU is only queued there (moving a batch
+            # of 16's ~200 MB of pixels took that thread 43 ms at the median: profiling/profile_predict_batch.py).
+            inputs["pixel_values"] = [stack.pin_memory() for stack in inputs["pixel_values"]]
+        prepared.inputs = inputs
     return prepared
 
 
-def _answer_batch(
-    model, processor, requests: Sequence[Request], prepared: _PreparedBatch, settings: dict, metrics, strict: bool
-) -> Iterator[dict]:
-    for position, error in prepared.errors:
-        yield _checked(_error_row(requests[position], error, metrics), strict)
+def _answer_batch(model, processor, prepared: _PreparedBatch, settings: dict, metrics, strict: bool) -> Iterator[dict]:
+    for request, error in prepared.errors:
+        yield _checked(_error_row(request, error, metrics), strict)
     if prepared.ready:
-        ready = [requests[k] for k in prepared.ready]
-        yield from (_checked(row, strict) for row in _run_batch(model, processor, ready, settings, metrics, prepared.inputs))
+        yield from (_checked(row, strict) for row in _run_batch(model, processor, prepared.ready, settings, metrics, prepared.inputs))
 
 
 def _checked(row: dict, strict: bool) -> dict:
@@ -398,26 +375,18 @@ def _prepare(processor: MiniCPMVProcessor, request: Request, max_inp_length: int
     return (images, ids, pixels), None
 
 
-def _run_batch(model, processor, requests: Sequence[Request], settings: dict, metrics, inputs=None) -> list[dict]:
-    """Answer `requests` from their prepared `inputs`; without them (the batch could not be formed), or when the
-    batch fails, each request alone (loaded again here), so a failure belongs to its row."""
-    if inputs is None and len(requests) > 1:
-        return [row for request in requests for row in _run_batch(model, processor, [request], settings, metrics)]
-    images = None
-    if inputs is None:
-        loaded, error = _prepare(processor, requests[0], settings["max_inp_length"])
-        if error:
-            return [_error_row(requests[0], error, metrics)]
-        images = [loaded[0]]
+def _run_batch(model, processor, batch: list[tuple[Request, list]], settings: dict, metrics, inputs=None) -> list[dict]:
     try:
-        answers = generate_answers(model, processor, [r.conversation for r in requests], images, inputs=inputs, **settings)
+        answers = generate_answers(
+            model, processor, [r.conversation for r, _ in batch], [ims for _, ims in batch], inputs=inputs, **settings
+        )
     except (InvalidInputError, RuntimeError, ValueError, OSError) as err:
-        if len(requests) > 1:
-            return [row for request in requests for row in _run_batch(model, processor, [request], settings, metrics)]
-        request = requests[0]
+        if len(batch) > 1:  # find the row that fails: each one alone
+            return [row for one in batch for row in _run_batch(model, processor, [one], settings, metrics)]
+        request = batch[0][0]
         return [_error_row(request, f"sample {request.id!r} turn {request.turn}: generation failed: {type(err).__name__}: {err}", metrics)]
     rows = []
-    for request, answer in zip(requests, answers):
+    for (request, _), answer in zip(batch, answers):
         rows.append(
             {
                 "id": request.id,

@@ -127,7 +127,7 @@ def test_prepared_batches_are_the_processors_batch(tiny_model, tiny_tokenizer):
 
 def test_batches_are_grouped_by_prompt_size_and_every_request_is_answered_once(tiny_model, tiny_tokenizer, tmp_path):
     """Sliced, single-cell and text-only samples interleaved: batches of 2 hold prompts of one kind each (the
-    largest first), every sample is answered once, and each answer is the one it gets in the input's order."""
+    shortest first), every sample is answered once, and each answer is the one it gets in the input's order."""
     from axolotl_minicpmv.integration.predict import grouped_by_prompt_size
     from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor
 
@@ -144,38 +144,14 @@ def test_batches_are_grouped_by_prompt_size_and_every_request_is_answered_once(t
     processor = MiniCPMVProcessor.from_config(tiny_tokenizer, tiny_model.config)
     assert processor.layout(Image.open(kinds["sliced"][0]).size).num_images > 1  # the sliced picture is sliced
     grouped = [r.id for r in grouped_by_prompt_size(list(requests_from_samples(samples)), processor, batch_size=2)]
-    assert grouped == ["sliced-0", "sliced-1", "cell-0", "cell-1", "text-0", "text-1"]
+    assert grouped == ["text-0", "text-1", "cell-0", "cell-1", "sliced-0", "sliced-1"]
 
     rows = list(predict(tiny_model, tiny_tokenizer, samples, batch_size=2, max_new_tokens=6))
     assert [row["id"] for row in rows] == grouped
     lengths = [row["prompt_tokens"] for row in rows]
-    assert lengths == sorted(lengths, reverse=True) and lengths[0] == lengths[1] and lengths[4] == lengths[5]
+    assert lengths == sorted(lengths) and lengths[0] == lengths[1] and lengths[4] == lengths[5]
     in_order = {row["id"]: row["prediction"] for row in predict(tiny_model, tiny_tokenizer, samples, batch_size=1, max_new_tokens=6)}
     assert {row["id"]: row["prediction"] for row in rows} == in_order
-
-
-def test_the_runs_largest_request_comes_first_and_bad_rows_last(tiny_model, tiny_tokenizer):
-    """Windows of 8 batches are sorted largest first; the largest request of the whole run (here in the second
-    window) moves to the front, so the first batch sizes the decoder's cache for every later one."""
-    from axolotl_minicpmv.integration.predict import GROUP_WINDOW_BATCHES, grouped_by_prompt_size
-    from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor
-
-    def sample(name, content, image=None):
-        row = {"id": name, "conversations": [{"role": "user", "content": content}, {"role": "assistant", "content": "x"}]}
-        return row if image is None else dict(row, image=image)
-
-    window = 2 * GROUP_WINDOW_BATCHES
-    samples = [sample(f"text-{k}", "Why?" + " and why" * (k % 3)) for k in range(window)]
-    samples += [sample("broken", "<image>", image="missing.jpg"), sample("cell", "<image> What?", str(IMAGES / "stop_sign.jpg"))]
-    samples += [sample("sliced", "Read it: <image>", str(IMAGES / "handwritten_note.jpg")), sample("short", "Hi")]
-    requests = list(requests_from_samples(samples))
-    processor = MiniCPMVProcessor.from_config(tiny_tokenizer, tiny_model.config)
-    grouped = [r.id for r in grouped_by_prompt_size(requests, processor, batch_size=2)]
-    assert sorted(grouped) == sorted(s["id"] for s in samples)
-    assert grouped[0] == "sliced"
-    first_window = grouped[1 : window + 1]
-    assert first_window[-1] == "text-15" and first_window[:5] == ["text-2", "text-5", "text-8", "text-11", "text-14"]
-    assert grouped[window + 1 :] == ["cell", "short", "broken"]
 
 
 # ------------------------------------------------------------------ requests and bad rows

@@ -63,9 +63,9 @@ def main() -> None:
     # The same step through SDPA's dense mask (every cache position of every row), for comparison.
     dense = FastDecoder(model, block_sparse=False)
     rows = []
-    # The batches as predict forms them, grouped by prompt size, the largest first. Batch 0 (the run's largest
-    # prompts, which size the caches) runs everything once untimed: the per-size compiled tower blocks compile there
-    # (predict packs), and each decoder's loop for these settings is recorded on first use.
+    # The batches as predict forms them, grouped by prompt size. Batch 0 (the smallest prompts) runs everything once
+    # untimed: the per-size compiled tower blocks compile there (predict packs), and each decoder's loop for these
+    # settings is recorded on first use.
     ordered = grouped_by_prompt_size(_as_requests(samples, ".", "last"), processor, args.batch_size)
     for b in range(0, args.batches + 1):
         requests = ordered[b * args.batch_size : (b + 1) * args.batch_size]

@@ -199,7 +199,7 @@ def predict(
     `turn`, `question`, `prediction`, `reference` (a string, or the list of answers), one value per metric,
     `finish_reason`, `prompt_tokens`, `generated_tokens` and `error` (None, or why the row could not run).
     `skip` holds (id, turn) pairs not to run (resume). `strict=True` raises PredictionError at the first bad row.
-    Results come batch by batch; with `batch_size > 1` the batches are grouped by prompt size, the largest first
+    Results come batch by batch; with `batch_size > 1` the batches are grouped by prompt size
     (`grouped_by_prompt_size`), so the order is the input's only within each size group.
     """
     if isinstance(samples, (str, os.PathLike)):
@@ -280,33 +280,20 @@ def _predict_requests(
 
 def grouped_by_prompt_size(requests: Sequence[Request], processor: MiniCPMVProcessor, batch_size: int) -> list[Request]:
     """`requests` reordered so that a batch holds prompts of similar length: within each window of
-    `GROUP_WINDOW_BATCHES` batches, sorted (stably) largest first by the images the vision tower encodes, which make
-    up most of a multimodal prompt (`query_num` + 2 tokens each), then by the conversation's length in characters.
-    A batch is padded to its longest prompt, so mixed sizes spend the prefill on padding (16 mixed pictures: rows
-    padded to 680 tokens for a mean of 376, benchmarks/RESULTS.md). The run's largest request goes first, as
-    transformers' length-grouped sampler puts its longest batch first: the first (full) batch sizes FastDecoder's
-    cache for the whole run, so later batches (no larger) fit it instead of growing it and compiling again (about a
-    minute each on a GPU), and
-    running out of memory happens at once rather than late in a run. Rows that failed their checks sort last."""
+    `GROUP_WINDOW_BATCHES` batches, sorted (stably) by the images the vision tower encodes, which make up most of a
+    multimodal prompt (`query_num` + 2 tokens each), then by the conversation's length in characters. A batch is
+    padded to its longest prompt, so mixed sizes spend the prefill on padding (16 mixed pictures: rows padded to
+    680 tokens for a mean of 376, benchmarks/RESULTS.md). Rows that failed their checks sort first."""
 
     def size(request: Request) -> tuple[int, int]:
         if request.error:
-            return (-1, -1)
+            return (0, 0)
         sizes = request.image_sizes or [im.size for im in request.images if isinstance(im, Image.Image)]
         images = sum(processor.layout(s).num_images for s in sizes) if len(sizes) == len(request.images) else len(request.images)
         return (images, sum(len(msg["content"]) for msg in request.conversation))
 
-    keyed = [(size(request), request) for request in requests]
     window = batch_size * GROUP_WINDOW_BATCHES
-    ordered = [
-        pair
-        for start in range(0, len(keyed), window)
-        for pair in sorted(keyed[start : start + window], key=lambda pair: pair[0], reverse=True)
-    ]
-    if ordered:
-        largest = max(range(len(ordered)), key=lambda k: ordered[k][0])
-        ordered.insert(0, ordered.pop(largest))
-    return [request for _, request in ordered]
+    return [request for start in range(0, len(requests), window) for request in sorted(requests[start : start + window], key=size)]
 
 
 @dataclass

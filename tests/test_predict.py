@@ -154,6 +154,47 @@ def test_batches_are_grouped_by_prompt_size_and_every_request_is_answered_once(t
     assert {row["id"]: row["prediction"] for row in rows} == in_order
 
 
+def test_the_decoders_cache_is_sized_once_for_the_whole_run(tiny_model, tiny_tokenizer, monkeypatch):
+    """Batches come smallest first, so the last one holds the longest prompt: predict sizes FastDecoder's cache for
+    it before the first batch (on a GPU every growth compiles again), and no batch changes it."""
+    from axolotl_minicpmv.integration.predict import longest_prompt
+    from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor
+
+    def sample(name, content, image=None):
+        row = {"id": name, "conversations": [{"role": "user", "content": content}, {"role": "assistant", "content": "x"}]}
+        return row if image is None else dict(row, image=str(IMAGES / image))
+
+    samples = [
+        sample("long", "Read it: <image> " + "and then the next word " * 20, "handwritten_note.jpg"),
+        sample("text", "What is 17 times 3?"),
+        sample("cell", "<image> What is this?", "stop_sign.jpg"),
+        sample("sliced", "Read it: <image>", "handwritten_note.jpg"),
+    ]
+    processor = MiniCPMVProcessor.from_config(tiny_tokenizer, tiny_model.config)
+    longest = longest_prompt(list(requests_from_samples(samples)), processor)
+    monkeypatch.setattr(tiny_model, "_fast_path_for", None, raising=False)  # a new FastDecoder, its caches unsized
+    keys = []
+
+    def watch(real):
+        def loop_for(batch, length, settings, make_loop):
+            loop = real(batch, length, settings, make_loop)
+            keys.append((length, tiny_model._fast_decoder._slot(batch).key))
+            return loop
+
+        return loop_for
+
+    from axolotl_minicpmv.inference.chat import init_fast_path
+
+    init_fast_path(tiny_model)
+    monkeypatch.setattr(tiny_model._fast_decoder, "_loop_for", watch(tiny_model._fast_decoder._loop_for))
+    rows = list(predict(tiny_model, tiny_tokenizer, samples, batch_size=2, max_new_tokens=6, fast=True))
+    assert [row["id"] for row in rows] == ["text", "cell", "sliced", "long"] and not any(row["error"] for row in rows)
+    assert longest == max(row["prompt_tokens"] for row in rows) == rows[-1]["prompt_tokens"]
+    cache = 1 << (longest + 6 - 1).bit_length()
+    assert keys[0][0] + 256 <= cache  # the first batch alone would have made a smaller cache
+    assert [key for _, key in keys] == [(2, cache)] * 2
+
+
 # ------------------------------------------------------------------ requests and bad rows
 
 

@@ -375,12 +375,17 @@ class FastDecoder:
     def _slot(self, batch: int) -> _CacheSlot:
         return self._single if batch == 1 else self._batched
 
-    def _loop_for(self, batch: int, length: int, settings: tuple, make_loop) -> _DecodeLoop:
+    def reserve(self, batch: int, length: int) -> None:
+        """Size the cache that `batch` rows use for prompt + new tokens up to `length` now (it only grows), so
+        that the requests of a run up to that size neither grow it nor compile again; the step compiles on the
+        first request. For callers that know their largest request ahead (predict, a server's context)."""
+        self._cache_for(self._slot(batch), batch, length)
+
+    def _cache_for(self, slot: _CacheSlot, batch: int, length: int) -> None:
         # A kept cache that is large enough serves smaller requests too: attending over its unused tail and
         # decoding filler rows cost a little bandwidth per token, a new cache size costs a compilation (about a minute).
         # The cache only grows (a long request after a large batch keeps the batch size, and back), so requests
         # that alternate between them do not compile in turn.
-        slot = self._slot(batch)
         cache_len = max(256, 1 << (length - 1).bit_length())
         if slot.key is not None:
             batch, cache_len = max(batch, slot.key[0]), max(cache_len, slot.key[1])
@@ -394,6 +399,11 @@ class FastDecoder:
             # Allocated now, outside any graph capture (it is otherwise allocated by its first update).
             cache.early_initialization(batch, config.num_key_value_heads, config.head_dim, self.model.dtype, self.model.device)
             slot.cache, slot.key = cache, (batch, cache_len)
+
+    def _loop_for(self, batch: int, length: int, settings: tuple, make_loop) -> _DecodeLoop:
+        slot = self._slot(batch)
+        self._cache_for(slot, batch, length)
+        batch = slot.key[0]
         if settings not in slot.loops:
             slot.loops[settings] = make_loop(slot.step, slot.cache, batch)
             if len(slot.loops) > self.max_loops:

@@ -60,8 +60,7 @@ def generate_answers(
     greedy_or_sampled = config.get("num_beams", 1) == 1
     if on_tokens is not None and not greedy_or_sampled:
         raise ValueError("streaming (on_tokens) needs num_beams=1")
-    if fast is None:  # FastDecoder's beam search is not yet measured on a GPU: asked for, not the default
-        fast = greedy_or_sampled and model.device.type == "cuda"
+    fast = _decodes_fast(model, greedy_or_sampled, fast)
     if inputs is None:
         batch = processor(conversations, images, padding_side="left", max_length=max_inp_length, device=model.device)
     else:
@@ -111,6 +110,28 @@ def generate_answers(
         finish = "stop" if ended or len(kept) < max_new_tokens else "length"
         results.append(Generation(decode_answer(torch.tensor(kept), tokenizer), kept, int(prompt_tokens[row]), finish))
     return results
+
+
+def _decodes_fast(model, greedy_or_sampled: bool, fast: bool | None) -> bool:
+    # FastDecoder's beam search is not yet measured on a GPU: asked for, not the default
+    return greedy_or_sampled and model.device.type == "cuda" if fast is None else fast
+
+
+def reserve_decoding(
+    model, rows: int, length: int, *, sampling: bool = False, fast: bool | None = None, max_new_tokens=None, **settings
+) -> bool:
+    """Before `generate_answers` calls with these settings (`max_new_tokens` and the others as given to it) for
+    up to `rows` conversations of prompt + new tokens up to `length`: size FastDecoder's cache for them now, so
+    that no later call grows it and compiles again. Nothing to do where they do not decode greedily or sampled
+    through FastDecoder (returns whether it reserved)."""
+    settings.pop("max_inp_length", None)
+    settings.pop("min_new_tokens", None)
+    greedy_or_sampled = generation_config_for(sampling, settings).get("num_beams", 1) == 1
+    if not (greedy_or_sampled and _decodes_fast(model, greedy_or_sampled, fast)):
+        return False
+    init_fast_path(model)
+    model._fast_decoder.reserve(rows, length)
+    return True
 
 
 class _EndedRows:

@@ -141,6 +141,11 @@ class MiniCPMVProcessor(ProcessorMixin):
             )
         return torch.tensor(ids, dtype=torch.long)
 
+    def prompt_length(self, conversation: list[dict], image_sizes: Sequence[tuple[int, int]]) -> int:
+        """Tokens of `inference_inputs`' prompt for pictures of these (width, height) sizes, without opening them."""
+        layouts = [self.layout(size) for size in image_sizes]
+        return len(self.tokenizer.encode(self.prompt_text(tag_images(conversation, len(layouts)), layouts)))
+
     def inference_inputs(
         self, conversation: list[dict], images: Sequence[Image.Image], max_length: int | None = None, device=None
     ) -> tuple[list[int], list[torch.Tensor]]:

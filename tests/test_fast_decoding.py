@@ -70,6 +70,22 @@ def test_a_shorter_request_reuses_the_longer_cache(tiny_model, prompt):
     assert decoder._slot(1).key == (1, 256) and decoder._slot(2).cache is grown
 
 
+def test_a_reserved_cache_serves_every_request_up_to_its_size(tiny_model, prompt):
+    """`reserve` sizes a slot's cache ahead (a server's context, a prediction run's longest prompt): requests up to
+    that size reuse it with their own tokens, and it never shrinks."""
+    decoder = FastDecoder(tiny_model)
+    decoder.reserve(2, 1000)
+    decoder.reserve(1, 300)
+    cache = decoder._slot(2).cache
+    assert decoder._slot(2).key == (2, 1024) and decoder._slot(1).key == (1, 512)
+    ours = decoder.generate(prompt, 12)
+    assert decoder._slot(2).cache is cache
+    assert torch.equal(ours, _generate(tiny_model, prompt, max_new_tokens=12, min_new_tokens=12, eos_token_id=None))
+    assert torch.equal(decoder.generate(prompt[:1], 12), ours[:1]) and decoder._slot(1).key == (1, 512)
+    decoder.reserve(2, 100)
+    assert decoder._slot(2).cache is cache
+
+
 def test_a_cache_that_does_not_fit_leaves_the_decoder_usable(tiny_model, prompt, monkeypatch):
     decoder = FastDecoder(tiny_model)
     before = decoder.generate(prompt, 12)

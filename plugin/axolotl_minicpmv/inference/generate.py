@@ -60,7 +60,7 @@ def generate_answers(
     greedy_or_sampled = config.get("num_beams", 1) == 1
     if on_tokens is not None and not greedy_or_sampled:
         raise ValueError("streaming (on_tokens) needs num_beams=1")
-    fast = _decodes_fast(model, greedy_or_sampled, fast)
+    fast = decodes_fast(model, greedy_or_sampled, fast)
     if inputs is None:
         batch = processor(conversations, images, padding_side="left", max_length=max_inp_length, device=model.device)
     else:
@@ -112,26 +112,18 @@ def generate_answers(
     return results
 
 
-def _decodes_fast(model, greedy_or_sampled: bool, fast: bool | None) -> bool:
-    # FastDecoder's beam search is not yet measured on a GPU: asked for, not the default
+def decodes_fast(model, greedy_or_sampled: bool, fast: bool | None) -> bool:
+    """Whether `generate_answers` decodes through FastDecoder: as `fast` says, else greedy and sampled answers
+    on a GPU (FastDecoder's beam search is not yet measured on a GPU: asked for, not the default)."""
     return greedy_or_sampled and model.device.type == "cuda" if fast is None else fast
 
 
-def reserve_decoding(
-    model, rows: int, length: int, *, sampling: bool = False, fast: bool | None = None, max_new_tokens=None, **settings
-) -> bool:
-    """Before `generate_answers` calls with these settings (`max_new_tokens` and the others as given to it) for
-    up to `rows` conversations of prompt + new tokens up to `length`: size FastDecoder's cache for them now, so
-    that no later call grows it and compiles again. Nothing to do where they do not decode greedily or sampled
-    through FastDecoder (returns whether it reserved)."""
-    settings.pop("max_inp_length", None)
-    settings.pop("min_new_tokens", None)
-    greedy_or_sampled = generation_config_for(sampling, settings).get("num_beams", 1) == 1
-    if not (greedy_or_sampled and _decodes_fast(model, greedy_or_sampled, fast)):
-        return False
+def reserve_decoding(model, rows: int, length: int) -> None:
+    """Size FastDecoder's cache for up to `rows` conversations of prompt + new tokens up to `length` now, before
+    `generate_answers` calls that decode greedily or sampled through it, so that none of them grows it and
+    compiles again."""
     init_fast_path(model)
     model._fast_decoder.reserve(rows, length)
-    return True
 
 
 class _EndedRows:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..inference.generate import generate_answers, reserve_decoding
+from ..inference.generate import decodes_fast, generate_answers, reserve_decoding
 from ..inference.metrics import DEFAULT_METRICS, parse_metrics, score
 from ..model.conversation import IMAGE_TAG, InvalidInputError, json_type, short_repr
 from ..model.image_processing_minicpmv import load_image
@@ -297,11 +297,14 @@ def _predict_requests(
 def _reserve_for_run(model, processor: MiniCPMVProcessor, requests: Sequence[Request], batch_size: int, settings: dict) -> None:
     """Size the decoder's cache for the run's longest prompt before the first batch: batches come smallest first,
     and each larger one would otherwise grow it and compile again (about a minute each on a GPU)."""
+    greedy_or_sampled = settings["sampling"] or settings["num_beams"] == 1
+    if not (greedy_or_sampled and decodes_fast(model, greedy_or_sampled, settings.get("fast"))):
+        return  # no FastDecoder cache to size: nothing is tokenized for it
     longest = min(longest_prompt(requests, processor), settings["max_inp_length"])
     if longest:
         rows, positions = min(batch_size, len(requests)), longest + settings["max_new_tokens"]
-        if reserve_decoding(model, rows, positions, **settings):
-            LOG.info(f"predict: decoding sized for {rows} rows of up to {positions} positions (the longest prompt: {longest} tokens)")
+        reserve_decoding(model, rows, positions)
+        LOG.info(f"predict: decoding sized for {rows} rows of up to {positions} positions (the longest prompt: {longest} tokens)")
 
 
 def grouped_by_prompt_size(requests: Sequence[Request], processor: MiniCPMVProcessor, batch_size: int) -> list[Request]:
@@ -316,8 +319,7 @@ def grouped_by_prompt_size(requests: Sequence[Request], processor: MiniCPMVProce
         if request.error:
             return (0, 0)
         sizes = _picture_sizes(request)
-        images = len(request.images) if sizes is None else sum(processor.layout(s).num_images for s in sizes)
-        return (images, _characters(request))
+        return (len(request.images) if sizes is None else _vision_images(processor, sizes), _characters(request))
 
     window = batch_size * GROUP_WINDOW_BATCHES
     return [request for start in range(0, len(requests), window) for request in sorted(requests[start : start + window], key=size)]
@@ -332,7 +334,7 @@ def longest_prompt(requests: Sequence[Request], processor: MiniCPMVProcessor) ->
 
     def estimate(pair) -> int:
         request, sizes = pair
-        return per_image * sum(processor.layout(s).num_images for s in sizes) + _characters(request)
+        return per_image * _vision_images(processor, sizes) + _characters(request)
 
     lengths = []
     for request, sizes in heapq.nlargest(CACHE_CANDIDATES, known, key=estimate):
@@ -347,6 +349,11 @@ def _picture_sizes(request: Request) -> list | None:
     """(width, height) of each of the request's pictures, from the sample check or in-memory images; None if unknown."""
     sizes = request.image_sizes or [im.size for im in request.images if isinstance(im, Image.Image)]
     return sizes if len(sizes) == len(request.images) else None
+
+
+def _vision_images(processor: MiniCPMVProcessor, sizes: Sequence[tuple[int, int]]) -> int:
+    """Images the vision tower encodes for pictures of these sizes (each one's source and its cells)."""
+    return sum(processor.layout(size).num_images for size in sizes)
 
 
 def _characters(request: Request) -> int:

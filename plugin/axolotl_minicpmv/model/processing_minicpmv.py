@@ -144,7 +144,7 @@ class MiniCPMVProcessor(ProcessorMixin):
     def prompt_length(self, conversation: list[dict], image_sizes: Sequence[tuple[int, int]]) -> int:
         """Tokens of `inference_inputs`' prompt for pictures of these (width, height) sizes, without opening them."""
         layouts = [self.layout(size) for size in image_sizes]
-        return len(self.tokenizer.encode(self.prompt_text(tag_images(conversation, len(layouts)), layouts)))
+        return len(self.encode_prompt(self._inference_prompt(conversation, layouts)))
 
     def inference_inputs(
         self, conversation: list[dict], images: Sequence[Image.Image], max_length: int | None = None, device=None
@@ -159,8 +159,12 @@ class MiniCPMVProcessor(ProcessorMixin):
         picture that cannot be decoded (OSError, ValueError, RuntimeError).
         """
         layouts = [self.layout(image) for image in images]
-        ids = self.encode_prompt(self.prompt_text(tag_images(conversation, len(images)), layouts), max_length).tolist()
+        ids = self.encode_prompt(self._inference_prompt(conversation, layouts), max_length).tolist()
         return ids, self._pixels(images, layouts, device)
+
+    def _inference_prompt(self, conversation: list[dict], layouts: Sequence[ImageLayout]) -> str:
+        # the pictures' tags placed (a single untagged one in front), then expanded to their placeholders
+        return self.prompt_text(tag_images(conversation, len(layouts)), layouts)
 
     def _pixels(self, images: Sequence[Image.Image], layouts: Sequence[ImageLayout], device=None) -> list[torch.Tensor]:
         return [p for image, layout in zip(images, layouts) for p in self.pixel_values(image, device, layout)]

@@ -217,8 +217,7 @@ class Scheduler:
         compilation (on a CPU nothing compiles: one step runs). Nothing to do on the plain path."""
         if not self.fast:
             return
-        cache_tokens = self.max_model_len
-        logger.info(f"compiling the fast path for batches up to {self.max_batch_size} and {cache_tokens} tokens (once; minutes)")
+        logger.info(f"compiling the fast path for batches up to {self.max_batch_size} and {self.max_model_len} tokens (once; minutes)")
         start = time.monotonic()
         conversation = [{"role": "user", "content": "warm-up"}]
         # The vision tower's compiled blocks too, for a stack of one image and (the picture's 2x1 grid of cells)
@@ -231,7 +230,7 @@ class Scheduler:
                 self.processor,
                 [conversation] * batch,
                 [[picture]] + [[]] * (batch - 1),
-                max_new_tokens=cache_tokens - prompt,
+                max_new_tokens=self.max_model_len - prompt,
                 num_beams=1,
                 fast=True,
                 on_tokens=lambda tokens: range(len(tokens)),  # a first token is enough: the step is compiled by then

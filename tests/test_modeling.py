@@ -273,7 +273,9 @@ def test_rotary_cos_sin_come_from_inv_freq(tiny_model):
     np.testing.assert_allclose(cos[0].numpy(), np.cos(angles), atol=2e-4)
     np.testing.assert_allclose(sin[0].numpy(), np.sin(angles), atol=2e-4)
     cos16, _ = rotary(torch.zeros(1, 5, 8, dtype=torch.bfloat16), positions)
-    assert cos16.dtype == torch.bfloat16, "handed out in the activation dtype"
+    assert cos16.dtype == torch.float32, "handed out in the rotation's dtype"
+    assert torch.equal(cos16, cos.to(torch.bfloat16).float()), "rounded to the activation dtype first, as the release does"
+    assert not torch.equal(cos16, cos)
 
 
 # ---------------------------------------------------------------- resampler

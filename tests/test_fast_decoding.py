@@ -274,6 +274,60 @@ def test_chat_fast_samples_with_the_official_defaults(tiny_model, tiny_tokenizer
     assert isinstance(answer, str)
 
 
+def test_chat_decodes_through_generate_by_default_off_a_gpu(tiny_checkpoint_fp32, tiny_tokenizer):
+    """The default (fast=None) is the recorded eager step on a GPU only: on a CPU it is generate, as fast=False."""
+    from axolotl_minicpmv import MiniCPMV
+
+    model = MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32).eval()
+    image = Image.open(EXAMPLES / "images" / "clock.jpg").convert("RGB")
+    kwargs = {"tokenizer": tiny_tokenizer, "sampling": False, "max_new_tokens": 10}
+    assert model.chat(image, MSGS, **kwargs) == model.chat(image, MSGS, fast=False, **kwargs)
+    assert not hasattr(model, "_recorded_decoder") and not hasattr(model, "_fast_decoder")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the default's recorded step is a CUDA graph (run on the device machine)")
+def test_chat_by_default_on_a_gpu_decodes_generates_tokens_through_the_recorded_step(tiny_checkpoint_fp32, tiny_tokenizer):
+    """No flag on a GPU: FastDecoder(compile=False) replays the recorded eager step; greedy and beam answers are
+    generate's (float32), and nothing is compiled."""
+    from axolotl_minicpmv import MiniCPMV
+
+    model = MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32).cuda().eval()
+    image = Image.open(EXAMPLES / "images" / "clock.jpg").convert("RGB")
+    for sampling in ({"sampling": False, "num_beams": 1}, {"sampling": False}):
+        kwargs = {"tokenizer": tiny_tokenizer, "max_new_tokens": 24, **sampling}
+        assert model.chat(image, MSGS, **kwargs) == model.chat(image, MSGS, fast=False, **kwargs)
+    decoder = model._recorded_decoder[1]
+    assert not decoder.compiled and not hasattr(model, "_fast_decoder")
+    assert all(loop.graph is not None for loop in decoder._single.loops.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")
+def test_sampling_inside_a_cuda_graph_draws_from_generates_distribution():
+    """The token choice as FastDecoder captures it: every replay draws anew (the graph advances the RNG's
+    offset), from the warpers' distribution, and a seed set before the replays repeats them."""
+    from axolotl_minicpmv.inference.cuda_graphs import record_cuda_graph
+
+    sampling = Sampling(do_sample=True, temperature=1.3, top_k=5)  # five tokens of similar chances
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0)) * 2
+    expected = _reference_probs(logits, sampling)[0].cuda()
+    draws = 20000
+    static = logits.cuda().expand(draws, -1).contiguous()
+    graph, tokens = record_cuda_graph(lambda: choose_tokens(static, None, sampling), warmup_runs=2)
+    torch.manual_seed(1)
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        replays.append(tokens.clone())
+    assert not torch.equal(replays[0], replays[1])
+    torch.manual_seed(1)
+    graph.replay()
+    assert torch.equal(tokens, replays[0])
+    for drawn in replays:
+        observed = torch.bincount(drawn, minlength=50).double() / draws
+        tolerance = 4.5 * (expected * (1 - expected) / draws).sqrt() + 1e-9
+        assert ((observed - expected).abs() <= tolerance).all(), (observed - expected).abs().max()
+
+
 def _reference_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """generate()'s own warpers, in its order."""
     scores = TemperatureLogitsWarper(sampling.temperature)(None, logits.clone())
@@ -340,6 +394,24 @@ def test_fast_chat_works_after_the_model_changes_dtype(tiny_checkpoint_fp32, tin
     answer, _, _ = model.chat(None, MSGS, **kwargs)
     assert model._fast_decoder is not decoder and model._fast_decoder._slot(1).cache.layers[0].keys.dtype == torch.bfloat16
     assert isinstance(answer, str)
+
+
+def test_the_fast_path_is_rebuilt_when_a_layer_is_replaced(tiny_checkpoint_fp32, tiny_tokenizer):
+    """A replaced module (as an adapter's merge_and_unload leaves) has weights that the kept decoder's graphs never
+    saw: the next request builds a new fast path, which answers as generate does with the new layer."""
+    from axolotl_minicpmv import MiniCPMV
+
+    model = MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32).eval()
+    greedy = {"tokenizer": tiny_tokenizer, "sampling": False, "num_beams": 1, "max_new_tokens": 8}
+    before = model.chat(None, MSGS, fast=True, **greedy)[0]
+    decoder = model._fast_decoder
+    mlp = model.llm.model.layers[0].mlp
+    mlp.down_proj = torch.nn.Linear(mlp.down_proj.in_features, mlp.down_proj.out_features, bias=False)
+    with torch.no_grad():
+        mlp.down_proj.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    after = model.chat(None, MSGS, fast=True, **greedy)[0]
+    assert model._fast_decoder is not decoder
+    assert after == model.chat(None, MSGS, fast=False, **greedy)[0] != before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled step and its CUDA graph need a GPU (run on the device machine)")

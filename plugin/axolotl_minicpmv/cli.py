@@ -18,8 +18,8 @@ import click
 @click.option(
     "--fast",
     is_flag=True,
-    help="Decode with FastDecoder: static KV cache, and on a GPU one CUDA graph per "
-    "token (compiled on first use, about a minute); with --beam, its beam search.",
+    help="The fastest path: on a GPU the decoding step, prefill and vision tower compiled on first use (minutes). "
+    "Without it a GPU decodes through the eager step recorded as a CUDA graph (no compilation).",
 )
 @click.option("--max-new-tokens", default=1024, show_default=True)
 @click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
@@ -49,7 +49,7 @@ def chat_command(model_path, adapter, image, questions, beam, fast, max_new_toke
                 {"image": state["image"], "question": json.dumps(msgs, ensure_ascii=False)},
                 sampling=not beam,
                 max_new_tokens=max_new_tokens,
-                fast=fast,
+                fast=True if fast else None,  # None: chat()'s default for the device
             )
         except (ValueError, OSError) as err:  # bad input: say why and keep the session
             click.echo(f"error: {err}", err=True)

@@ -50,7 +50,7 @@ def chat(
     max_new_tokens: int = 1024,
     sampling: bool = True,
     max_inp_length: int = 2048,
-    fast: bool = False,
+    fast: bool | None = None,
     processor: MiniCPMVProcessor | None = None,
     **kwargs,
 ):
@@ -58,9 +58,12 @@ def chat(
 
     `context` is accepted for the official signature and ignored, as the official 2.0 code ignores it: the
     conversation is `msgs`. A leading system turn is put in front of the first user turn's text.
-    `fast=True` decodes with `FastDecoder` (static KV cache, CUDA graphs on a GPU; sampled, greedy with
-    `num_beams=1`, or beam search: `generate`'s tokens in float32); on a GPU the prefill and the vision
-    tower's blocks are compiled too (the first call compiles them; see benchmarks/RESULTS.md for times).
+    Decoding: by default on a GPU through `FastDecoder(compile=False)`, the eager decoder step recorded as a
+    CUDA graph (nothing compiled: the first request answers within seconds, several times `generate`'s speed);
+    elsewhere through `generate`. `fast=True` uses the fastest path: the prefill, the decoding step and the
+    vision tower's blocks compiled (the first call compiles them, minutes; see benchmarks/RESULTS.md);
+    `fast=False` always `generate`, as the official code. Every path gives `generate`'s tokens in float32
+    (sampled, greedy, or beam search).
     Returns `(answer, msgs + [assistant answer], generation_config)`; `msgs` is not modified.
     """
     if tokenizer is None and processor is None:
@@ -75,6 +78,7 @@ def chat(
     input_ids = to_device(prompt_ids, model.device)
     if fast:
         init_fast_path(model)
+    decoder = model._fast_decoder if fast else recorded_decoder(model) if fast is None and model.device.type == "cuda" else None
     if image is None:
         inputs_embeds = model.embed_text(input_ids)
     else:
@@ -84,8 +88,8 @@ def chat(
         inputs_embeds = model.place_image_features(input_ids, features, bound)
 
     generation_config = generation_config_for(sampling, kwargs)
-    if fast:
-        output = fast_generate(model, inputs_embeds, generation_config, tokenizer, max_new_tokens)
+    if decoder is not None:
+        output = fast_generate(model, inputs_embeds, generation_config, tokenizer, max_new_tokens, decoder=decoder)
     else:
         with warnings.catch_warnings():
             # Like the official chat, the repetition penalty sees only generated tokens; that is intended.
@@ -136,12 +140,18 @@ def decode_answer(ids: torch.Tensor, tokenizer) -> str:
     return tokenizer.decode(ids).strip()
 
 
+def weights_key(model) -> tuple:
+    """What the fast paths' CUDA graphs and compiled steps depend on: the device, the dtype and the memory of
+    every weight. It changes when the model moved, or when a module or weight was replaced (an adapter merged
+    and unloaded, a layer swapped); in-place updates of the same tensors keep it (see FastDecoder on those)."""
+    return model.device, model.dtype, tuple(p.data_ptr() for p in model.parameters())
+
+
 def init_fast_path(model) -> None:
     """`FastDecoder` and an image encoder whose tower blocks are compiled and replayed from CUDA graphs on a
-    GPU (`fast_vision`). Plain attributes, not submodules: never saved. Rebuilt when the model moved to
-    another device or dtype: graphs and compiled steps point at the old weights."""
-    if getattr(model, "_fast_path_for", None) != (model.device, model.dtype):
-        model._fast_path_for = (model.device, model.dtype)
+    GPU (`fast_vision`). Plain attributes, not submodules: never saved. Rebuilt when `weights_key` changed:
+    graphs and compiled steps point at the old weights."""
+    if getattr(model, "_fast_path_for", None) != weights_key(model):
         on_gpu = model.device.type == "cuda"
         if on_gpu:
             logger.warning(
@@ -155,6 +165,17 @@ def init_fast_path(model) -> None:
         # Batches of several conversations (predict, serving) bring stacks of ever new sizes, each of which a
         # graph would record anew (three forwards); their large stacks are bound by the GPU's arithmetic, not by launches.
         model._fast_encode_stacks = functools.partial(model._fast_encode_images, graphs=False)
+        model._fast_path_for = weights_key(model)  # after FastDecoder stacked the projections
+
+
+def recorded_decoder(model) -> FastDecoder:
+    """`chat()`'s default decoder on a GPU: `FastDecoder(compile=False)`, whose decoding step is the eager one
+    recorded as a CUDA graph. Kept on the model like `init_fast_path`'s, rebuilt when `weights_key` changed."""
+    kept = getattr(model, "_recorded_decoder", None)
+    if kept is None or kept[0] != weights_key(model):
+        decoder = FastDecoder(model, compile=False)
+        kept = model._recorded_decoder = (weights_key(model), decoder)  # after the decoder stacked the projections
+    return kept[1]
 
 
 def fast_generate(
@@ -166,15 +187,18 @@ def fast_generate(
     attention_mask=None,
     min_new_tokens: int = 0,
     on_tokens=None,
+    decoder: FastDecoder | None = None,
 ) -> torch.Tensor:
-    """`generate`'s new tokens for `generation_config` (greedy, sampled or beam search), through the model's
-    `FastDecoder`. Streaming (`on_tokens`) is greedy or sampled."""
-    init_fast_path(model)
+    """`generate`'s new tokens for `generation_config` (greedy, sampled or beam search), through `decoder`
+    (by default the model's compiled `FastDecoder`). Streaming (`on_tokens`) is greedy or sampled."""
+    if decoder is None:
+        init_fast_path(model)
+        decoder = model._fast_decoder
     num_beams = generation_config.get("num_beams", 1)
     if num_beams > 1:
         if on_tokens is not None:
             raise ValueError("streaming (on_tokens) needs num_beams=1")
-        return model._fast_decoder.beam_search(
+        return decoder.beam_search(
             inputs_embeds,
             max_new_tokens,
             num_beams,
@@ -185,7 +209,7 @@ def fast_generate(
         )
     fields = Sampling.__dataclass_fields__.keys()
     sampling = Sampling(**{k: v for k, v in generation_config.items() if k in fields})
-    return model._fast_decoder.generate(
+    return decoder.generate(
         inputs_embeds,
         max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,

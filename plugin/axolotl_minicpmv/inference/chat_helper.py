@@ -46,7 +46,7 @@ class MiniCPMVChat:
         """`input = {"image": base64 or None, "question": JSON list of {role, content}}` -> answer.
 
         Sampling defaults follow the seed (temperature 0.7); pass `sampling=False` for beam search, and
-        `fast=True` for `FastDecoder` (static KV cache, CUDA graphs; sampling or `num_beams=1`).
+        `fast=True` for the compiled fast path, `fast=False` for `generate` (see `chat`).
         """
         if not isinstance(input, dict) or "question" not in input:
             raise InvalidInputError("input must be a dict with a 'question' key (JSON list of {role, content}) and an optional 'image' key")

@@ -13,6 +13,7 @@ memory. The issue's target: at least 1,500 generated tokens/s (about 23 samples/
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 import sys
 import tempfile
@@ -60,6 +61,9 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.jsonl")))
     args = parser.parse_args()
+    # predict's own log lines (how long the model waited for prepared inputs, the cache it reserved) in the output
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("axolotl_minicpmv.predict").setLevel(logging.INFO)
 
     model, _, processor = bench_model(args.attn)
     samples = make_samples(Path(tempfile.mkdtemp()), args.samples)

@@ -338,7 +338,7 @@ class FastDecoder:
     uses torch's global RNG.
 
     `compile=False` records the eager decoder step as the CUDA graph instead (the prefill runs eagerly): no
-    compilation, so a new process answers within seconds, at the price of slower steps.
+    compilation, so a new process answers within seconds, at the price of slower steps (`chat()`'s default on a GPU).
     """
 
     def __init__(self, model, sync_every: int = 16, max_loops: int = 8, compile: bool = True, block_sparse: bool = False):

@@ -76,9 +76,12 @@ def chat(
     layouts = [processor.layout(image)] if image is not None else []
     prompt_ids = processor.encode_prompt(processor.prompt_text(turns, layouts), max_inp_length).unsqueeze(0)
     input_ids = to_device(prompt_ids, model.device)
+    decoder = None  # generate
     if fast:
         init_fast_path(model)
-    decoder = model._fast_decoder if fast else recorded_decoder(model) if fast is None and model.device.type == "cuda" else None
+        decoder = model._fast_decoder
+    elif fast is None and model.device.type == "cuda":
+        decoder = recorded_decoder(model)
     if image is None:
         inputs_embeds = model.embed_text(input_ids)
     else:
@@ -89,7 +92,7 @@ def chat(
 
     generation_config = generation_config_for(sampling, kwargs)
     if decoder is not None:
-        output = fast_generate(model, inputs_embeds, generation_config, tokenizer, max_new_tokens, decoder=decoder)
+        output = fast_generate(decoder, inputs_embeds, generation_config, tokenizer, max_new_tokens)
     else:
         with warnings.catch_warnings():
             # Like the official chat, the repetition penalty sees only generated tokens; that is intended.
@@ -179,7 +182,7 @@ def recorded_decoder(model) -> FastDecoder:
 
 
 def fast_generate(
-    model,
+    decoder: FastDecoder,
     inputs_embeds,
     generation_config: dict,
     tokenizer,
@@ -187,13 +190,9 @@ def fast_generate(
     attention_mask=None,
     min_new_tokens: int = 0,
     on_tokens=None,
-    decoder: FastDecoder | None = None,
 ) -> torch.Tensor:
-    """`generate`'s new tokens for `generation_config` (greedy, sampled or beam search), through `decoder`
-    (by default the model's compiled `FastDecoder`). Streaming (`on_tokens`) is greedy or sampled."""
-    if decoder is None:
-        init_fast_path(model)
-        decoder = model._fast_decoder
+    """`generate`'s new tokens for `generation_config` (greedy, sampled or beam search), through `decoder` (the
+    model's compiled one from `init_fast_path`, or `recorded_decoder`). Streaming (`on_tokens`) is greedy or sampled."""
     num_beams = generation_config.get("num_beams", 1)
     if num_beams > 1:
         if on_tokens is not None:

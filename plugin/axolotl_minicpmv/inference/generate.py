@@ -81,7 +81,9 @@ def generate_answers(
     if on_tokens is not None:
         on_tokens = _EndedRows(on_tokens)
     if fast:
-        output = fast_generate(model, embeds, config, tokenizer, max_new_tokens, batch["attention_mask"], min_new_tokens, on_tokens)
+        output = fast_generate(
+            model._fast_decoder, embeds, config, tokenizer, max_new_tokens, batch["attention_mask"], min_new_tokens, on_tokens
+        )
     else:
         per_step = {} if on_tokens is None else _StepCallback(on_tokens, len(embeds)).generate_kwargs()
         with warnings.catch_warnings():

@@ -5,11 +5,11 @@ mask (`sparse`: only the cache blocks each row sees, `FastDecoder(block_sparse=T
 
 Real size, random bf16 weights, 448x448 chat prompts at each --batches size (the prefill runs eagerly here: only
 the decoding step is measured, and nothing but the step compiles). For each variant and batch: decode tokens/s
-over 256 new tokens (FastDecoder: static cache + CUDA graph), peak memory, the first 8 greedy tokens, then a
+over --new-tokens new tokens (256 by default; FastDecoder: static cache + CUDA graph), peak memory, the first 8 greedy tokens, then a
 torch.profiler pass over 10 un-graphed steps: GPU kernel time and kernels per step and the 14 kernels that take
 the most time. Measured 2026-11-25 (unfused): coordinate-descent tuning alone 277.7 tokens/s, with freezing 302.7.
 
-    python benchmarks/profiling/compare_decode_compile.py [--variants shipped sparse unfused unpadded combo recorded recorded_unfused] [--batches 1 8]
+    python benchmarks/profiling/compare_decode_compile.py [--variants shipped sparse unfused unpadded combo recorded recorded_unfused] [--batches 1 8] [--new-tokens 256]
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from bench_chat import bench_model, picture, prompt_embeds, timed  # noqa: E402
 
 from axolotl_minicpmv.inference.fast_decoding import STEP_COMPILE_OPTIONS, FastDecoder, _decode_forward, _prefill_forward  # noqa: E402
 
-NEW_TOKENS = 256
 SHIPPED = STEP_COMPILE_OPTIONS
 # name -> (inductor options of the compiled step, or None: the eager step recorded; what fuse_projections keeps:
 # "all", "none", or "decoder": the fused q/k/v and gate/up without the padded lm_head; attention through the
@@ -62,15 +61,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["recorded", "recorded_unfused", "shipped", "unfused"], choices=list(VARIANTS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=256, help="also sizes the static cache: prompt + new tokens")
     args = parser.parse_args()
     model, _, processor = bench_model()
     for batch in args.batches:
         embeds, _ = prompt_embeds(model, processor, picture(448, 448), batch)
         for name in args.variants:
-            measure(model, embeds, name, batch)
+            measure(model, embeds, name, batch, args.new_tokens)
 
 
-def measure(model, embeds, name: str, batch: int) -> None:
+def measure(model, embeds, name: str, batch: int, new_tokens: int) -> None:
     options, keep, block_sparse = VARIANTS[name]
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -83,18 +83,19 @@ def measure(model, embeds, name: str, batch: int) -> None:
         decoder._single.step = decoder._batched.step = torch.compile(step, fullgraph=True, dynamic=False, options=options)
     start = time.perf_counter()
     with torch.inference_mode():
-        decoder.generate(embeds, NEW_TOKENS)  # compiles / records the step, for the cache the timed runs use
+        decoder.generate(embeds, new_tokens)  # compiles / records the step, for the cache the timed runs use
         ready_s = time.perf_counter() - start
         first = timed(lambda: decoder.generate(embeds, 1), 3)
-        full = timed(lambda: decoder.generate(embeds, NEW_TOKENS), 3)
+        full = timed(lambda: decoder.generate(embeds, new_tokens), 3)
     out = decoder.generate(embeds, 64)
     print(
         json.dumps(
             {
                 "variant": name,
                 "batch": batch,
-                "tok_s": round(batch * (NEW_TOKENS - 1) / (full - first), 1),
-                "step_ms": round((full - first) / (NEW_TOKENS - 1) * 1000, 3),
+                "new_tokens": new_tokens,
+                "tok_s": round(batch * (new_tokens - 1) / (full - first), 1),
+                "step_ms": round((full - first) / (new_tokens - 1) * 1000, 3),
                 "step_ready_s": round(ready_s, 1),
                 "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                 "first_tokens": out[0, :8].tolist(),

@@ -10,6 +10,7 @@ from PIL import Image
 from transformers.cache_utils import StaticCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from axolotl_minicpmv.inference import fast_decoding
 from axolotl_minicpmv.inference.fast_decoding import FastDecoder, Sampling, _prefill_forward, choose_tokens, compiled_prefill
 from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds
 
@@ -68,6 +69,36 @@ def test_a_shorter_request_reuses_the_longer_cache(tiny_model, prompt):
     # A single prompt has a cache of its own, sized for itself: no fillers to prefill and decode.
     assert torch.equal(decoder.generate(prompt[:1], 12), ours[:1])
     assert decoder._slot(1).key == (1, 256) and decoder._slot(2).cache is grown
+
+
+def test_the_eager_step_reads_only_the_cache_window_that_holds_its_position(tiny_model, prompt, monkeypatch):
+    """The recorded eager step (chat()'s default on a GPU) reads its cache in windows that double from
+    FIRST_WINDOW: its tokens are generate's across a window's edge, and nothing past the current window is read
+    (NaN written there after the first step changes no token; read by a step over the whole cache, it does)."""
+    single = prompt[:1]
+    new = 256 - single.shape[1]  # positions up to 255: the windows of 128 and 256 positions
+    assert 128 - single.shape[1] > 0
+    reference = _generate(tiny_model, single, max_new_tokens=new, min_new_tokens=new, eos_token_id=None)
+
+    def answer(first_window: int) -> torch.Tensor:
+        monkeypatch.setattr(fast_decoding, "FIRST_WINDOW", first_window)
+        decoder = FastDecoder(tiny_model, compile=False)
+        decoder.reserve(1, 512)
+
+        def poison(tokens):
+            for layer in decoder._slot(1).cache.layers:
+                layer.keys[:, :, 256:] = float("nan")
+                layer.values[:, :, 256:] = float("nan")
+            return []
+
+        tokens = decoder.generate(single, new, on_tokens=poison)
+        assert next(iter(decoder._slot(1).loops.values())).windows == fast_decoding.cache_windows(512)
+        return tokens
+
+    assert fast_decoding.cache_windows(512) == (512,)  # chat's usual answer: one window
+    assert torch.equal(answer(first_window=16), reference)
+    assert fast_decoding.cache_windows(512) == (16, 32, 64, 128, 256, 512)
+    assert not torch.equal(answer(first_window=512), reference)
 
 
 def test_a_reserved_cache_serves_every_request_up_to_its_size(tiny_model, prompt):
@@ -298,7 +329,7 @@ def test_chat_by_default_on_a_gpu_decodes_generates_tokens_through_the_recorded_
         assert model.chat(image, MSGS, **kwargs) == model.chat(image, MSGS, fast=False, **kwargs)
     decoder = model._recorded_decoder[1]
     assert not decoder.compiled and not hasattr(model, "_fast_decoder")
-    assert all(loop.graph is not None for loop in decoder._single.loops.values())
+    assert all(loop.graphs for loop in decoder._single.loops.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")
@@ -496,20 +527,25 @@ def test_beam_search_on_a_gpu_gives_generates_beams(tiny_model, prompt):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")
-def test_a_recorded_eager_step_on_a_gpu_gives_generates_tokens(tiny_model, prompt):
-    """compile=False: the eager decoder step captured as the CUDA graph (no compilation), greedy and beams."""
+def test_a_recorded_eager_step_on_a_gpu_gives_generates_tokens(tiny_model, prompt, monkeypatch):
+    """compile=False: the eager decoder step captured as CUDA graphs (no compilation), one per cache window,
+    greedy and beams, across a window's edge (position 128)."""
     import copy
 
+    monkeypatch.setattr(fast_decoding, "FIRST_WINDOW", 16)
     model = copy.deepcopy(tiny_model).cuda()
     embeds = prompt.cuda()
+    new = 136 - embeds.shape[1]
+    assert 128 - embeds.shape[1] > 0
     decoder = FastDecoder(model, compile=False)
-    greedy = decoder.generate(embeds, 24, sampling=Sampling(repetition_penalty=1.2))
-    assert decoder._slot(2).loops[next(iter(decoder._slot(2).loops))].graph is not None  # replayed, not eager
-    beams = decoder.beam_search(embeds[:1], 24, 3, repetition_penalty=1.2)
+    greedy = decoder.generate(embeds, new, sampling=Sampling(repetition_penalty=1.2))
+    loop = next(iter(decoder._slot(2).loops.values()))
+    assert len(loop.windows) > 1 and loop.graphs.keys() == set(loop.windows)  # replayed, not eager
+    beams = decoder.beam_search(embeds[:1], new, 3, repetition_penalty=1.2)
     with torch.inference_mode():
         kwargs = {"attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"), "pad_token_id": 0}
-        kwargs |= {"do_sample": False, "max_new_tokens": 24, "eos_token_id": None, "repetition_penalty": 1.2}
-        plain = model.generate(inputs_embeds=embeds, num_beams=1, min_new_tokens=24, **kwargs)
+        kwargs |= {"do_sample": False, "max_new_tokens": new, "eos_token_id": None, "repetition_penalty": 1.2}
+        plain = model.generate(inputs_embeds=embeds, num_beams=1, min_new_tokens=new, **kwargs)
         kwargs["attention_mask"] = kwargs["attention_mask"][:1]
         plain_beams = model.generate(inputs_embeds=embeds[:1], num_beams=3, **kwargs)
     assert torch.equal(greedy.cpu(), plain.cpu())

@@ -8,9 +8,10 @@ left-padded batch of mixed prompts (pictures of three sizes, a text-only row, tw
 as `predict` batches them) goes through `generate_answers` fast and plain, and the rows whose tokens
 agree are counted; streamed decoding (`on_tokens`, as the server decodes) is compared with unstreamed, and
 FastDecoder's beam search with generate's. Last, a fixed set of prompts (PROMPT_SET: four picture sizes, three
-questions) is answered alone by both paths, counting the prompts whose first 64 tokens agree; where they part, the
-plain path's top-2 logit margin at that token is printed beside bf16's spacing at that logit (a margin of a few
-spacings is a tie that rounding decides). One JSON line per dtype.
+questions) is answered alone by `generate` and by FastDecoder, compiled and recorded (chat()'s default), counting
+the prompts whose first 64 tokens agree; where they part, the plain path's top-2 logit margin at that token is
+printed beside bf16's spacing at that logit (a margin of a few spacings is a tie that rounding decides). One JSON
+line per dtype.
 
     python benchmarks/gpu_checks/check_fast_decode.py [--dtypes float32 bfloat16]
 """
@@ -136,10 +137,11 @@ def padded_batch(model, processor) -> dict:
     }
 
 
-def prompt_set(model, processor, decoder, stop) -> dict:
-    """PROMPT_SET answered alone by `generate` and by FastDecoder: how many agree on all NEW_TOKENS tokens, and
-    where one parts, the plain path's top-2 margin there against the logit's bf16 spacing (2**(exponent - 7))."""
-    agree, partings = 0, []
+def prompt_set(model, processor, decoders: dict, stop) -> dict:
+    """PROMPT_SET answered alone by `generate` and by each FastDecoder (compiled, and recorded eager: chat()'s
+    default): how many agree on all NEW_TOKENS tokens, and where one parts, the plain path's top-2 margin there
+    against the logit's bf16 spacing (2**(exponent - 7))."""
+    agree, partings = dict.fromkeys(decoders, 0), {name: [] for name in decoders}
     for (width, height), question in PROMPT_SET:
         batch = processor([[{"role": "user", "content": question}]], [[picture(width, height)]], device=model.device)
         keys = ("input_ids", "pixel_values", "vision_order", "image_bound")
@@ -155,21 +157,22 @@ def prompt_set(model, processor, decoder, stop) -> dict:
             return_dict_in_generate=True,
             **stop,
         )
-        fast = decoder.generate(embeds, NEW_TOKENS, **stop)
-        if torch.equal(fast, plain.sequences):
-            agree += 1
-            continue
-        step = int((fast != plain.sequences).nonzero()[0, 1])
-        top2 = plain.scores[step][0].float().topk(2).values
-        spacing = 2.0 ** (torch.frexp(top2[0]).exponent.item() - 1 - 7)
-        partings.append(
-            {
-                "prompt": f"{width}x{height} {question[:20]}",
-                "token": step,
-                "margin": round(float(top2[0] - top2[1]), 5),
-                "bf16_spacing": spacing,
-            }
-        )
+        for name, decoder in decoders.items():
+            fast = decoder.generate(embeds, NEW_TOKENS, **stop)
+            if torch.equal(fast, plain.sequences):
+                agree[name] += 1
+                continue
+            step = int((fast != plain.sequences).nonzero()[0, 1])
+            top2 = plain.scores[step][0].float().topk(2).values
+            spacing = 2.0 ** (torch.frexp(top2[0]).exponent.item() - 1 - 7)
+            partings[name].append(
+                {
+                    "prompt": f"{width}x{height} {question[:20]}",
+                    "token": step,
+                    "margin": round(float(top2[0] - top2[1]), 5),
+                    "bf16_spacing": spacing,
+                }
+            )
     return {"prompt_set": len(PROMPT_SET), "prompt_set_agree_64": agree, "prompt_set_partings": partings}
 
 
@@ -209,7 +212,7 @@ def main() -> None:
             row.update(teacher_forced(model, decoder, embeds, plain))
         row.update(padded_batch(model, processor))
         with torch.inference_mode():
-            row.update(prompt_set(model, processor, decoder, stop))
+            row.update(prompt_set(model, processor, {"compiled": decoder, "recorded": FastDecoder(model, compile=False)}, stop))
         print(json.dumps(row), flush=True)
         del model, decoder
         torch.cuda.empty_cache()

@@ -1,5 +1,7 @@
-"""The attention mask of one decoding step as a flex-attention `BlockMask`: each row reads only the cache blocks it
-attends to.
+"""The attention mask of one decoding step that reads less than the whole static cache.
+
+`decode_block_mask`: a flex-attention `BlockMask`, each row reads only the cache blocks it attends to (compiled
+steps). `decode_window_mask`: a dense mask over the cache's first positions only (the recorded eager step).
 
 A static cache is sized for the longest request it serves, and a batch's rows are left-padded to its longest
 prompt, so a dense mask makes every step read every row's whole cache: at batch 16 over a 1,024-position cache
@@ -41,3 +43,12 @@ def decode_block_mask(padding: torch.Tensor, position: torch.Tensor) -> BlockMas
     return BlockMask.from_kv_blocks(
         *visited(partial), *visited(full), BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(1, length), compute_q_blocks=False
     )
+
+
+def decode_window_mask(padding: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """SDPA's boolean mask (batch, 1, 1, window) for a step whose query sits at cache index `position` (0-dim
+    tensor, below the window), from `padding`, the loop's (batch, cache length) mask cut to the window: the
+    attention reads the cache's first `window` positions only (MiniCPMAttention cuts its keys and values to
+    the mask). A decoding step over a cache sized for a long answer then costs a short one nothing extra."""
+    visible = padding.bool() & (torch.arange(padding.shape[1], device=padding.device) <= position)
+    return visible[:, None, None, :]

@@ -30,7 +30,7 @@ from transformers.generation.logits_process import (
 from transformers.utils import logging
 
 from .cuda_graphs import record_cuda_graph
-from .decode_mask import decode_block_mask
+from .decode_mask import decode_block_mask, decode_window_mask
 
 logger = logging.get_logger(__name__)
 
@@ -38,6 +38,20 @@ logger = logging.get_logger(__name__)
 # Coordinate-descent tuning turns the batch-1 matrix-vector products into tuned Triton reductions, and freezing
 # compiles the weights in as constants (each measured faster: benchmarks/RESULTS.md).
 STEP_COMPILE_OPTIONS = {"coordinate_descent_tuning": True, "freezing": True}
+
+# The recorded eager step reads the cache in windows of FIRST_WINDOW, 2 * FIRST_WINDOW, ... positions (one graph
+# each) while the answer is short: chat()'s 1,024 new tokens size its cache to 2,048 positions, and a dense step
+# over all of them would read four times the keys and values of a 512-position one at every token.
+FIRST_WINDOW = 512
+
+
+def cache_windows(cache_len: int) -> tuple[int, ...]:
+    """The windows a recorded step's graphs read: FIRST_WINDOW doubled up to, and ending with, `cache_len`."""
+    windows, window = [], FIRST_WINDOW
+    while window < cache_len:
+        windows.append(window)
+        window *= 2
+    return (*windows, cache_len)
 
 
 @dataclass(frozen=True)
@@ -110,9 +124,12 @@ def compiled_prefill() -> Callable:
 
 
 def _decode_forward(llm, cache: StaticCache, tokens, positions, attention_mask, cache_index, block_sparse: bool = False) -> torch.Tensor:
-    # Block-sparse, each row reads only the cache blocks it attends to (decode_mask); dense, SDPA reads them all.
+    # Block-sparse, each row reads only the cache blocks it attends to (decode_mask); dense, SDPA reads the whole
+    # cache, or with a padding mask cut short (a window), its first positions only.
     if block_sparse:
         attention_mask = decode_block_mask(attention_mask, cache_index)
+    elif attention_mask.shape[1] < cache.get_max_length():
+        attention_mask = decode_window_mask(attention_mask, cache_index)
     return llm(
         input_ids=tokens, position_ids=positions, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1
     ).logits[:, -1]
@@ -125,11 +142,15 @@ def compiled_step(block_sparse: bool) -> Callable:
 
 
 class _DecodeLoop:
-    """Static buffers for one batch size, cache and set of settings, and on a GPU the CUDA graph of one
-    decoding step over them (compiled decoder forward + token choice + bookkeeping, all on the device)."""
+    """Static buffers for one batch size, cache and set of settings, and on a GPU the CUDA graphs of one
+    decoding step over them (compiled decoder forward + token choice + bookkeeping, all on the device), one for
+    each of the cache's `windows` (a step reads the smallest window that holds its position; default: one
+    window, the whole cache)."""
 
-    def __init__(self, forward, llm, cache: StaticCache, batch: int, sampling: Sampling, eos_token_id, pad_token_id, device):
+    def __init__(self, forward, llm, cache: StaticCache, batch: int, sampling: Sampling, eos_token_id, pad_token_id, device, windows=None):
         self.forward, self.llm, self.cache = forward, llm, cache
+        self.windows = tuple(windows or (cache.get_max_length(),))
+        self.next_index = 0  # the host's count of where the next step's keys go (cache_index, without reading it)
         self.sampling, self.eos_token_id, self.pad_token_id = sampling, eos_token_id, pad_token_id
         vocab = llm.config.vocab_size
         self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)  # fed to the next step
@@ -145,7 +166,7 @@ class _DecodeLoop:
         self.is_eos = None
         if eos_token_id is not None:
             self.is_eos = torch.arange(vocab, device=device) == eos_token_id
-        self.graph = None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # window -> the step's graph
 
     def start(self, attention_mask: torch.Tensor, max_new_tokens: int = 1, min_new_tokens: int = 0) -> None:
         """Reset for prompts of this (batch, prompt length) left-padding mask (`max_new_tokens`: for the beam
@@ -157,6 +178,7 @@ class _DecodeLoop:
         self.padding[:, : attention_mask.shape[1]].copy_(attention_mask)
         self.positions.copy_(attention_mask.sum(-1, keepdim=True))
         self.cache_index.fill_(attention_mask.shape[1])
+        self.next_index = attention_mask.shape[1]
         self.step.zero_()
         self.out.fill_(self.pad_token_id)
         self.finished.zero_()
@@ -177,22 +199,26 @@ class _DecodeLoop:
         self.tokens.copy_(tokens[:, None])
         self.step += 1
 
-    def decode_one(self) -> None:
-        logits = self.forward(self.llm, self.cache, self.tokens, self.positions, self.padding, self.cache_index)
+    def decode_one(self, window: int | None = None) -> None:
+        padding = self.padding if window is None else self.padding[:, :window]
+        logits = self.forward(self.llm, self.cache, self.tokens, self.positions, padding, self.cache_index)
         self.positions += 1
         self.cache_index += 1
         self.advance(logits)
 
     def capture(self) -> None:
-        """Record decode_one as a CUDA graph, after warm-up runs (compilation) on a side stream."""
-        self.start(self.padding[:, :0])
-        self.graph, _ = record_cuda_graph(self.decode_one, warmup_runs=3)
+        """Record decode_one for each window as a CUDA graph, after warm-up runs (compilation) on a side stream."""
+        for window in self.windows:
+            self.start(self.padding[:, :0])
+            self.graphs[window], _ = record_cuda_graph(functools.partial(self.decode_one, window), warmup_runs=3)
 
     def run_one(self) -> None:
-        if self.graph is None:
-            self.decode_one()
+        window = next((w for w in self.windows if w > self.next_index), self.windows[-1])
+        self.next_index += 1
+        if self.graphs:
+            self.graphs[window].replay()
         else:
-            self.graph.replay()
+            self.decode_one(window)
 
 
 class _BeamLoop(_DecodeLoop):
@@ -215,8 +241,11 @@ class _BeamLoop(_DecodeLoop):
         eos_token_id,
         pad_token_id,
         device,
+        windows=None,
     ):
-        super().__init__(forward, llm, cache, rows, Sampling(repetition_penalty=repetition_penalty), eos_token_id, pad_token_id, device)
+        super().__init__(
+            forward, llm, cache, rows, Sampling(repetition_penalty=repetition_penalty), eos_token_id, pad_token_id, device, windows
+        )
         self.batch, self.num_beams, self.length_penalty = batch, num_beams, length_penalty
         length = cache.get_max_length()
         self.max_new = torch.zeros(1, dtype=torch.long, device=device)
@@ -313,6 +342,7 @@ class _CacheSlot:
     """A `StaticCache` kept for reuse, its (batch, length), the decoding step its loops run and the loops."""
 
     step: Callable
+    windowed: bool  # the step reads the cache in windows (cache_windows), else whole
     cache: StaticCache | None = None
     key: tuple[int, int] | None = None
     loops: OrderedDict = field(default_factory=OrderedDict)  # settings -> _DecodeLoop, least recently used first
@@ -339,6 +369,8 @@ class FastDecoder:
 
     `compile=False` records the eager decoder step as the CUDA graph instead (the prefill runs eagerly): no
     compilation, so a new process answers within seconds, at the price of slower steps (`chat()`'s default on a GPU).
+    Its dense step reads the cache in windows (FIRST_WINDOW positions, doubling; one graph each), so the unused
+    tail of a cache sized for a long `max_new_tokens` is not read while the answer is short.
     """
 
     def __init__(self, model, sync_every: int = 16, max_loops: int = 8, compile: bool = True, block_sparse: bool = False):
@@ -369,7 +401,11 @@ class FastDecoder:
             self._prefill = _prefill_forward
         # A lone prompt in a cache sized for a batch would pay for the fillers' prefill (its first token) and
         # their attention over the whole cache (every step): single prompts keep a cache of their own.
-        self._single, self._batched = _CacheSlot(single_step), _CacheSlot(batch_step)
+        # The eager dense step through SDPA reads the cache in windows; a compiled one reads it whole (one
+        # window: one compilation) or in blocks (block_sparse).
+        windowed = not self.compiled and model.config._attn_implementation == "sdpa"
+        self._single = _CacheSlot(single_step, windowed)
+        self._batched = _CacheSlot(batch_step, windowed and not self.block_sparse)
         self.max_loops = max_loops
 
     def _slot(self, batch: int) -> _CacheSlot:
@@ -405,7 +441,8 @@ class FastDecoder:
         self._cache_for(slot, batch, length)
         batch = slot.key[0]
         if settings not in slot.loops:
-            slot.loops[settings] = make_loop(slot.step, slot.cache, batch)
+            windows = cache_windows(slot.key[1]) if slot.windowed else None
+            slot.loops[settings] = make_loop(slot.step, slot.cache, batch, windows)
             if len(slot.loops) > self.max_loops:
                 slot.loops.popitem(last=False)
         slot.loops.move_to_end(settings)
@@ -436,8 +473,8 @@ class FastDecoder:
             attention_mask = torch.ones((batch, prompt_len), dtype=torch.long, device=inputs_embeds.device)
         settings = (sampling, eos_token_id, pad_token_id)
 
-        def make_loop(step, cache, rows):
-            return _DecodeLoop(step, self.model.llm, cache, rows, *settings, device=self.model.device)
+        def make_loop(step, cache, rows, windows):
+            return _DecodeLoop(step, self.model.llm, cache, rows, *settings, device=self.model.device, windows=windows)
 
         loop = self._prefilled_loop(inputs_embeds, attention_mask, max_new_tokens, min_new_tokens, settings, make_loop)
         if on_tokens is None:
@@ -461,7 +498,7 @@ class FastDecoder:
         rows, prompt_len, _ = inputs_embeds.shape
         loop = self._loop_for(rows, prompt_len + max_new_tokens, settings, make_loop)
         cache_rows, cache_len = self._slot(rows).key
-        if self.on_gpu and loop.graph is None and max_new_tokens > 1:  # a first token alone needs no graph
+        if self.on_gpu and not loop.graphs and max_new_tokens > 1:  # a first token alone needs no graph
             if self.compiled:
                 logger.warning(f"FastDecoder: compiling the decoding step for batch {cache_rows}, cache {cache_len} (once; about a minute)")
             loop.capture()
@@ -498,8 +535,8 @@ class FastDecoder:
             attention_mask = torch.ones((batch, prompt_len), dtype=torch.long, device=inputs_embeds.device)
         settings = ("beams", batch, num_beams, length_penalty, repetition_penalty, eos_token_id, pad_token_id)
 
-        def make_loop(step, cache, rows):
-            return _BeamLoop(step, self.model.llm, cache, rows, *settings[1:], device=self.model.device)
+        def make_loop(step, cache, rows, windows):
+            return _BeamLoop(step, self.model.llm, cache, rows, *settings[1:], device=self.model.device, windows=windows)
 
         embeds, mask = inputs_embeds.repeat_interleave(num_beams, 0), attention_mask.repeat_interleave(num_beams, 0)
         loop = self._prefilled_loop(embeds, mask, max_new_tokens, min_new_tokens, settings, make_loop)

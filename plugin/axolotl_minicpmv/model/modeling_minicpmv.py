@@ -125,6 +125,9 @@ class MiniCPMAttention(nn.Module):
         value = value.view(*input_shape, -1, self.head_dim).transpose(1, 2)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[-1] < key.shape[-2]:
+                # a decoding step that sees only the static cache's first positions (FastDecoder's windows)
+                key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         if isinstance(attention_mask, BlockMask):  # FastDecoder's decoding step: only the cache blocks a row attends to
             attention = block_mask_attention

@@ -7,7 +7,7 @@ the whole run (image loading, slicing, vision tower, prefill and decoding; after
 memory. The issue's target: at least 1,500 generated tokens/s (about 23 samples/s) at batch 16 on one H200, within
 20 GiB. Speed does not depend on the weights' values when the token counts are fixed.
 
-    python benchmarks/bench_predict.py [--batch-size 16] [--samples 200] [--new-tokens 64] [--switch-interval S] [--out benchmarks/results.jsonl]
+    python benchmarks/bench_predict.py [--batch-size 16] [--samples 200] [--new-tokens 64] [--out benchmarks/results.jsonl]
 """
 
 from __future__ import annotations
@@ -60,15 +60,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.jsonl")))
-    parser.add_argument(
-        "--switch-interval",
-        type=float,
-        help="sys.setswitchinterval in seconds (Python's default 0.005): how long the model's thread may wait for the "
-        "GIL held by the prefetch threads after each wait for the GPU",
-    )
     args = parser.parse_args()
-    if args.switch_interval:
-        sys.setswitchinterval(args.switch_interval)
     # predict's own log lines (how long the model waited for prepared inputs, the cache it reserved) in the output
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("axolotl_minicpmv.predict").setLevel(logging.INFO)
@@ -103,7 +95,6 @@ def main() -> None:
             "batch_size": args.batch_size,
             "new_tokens": args.new_tokens,
             "decoding": "FastDecoder" if getattr(model, "_fast_decoder", None) is not None else "generate",
-            "switch_interval_s": sys.getswitchinterval(),
             "warmup_batch_s": round(warmup, 1),
             "elapsed_s": round(elapsed, 2),
             "samples_per_s": round(len(rows) / elapsed, 2),

@@ -11,7 +11,7 @@ FastDecoder's beam search with generate's. Last, a fixed set of prompts (PROMPT_
 questions) is answered alone by `generate` and by FastDecoder, compiled and recorded (chat()'s default), counting
 the prompts whose first 64 tokens agree; where they part, the plain path's top-2 logit margin at that token is
 printed beside bf16's spacing at that logit (a margin of a few spacings is a tie that rounding decides). One JSON
-line per dtype.
+lines per dtype, one for each part as it ends.
 
     python benchmarks/gpu_checks/check_fast_decode.py [--dtypes float32 bfloat16]
 """
@@ -176,6 +176,42 @@ def prompt_set(model, processor, decoders: dict, stop) -> dict:
     return {"prompt_set": len(PROMPT_SET), "prompt_set_agree_64": agree, "prompt_set_partings": partings}
 
 
+def check(name: str, tokenizer, stop: dict) -> None:
+    """Every comparison for one dtype, each part printed as it ends, the prompt set (the bf16 goal's measure)
+    first: a run cut by a time limit still reports what it reached."""
+    dtype = getattr(torch, name)
+    torch.manual_seed(0)
+    config = MiniCPMVConfig(**_model_kwargs(OFFICIAL_CONFIG))
+    with torch.device("cuda"):
+        model = MiniCPMV(config).to(dtype).eval()
+    processor = MiniCPMVProcessor.from_config(tokenizer, config)
+    embeds, _ = prompt_embeds(model, processor, picture(448, 448), 1)
+    with torch.inference_mode():
+        plain = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"),
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=NEW_TOKENS,
+            pad_token_id=0,
+            **stop,
+        )
+        decoder = FastDecoder(model)
+        fast = decoder.generate(embeds, NEW_TOKENS, **stop)
+        same = bool(torch.equal(fast, plain))
+        print(
+            json.dumps({"dtype": name, "fast_equals_generate": same, "first_diff": None if same else int((fast != plain).nonzero()[0, 1])})
+        )
+        for part in (
+            lambda: prompt_set(model, processor, {"compiled": decoder, "recorded": FastDecoder(model, compile=False)}, stop),
+            lambda: streamed(decoder, embeds, fast, stop),
+            lambda: beams(model, decoder, embeds, stop["eos_token_id"]),
+            lambda: teacher_forced(model, decoder, embeds, plain),
+            lambda: padded_batch(model, processor),
+        ):
+            print(json.dumps({"dtype": name, **part()}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
@@ -183,38 +219,7 @@ def main() -> None:
     tokenizer = load_tokenizer(write_tiny_tokenizer(tempfile.mkdtemp()))
     stop = {"eos_token_id": tokenizer.eos_token_id, "min_new_tokens": NEW_TOKENS}
     for name in args.dtypes:
-        dtype = getattr(torch, name)
-        torch.manual_seed(0)
-        config = MiniCPMVConfig(**_model_kwargs(OFFICIAL_CONFIG))
-        with torch.device("cuda"):
-            model = MiniCPMV(config).to(dtype).eval()
-        processor = MiniCPMVProcessor.from_config(tokenizer, config)
-        embeds, _ = prompt_embeds(model, processor, picture(448, 448), 1)
-        with torch.inference_mode():
-            plain = model.generate(
-                inputs_embeds=embeds,
-                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"),
-                do_sample=False,
-                num_beams=1,
-                max_new_tokens=NEW_TOKENS,
-                pad_token_id=0,
-                **stop,
-            )
-            decoder = FastDecoder(model)
-            fast = decoder.generate(embeds, NEW_TOKENS, **stop)
-            row = {
-                "dtype": name,
-                "fast_equals_generate": bool(torch.equal(fast, plain)),
-                "first_diff": None if torch.equal(fast, plain) else int((fast != plain).nonzero()[0, 1]),
-            }
-            row.update(streamed(decoder, embeds, fast, stop))
-            row.update(beams(model, decoder, embeds, stop["eos_token_id"]))
-            row.update(teacher_forced(model, decoder, embeds, plain))
-        row.update(padded_batch(model, processor))
-        with torch.inference_mode():
-            row.update(prompt_set(model, processor, {"compiled": decoder, "recorded": FastDecoder(model, compile=False)}, stop))
-        print(json.dumps(row), flush=True)
-        del model, decoder
+        check(name, tokenizer, stop)
         torch.cuda.empty_cache()
 
 

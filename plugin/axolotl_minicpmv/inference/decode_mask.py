@@ -49,6 +49,6 @@ def decode_window_mask(padding: torch.Tensor, position: torch.Tensor) -> torch.T
     """SDPA's boolean mask (batch, 1, 1, window) for a step whose query sits at cache index `position` (0-dim
     tensor, below the window), from `padding`, the loop's (batch, cache length) mask cut to the window: the
     attention reads the cache's first `window` positions only (MiniCPMAttention cuts its keys and values to
-    the mask). A decoding step over a cache sized for a long answer then costs a short one nothing extra."""
+    the mask), so a cache sized for a long answer is not read past the window while the answer is short."""
     visible = padding.bool() & (torch.arange(padding.shape[1], device=padding.device) <= position)
     return visible[:, None, None, :]

@@ -359,7 +359,7 @@ class FastDecoder:
     token choice, so the host only queues replays and reads the end-of-sequence flags every `sync_every`
     tokens (streaming: see `on_tokens`). Static caches are kept, sized to the next power of two (at least
     256) of prompt + new tokens and reused while requests fit: one for single prompts (`chat`, a server's
-    lone client) and one for batches. A shorter request attends over its cache's unused tail (with
+    lone client) and one for batches. A shorter request's compiled dense step attends over its cache's unused tail (with
     `block_sparse`, a batch's step skips it and each row's left padding in blocks: see decode_mask), a smaller
     batch is filled up with copies of its last row (dropped from the output), so neither recompiles; a longer
     request or a larger batch grows its cache and compiles once more, another set of sampling settings

@@ -73,8 +73,9 @@ def test_a_shorter_request_reuses_the_longer_cache(tiny_model, prompt):
 
 def test_the_eager_step_reads_only_the_cache_window_that_holds_its_position(tiny_model, prompt, monkeypatch):
     """The recorded eager step (chat()'s default on a GPU) reads its cache in windows that double from
-    FIRST_WINDOW: its tokens are generate's across a window's edge, and nothing past the current window is read
-    (NaN written there after the first step changes no token; read by a step over the whole cache, it does)."""
+    FIRST_WINDOW: its tokens (greedy and beam search) are generate's across a window's edge, and nothing past the
+    current window is read (NaN written there after the first step changes no token; read by a step over the whole
+    cache, it does)."""
     single = prompt[:1]
     new = 256 - single.shape[1]  # positions up to 255: the windows of 128 and 256 positions
     assert 128 - single.shape[1] > 0
@@ -98,6 +99,12 @@ def test_the_eager_step_reads_only_the_cache_window_that_holds_its_position(tiny
     assert fast_decoding.cache_windows(512) == (512,)  # chat's usual answer: one window
     assert torch.equal(answer(first_window=16), reference)
     assert fast_decoding.cache_windows(512) == (16, 32, 64, 128, 256, 512)
+    # Beam search (chat's sampling=False) reorders only the window's positions of its cache rows: generate's beams.
+    beams = FastDecoder(tiny_model, compile=False).beam_search(single, new, 3, repetition_penalty=1.2)
+    with torch.inference_mode():
+        kwargs = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None, "repetition_penalty": 1.2}
+        reference_beams = tiny_model.generate(inputs_embeds=single, num_beams=3, max_new_tokens=new, **kwargs)
+    assert torch.equal(beams, reference_beams)
     assert not torch.equal(answer(first_window=512), reference)
 
 

@@ -185,8 +185,9 @@ class _DecodeLoop:
         if self.seen is not None:
             self.seen.zero_()
 
-    def advance(self, logits: torch.Tensor) -> None:
-        """Choose the next tokens from (batch, vocab) logits and record them."""
+    def advance(self, logits: torch.Tensor, window: int | None = None) -> None:
+        """Choose the next tokens from (batch, vocab) logits and record them (`window`: the cache positions the
+        step read, all that is written so far)."""
         if self.is_eos is not None:
             logits = logits.masked_fill(self.is_eos & (self.step < self.min_new), float("-inf"))
         tokens = choose_tokens(logits, self.seen, self.sampling)
@@ -204,7 +205,7 @@ class _DecodeLoop:
         logits = self.forward(self.llm, self.cache, self.tokens, self.positions, padding, self.cache_index)
         self.positions += 1
         self.cache_index += 1
-        self.advance(logits)
+        self.advance(logits, window)
 
     def capture(self) -> None:
         """Record decode_one for each window as a CUDA graph, after warm-up runs (compilation) on a side stream."""
@@ -274,7 +275,7 @@ class _BeamLoop(_DecodeLoop):
         self.improvable.fill_(True)
         self.done.fill_(False)
 
-    def advance(self, logits: torch.Tensor) -> None:
+    def advance(self, logits: torch.Tensor, window: int | None = None) -> None:
         batch, beams, vocab = self.batch, self.num_beams, logits.shape[-1]
         log_probs = logits[: batch * beams].float().log_softmax(-1)
         if self.seen is not None:
@@ -316,9 +317,9 @@ class _BeamLoop(_DecodeLoop):
         # the cache, the generated-token masks and the next inputs follow the beams that go on
         order = (kept_source + self.row_offsets).view(-1)
         rows = torch.cat([order, self.filler_rows])
-        for layer in self.cache.layers:
-            layer.keys.copy_(layer.keys.index_select(0, rows))
-            layer.values.copy_(layer.values.index_select(0, rows))
+        for layer in self.cache.layers:  # only the positions written so far (the step's window) need to move
+            for kept in (layer.keys[:, :, :window], layer.values[:, :, :window]):
+                kept.copy_(kept.index_select(0, rows))
         if self.seen is not None:
             self.seen[: batch * beams].copy_(self.seen[: batch * beams].index_select(0, order))
             self.seen[: batch * beams].scatter_(1, kept_tokens.view(-1, 1), True)

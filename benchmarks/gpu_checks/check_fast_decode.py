@@ -10,7 +10,7 @@ agree are counted; streamed decoding (`on_tokens`, as the server decodes) is com
 FastDecoder's beam search with generate's. Last, a fixed set of prompts (PROMPT_SET: four picture sizes, three
 questions) is answered alone by `generate` and by FastDecoder, compiled and recorded (chat()'s default), counting
 the prompts whose first 64 tokens agree; where they part, the plain path's top-2 logit margin at that token is
-printed beside bf16's spacing at that logit (a margin of a few spacings is a tie that rounding decides). One JSON
+printed beside bf16's spacing at that logit (a margin of a few spacings is a tie that rounding decides). JSON
 lines per dtype, one for each part as it ends.
 
     python benchmarks/gpu_checks/check_fast_decode.py [--dtypes float32 bfloat16]

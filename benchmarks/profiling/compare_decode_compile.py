@@ -5,9 +5,9 @@ mask (`sparse`: only the cache blocks each row sees, `FastDecoder(block_sparse=T
 
 Real size, random bf16 weights, 448x448 chat prompts at each --batches size (the prefill runs eagerly here: only
 the decoding step is measured, and nothing but the step compiles). For each variant and batch: decode tokens/s
-over --new-tokens new tokens (256 by default; FastDecoder: static cache + CUDA graph), peak memory, the first 8 greedy tokens, then a
-torch.profiler pass over 10 un-graphed steps: GPU kernel time and kernels per step and the 14 kernels that take
-the most time. Measured 2026-11-25 (unfused): coordinate-descent tuning alone 277.7 tokens/s, with freezing 302.7.
+over --new-tokens new tokens (256 by default; FastDecoder: static cache + CUDA graph), peak memory, the first 8
+greedy tokens, then a torch.profiler pass over 10 un-graphed steps: GPU kernel time and kernels per step and the 14
+kernels that take the most time. Measured 2026-11-25 (unfused): coordinate-descent tuning alone 277.7 tokens/s, with freezing 302.7.
 
     python benchmarks/profiling/compare_decode_compile.py [--variants shipped sparse unfused unpadded combo recorded recorded_unfused] [--batches 1 8] [--new-tokens 256]
 """

@@ -5,8 +5,9 @@ with the prefetch threads working ahead, to find the time the GPU sits idle betw
 warm-up batch it traces --batches batches in the middle of a run with torch.profiler (CPU and CUDA), and reports:
 the GPU's busy and idle time over the traced window, and the idle time split by what the model's thread was doing
 then (predict's steps, labelled for the trace: the batch's answers, moving inputs, vision + embedding, FastDecoder's
-prefill, the decoding loop, decoding the text, scoring; all of them run on the model's thread), with the longest gaps. The profiler slows launches somewhat, so
-the absolute idle time is an upper bound; the split is what this script is for.
+prefill, the decoding loop, decoding the text, scoring; all of them run on the model's thread), with the longest
+gaps. The profiler slows launches somewhat, so the absolute idle time is an upper bound; the split is what this
+script is for.
 
     python benchmarks/profiling/profile_predict_run.py [--batch-size 16] [--skip 3] [--batches 4]
 """

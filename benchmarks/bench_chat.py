@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_table import record, versions  # noqa: E402
 
-from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig, load_tokenizer  # noqa: E402
+from axolotl_minicpmv import MiniCPMV, load_tokenizer  # noqa: E402
 from axolotl_minicpmv.inference.fast_decoding import FastDecoder  # noqa: E402
 from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds  # noqa: E402
-from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
+from axolotl_minicpmv.testing.tiny_checkpoint import official_config  # noqa: E402
 from axolotl_minicpmv.testing.tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
 
 QUESTION = "What is shown in this picture?"
@@ -60,7 +60,7 @@ def timed(fn, runs: int, warmup: int = 2, wait: bool = True) -> float:
 def bench_model(attn: str = "sdpa"):
     """(model, tokenizer, processor): real-size MiniCPM-V with seeded random bf16 weights on the GPU."""
     torch.manual_seed(0)
-    config = MiniCPMVConfig(**_model_kwargs(OFFICIAL_CONFIG))
+    config = official_config()
     config._attn_implementation = attn
     with torch.device("cuda"):
         model = MiniCPMV(config).to(torch.bfloat16).eval()

@@ -15,7 +15,7 @@ from train_flops import ModelShape, model_shape, sample_flops  # noqa: E402
 
 from axolotl_minicpmv import MiniCPMVConfig  # noqa: E402
 from axolotl_minicpmv.integration.lora_targets import DEFAULT_TARGETS  # noqa: E402
-from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
+from axolotl_minicpmv.testing.tiny_checkpoint import official_config  # noqa: E402
 
 
 def test_sample_flops_by_hand():
@@ -42,7 +42,7 @@ def test_sample_flops_by_hand():
 
 
 def test_model_shape_of_the_official_config():
-    shape = model_shape(MiniCPMVConfig(**_model_kwargs(OFFICIAL_CONFIG)), 64, DEFAULT_TARGETS)
+    shape = model_shape(official_config(), 64, DEFAULT_TARGETS)
     assert shape.vision_blocks == 26  # SigLIP's 27 blocks without the last (drop_vision_last_layer)
     assert shape.vision_width == 1152
     assert shape.decoder_linear == 40 * (4 * 2304 * 2304 + 3 * 2304 * 5760)  # q, k, v, o and gate, up, down

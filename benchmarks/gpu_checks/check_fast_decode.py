@@ -1,17 +1,20 @@
 """GPU check: FastDecoder (compiled decoder step in a CUDA graph) emits generate()'s greedy tokens.
 
-Real config, random weights, greedy decoding of 64 tokens from a fixed 448x448 image prompt, in float32
-and bfloat16. Besides the free-running token comparison, the compiled step is teacher-forced along
-generate()'s tokens next to the eager step on its own static cache: the largest logit difference and
-the smallest top-2 margin show whether a differing token is a rounding-level near-tie. Then a
-left-padded batch of mixed prompts (pictures of three sizes, a text-only row, two pictures in one row,
-as `predict` batches them) goes through `generate_answers` fast and plain, and the rows whose tokens
-agree are counted; streamed decoding (`on_tokens`, as the server decodes) is compared with unstreamed, and
-FastDecoder's beam search with generate's. Last, a fixed set of prompts (PROMPT_SET: four picture sizes, three
-questions) is answered alone by `generate` and by FastDecoder, compiled and recorded (chat()'s default), counting
-the prompts whose first 64 tokens agree; where they part, the plain path's top-2 logit margin at that token is
-printed beside bf16's spacing at that logit (a margin of a few spacings is a tie that rounding decides). JSON
-lines per dtype, one for each part as it ends.
+Real config, random weights at a trained model's scale (TRAINED_DECODER_STD: at the config's initializer_range the
+random decoder is chaotic, and bf16 rounding alone turns its tokens), in float32 and bfloat16, each part printed as
+a JSON line as it ends:
+- 64 greedy tokens of a fixed 448x448 image prompt, FastDecoder against `generate`;
+- a fixed set of prompts (PROMPT_SET: four picture sizes, three questions) answered alone by `generate` and by
+  FastDecoder, compiled and recorded (chat()'s default), with `generate` through eager attention as the control
+  (two plain paths: how far bf16 rounding alone takes them apart): the prompts whose first 64 tokens agree, and
+  where a path parts, the plain path's top-2 logit margin there beside bf16's spacing at that logit (a margin of a
+  few spacings is a tie that rounding decides);
+- streamed decoding (`on_tokens`, as the server decodes) against unstreamed, and FastDecoder's beam search
+  against generate's;
+- the compiled step teacher-forced along generate()'s tokens next to the eager step, each on its own static
+  cache: the largest logit difference and the smallest top-2 margins;
+- a left-padded batch of mixed prompts (pictures of three sizes, a text-only row, two pictures in one row, as
+  `predict` batches them) through `generate_answers` fast and plain: the rows whose tokens agree.
 
     python benchmarks/gpu_checks/check_fast_decode.py [--dtypes float32 bfloat16]
 """
@@ -32,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_chat
 
 from bench_chat import picture, prompt_embeds  # noqa: E402
 
-from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig, load_tokenizer  # noqa: E402
+from axolotl_minicpmv import MiniCPMV, load_tokenizer  # noqa: E402
 from axolotl_minicpmv.inference.fast_decoding import FastDecoder, _decode_forward  # noqa: E402
 from axolotl_minicpmv.inference.generate import generate_answers  # noqa: E402
 from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor  # noqa: E402
-from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
+from axolotl_minicpmv.testing.tiny_checkpoint import TRAINED_DECODER_STD, official_config  # noqa: E402
 from axolotl_minicpmv.testing.tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
 
 NEW_TOKENS = 64
@@ -137,28 +140,45 @@ def padded_batch(model, processor) -> dict:
     }
 
 
+def plain_generate(model, embeds, attention_mask, stop, **kwargs):
+    return model.generate(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=NEW_TOKENS,
+        pad_token_id=0,
+        **stop,
+        **kwargs,
+    )
+
+
+def eager_attention_generate(model, embeds, attention_mask, stop):
+    """`generate` with the attention written out (matmul, softmax, matmul) instead of SDPA's kernel: a second plain
+    path, whose agreement with the first is what bf16 rounding alone leaves (the control of the prompt set)."""
+    model.set_attn_implementation("eager")
+    try:
+        return plain_generate(model, embeds, attention_mask, stop)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
 def prompt_set(model, processor, decoders: dict, stop) -> dict:
     """PROMPT_SET answered alone by `generate` and by each FastDecoder (compiled, and recorded eager: chat()'s
-    default): how many agree on all NEW_TOKENS tokens, and where one parts, the plain path's top-2 margin there
-    against the logit's bf16 spacing (2**(exponent - 7))."""
-    agree, partings = dict.fromkeys(decoders, 0), {name: [] for name in decoders}
+    default), and, as the control, by `generate` with eager attention: how many agree on all NEW_TOKENS tokens, and
+    where one parts, the plain path's top-2 margin there against the logit's bf16 spacing (2**(exponent - 7))."""
+    answerers = {
+        name: lambda embeds, mask, decoder=decoder: decoder.generate(embeds, NEW_TOKENS, **stop) for name, decoder in decoders.items()
+    }
+    answerers["plain_eager_attention"] = lambda embeds, mask: eager_attention_generate(model, embeds, mask, stop)
+    agree, partings = dict.fromkeys(answerers, 0), {name: [] for name in answerers}
     for (width, height), question in PROMPT_SET:
         batch = processor([[{"role": "user", "content": question}]], [[picture(width, height)]], device=model.device)
         keys = ("input_ids", "pixel_values", "vision_order", "image_bound")
         embeds = model.embed_inputs(*(batch.get(k) for k in keys))
-        plain = model.generate(
-            inputs_embeds=embeds,
-            attention_mask=batch["attention_mask"],
-            do_sample=False,
-            num_beams=1,
-            max_new_tokens=NEW_TOKENS,
-            pad_token_id=0,
-            output_scores=True,
-            return_dict_in_generate=True,
-            **stop,
-        )
-        for name, decoder in decoders.items():
-            fast = decoder.generate(embeds, NEW_TOKENS, **stop)
+        plain = plain_generate(model, embeds, batch["attention_mask"], stop, output_scores=True, return_dict_in_generate=True)
+        for name, answer in answerers.items():
+            fast = answer(embeds, batch["attention_mask"])
             if torch.equal(fast, plain.sequences):
                 agree[name] += 1
                 continue
@@ -181,21 +201,13 @@ def check(name: str, tokenizer, stop: dict) -> None:
     first: a run cut by a time limit still reports what it reached."""
     dtype = getattr(torch, name)
     torch.manual_seed(0)
-    config = MiniCPMVConfig(**_model_kwargs(OFFICIAL_CONFIG))
+    config = official_config(initializer_range=TRAINED_DECODER_STD)
     with torch.device("cuda"):
         model = MiniCPMV(config).to(dtype).eval()
     processor = MiniCPMVProcessor.from_config(tokenizer, config)
     embeds, _ = prompt_embeds(model, processor, picture(448, 448), 1)
     with torch.inference_mode():
-        plain = model.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"),
-            do_sample=False,
-            num_beams=1,
-            max_new_tokens=NEW_TOKENS,
-            pad_token_id=0,
-            **stop,
-        )
+        plain = plain_generate(model, embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"), stop)
         decoder = FastDecoder(model)
         fast = decoder.generate(embeds, NEW_TOKENS, **stop)
         same = bool(torch.equal(fast, plain))

@@ -18,7 +18,7 @@ from float32 at the first step (it changes them no more than bf16 rounding alrea
 train bf16 weights directly, whose AdamW updates (lr 1e-5) are mostly below bf16's resolution, so from the second
 step on the float32 run is on another trajectory (2026-12-07: its gradients 0.9-2.2 apart from bf16's at steps 2
 and 3, against 0.012-0.028 at step 1), while the bf16 settings share bf16 eager's. One JSON line. The decoder's
-random weights use a trained model's scale (DECODER_INIT_STD below): with the config's initializer_range, bf16
+random weights use a trained model's scale (TRAINED_DECODER_STD): with the config's initializer_range, bf16
 gradients at the real width were rounding noise (benchmarks/RESULTS.md, 2026-12-06).
 
     python benchmarks/gpu_checks/check_train_numerics.py [--settings packed checkpoint compiled]
@@ -36,11 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugin"))
 
-from axolotl_minicpmv import MiniCPMVConfig  # noqa: E402
 from axolotl_minicpmv.integration.compiled_layers import compile_decoder_layers  # noqa: E402
 from axolotl_minicpmv.integration.lora_targets import DEFAULT_TARGETS  # noqa: E402
 from axolotl_minicpmv.model.processing_minicpmv import move_inputs  # noqa: E402
-from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
+from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, TRAINED_DECODER_STD, official_config  # noqa: E402
 from axolotl_minicpmv.testing.training_steps import recipe_lora_model, synthetic_batch, train_steps  # noqa: E402
 
 # (tokens per row, image stacks (count, height, width)): a resized source picture plus slices, as the recipe's data
@@ -50,12 +49,6 @@ BATCHES = [
     (1024, [(10, 448, 448)]),
 ]
 LR = 1e-5
-# The decoder's random weights are drawn with std 0.02 (about 1/sqrt(hidden size), the scale of trained layers),
-# not the config's initializer_range of 0.1: at width 2,304 that makes every layer amplify its input about fivefold,
-# the random network is chaotic, and bf16 gradients differ from float32's by about their own norm (real width, 4
-# and 12 decoder layers, CPU: relative difference 0.93 and 1.24 at std 0.1 against 0.022 and 0.033 at 0.02), so no
-# setting could be judged.
-DECODER_INIT_STD = 0.02
 
 
 def prepare(model: torch.nn.Module, setting: str) -> None:
@@ -68,7 +61,7 @@ def prepare(model: torch.nn.Module, setting: str) -> None:
 
 
 def run(setting: str, dtype: torch.dtype, batches: list[dict]) -> tuple[list, float]:
-    config = MiniCPMVConfig(**{**_model_kwargs(OFFICIAL_CONFIG), "initializer_range": DECODER_INIT_STD})
+    config = official_config(initializer_range=TRAINED_DECODER_STD)
     model = recipe_lora_model(config, DEFAULT_TARGETS, device="cuda", dtype=dtype, lora_r=64)
     prepare(model, setting)
     start = time.perf_counter()

@@ -20,9 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugin"))
 
-from axolotl_minicpmv import MiniCPMVConfig  # noqa: E402
 from axolotl_minicpmv.model.modeling_minicpmv import MiniCPMForCausalLM  # noqa: E402
-from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
+from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, TRAINED_DECODER_STD, official_config  # noqa: E402
 
 GROUPS = {"embeddings": "embed_tokens", "attention": "self_attn", "mlp": "mlp", "lm_head": "lm_head"}
 
@@ -38,10 +37,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8000)
     args = parser.parse_args()
-    for std in (OFFICIAL_CONFIG["initializer_range"], 0.02):
+    for std in (OFFICIAL_CONFIG["initializer_range"], TRAINED_DECODER_STD):
         overrides = {"num_hidden_layers": args.layers, "vocab_size": args.vocab, "initializer_range": std}
         torch.manual_seed(0)
-        model = MiniCPMForCausalLM(MiniCPMVConfig(**{**_model_kwargs(OFFICIAL_CONFIG), **overrides})).float()
+        model = MiniCPMForCausalLM(official_config(**overrides)).float()
         ids = torch.randint(0, args.vocab, (1, 256))
         loss32, g32 = gradients(model, ids)
         loss16, g16 = gradients(copy.deepcopy(model).to(torch.bfloat16), ids)

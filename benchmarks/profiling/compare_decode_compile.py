@@ -84,6 +84,7 @@ def measure(model, embeds, name: str, batch: int, new_tokens: int) -> None:
     start = time.perf_counter()
     with torch.inference_mode():
         decoder.generate(embeds, new_tokens)  # compiles / records the step, for the cache the timed runs use
+        torch.cuda.synchronize()  # without eos the host does not wait for the tokens: time the GPU's work too
         ready_s = time.perf_counter() - start
         first = timed(lambda: decoder.generate(embeds, 1), 3)
         full = timed(lambda: decoder.generate(embeds, new_tokens), 3)

@@ -33,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_chat
 from bench_train import make_dataset  # noqa: E402
 from profiler_counts import kernel_launches, kernel_ms, sync_points  # noqa: E402
 
-from axolotl_minicpmv import MiniCPMV, MiniCPMVConfig, load_tokenizer  # noqa: E402
+from axolotl_minicpmv import MiniCPMV, load_tokenizer  # noqa: E402
 from axolotl_minicpmv.integration.collator import MiniCPMVDataCollator  # noqa: E402
 from axolotl_minicpmv.integration.compiled_layers import compile_decoder_layers  # noqa: E402
 from axolotl_minicpmv.integration.data import prepare_dataset_file  # noqa: E402
 from axolotl_minicpmv.integration.lora_targets import DEFAULT_TARGETS  # noqa: E402
 from axolotl_minicpmv.integration.prompt_strategy import MiniCPMVChatStrategy  # noqa: E402
-from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, _model_kwargs  # noqa: E402
+from axolotl_minicpmv.testing.tiny_checkpoint import official_config  # noqa: E402
 from axolotl_minicpmv.testing.tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def seed_batches(count: int) -> list[dict]:
 def lora_model():
     from peft import LoraConfig, get_peft_model
 
-    config = MiniCPMVConfig(**_model_kwargs(OFFICIAL_CONFIG))
+    config = official_config()
     config._attn_implementation = "sdpa"
     with torch.device("cuda"):
         model = MiniCPMV(config).to(torch.bfloat16)

@@ -121,6 +121,18 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, dtype: torch.dtype 
     return out
 
 
+# A trained decoder's weight scale (about 1/sqrt(hidden size)), for numerics checks at the real size. The config's
+# initializer_range of 0.1 makes every decoder layer amplify its input about fivefold at width 2,304: the random
+# network is chaotic, and bf16 rounding alone moves its gradients and logits by about their own size
+# (benchmarks/profiling/bf16_gradient_noise.py; benchmarks/RESULTS.md, 2026-12-07), so no bf16 path can be judged.
+TRAINED_DECODER_STD = 0.02
+
+
+def official_config(**overrides) -> MiniCPMVConfig:
+    """The official MiniCPM-V 2.0 config at its real sizes, with `overrides` (e.g. initializer_range)."""
+    return MiniCPMVConfig(**{**_model_kwargs(OFFICIAL_CONFIG), **overrides})
+
+
 def _model_kwargs(config_dict: dict) -> dict:
     return {
         k: v

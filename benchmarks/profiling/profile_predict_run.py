@@ -6,8 +6,9 @@ warm-up batch it traces --batches batches in the middle of a run with torch.prof
 the GPU's busy and idle time over the traced window, and the idle time split by what the model's thread was doing
 then (predict's steps, labelled for the trace: the batch's answers, moving inputs, vision + embedding, FastDecoder's
 prefill, the decoding loop, decoding the text, scoring; all of them run on the model's thread), with the longest
-gaps. The profiler slows launches somewhat, so the absolute idle time is an upper bound; the split is what this
-script is for.
+gaps, and the GPU's kernel time split by the step that launched each kernel (where the busy time goes: the model's
+thread only waits for the GPU in some steps, so its time per step says little). The profiler slows launches and
+traces each kernel inside a CUDA graph, so absolute times are upper bounds; the splits are what this script is for.
 
     python benchmarks/profiling/profile_predict_run.py [--batch-size 16] [--skip 3] [--batches 4]
 """
@@ -15,8 +16,10 @@ script is for.
 from __future__ import annotations
 
 import argparse
+import bisect
 import functools
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -94,6 +97,30 @@ def total(intervals) -> float:
     return sum(end - start for start, end in intervals)
 
 
+def inside(intervals: list[tuple[float, float]], t: float) -> bool:
+    """Whether `t` falls in one of the sorted, disjoint `intervals`."""
+    i = bisect.bisect_right(intervals, (t, math.inf)) - 1
+    return i >= 0 and intervals[i][0] <= t <= intervals[i][1]
+
+
+def kernel_ms_by_launching_step(events, steps: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+    """GPU kernel time split by the step whose thread launched each kernel (innermost step first), found through
+    the kernel's link to the CPU operation that launched it. Kernels run later than they are launched, so the split
+    by time above cannot say which step's work keeps the GPU busy; this one can."""
+    # frontend operations only: a runtime event's own id (CUPTI's correlation) may equal an operation's id
+    launched_at = {
+        e.id: e.time_range.start for e in events if e.device_type == torch.autograd.DeviceType.CPU and not e.linked_correlation_id
+    }
+    split = dict.fromkeys([*steps, OUTSIDE, "not linked to a launch"], 0.0)
+    for kernel in events:
+        if kernel.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        start = launched_at.get(getattr(kernel, "linked_correlation_id", None))
+        name = "not linked to a launch" if start is None else next((n for n, spans in steps.items() if inside(spans, start)), OUTSIDE)
+        split[name] += kernel.time_range.end - kernel.time_range.start
+    return {name: round(us / 1e3, 1) for name, us in split.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -151,6 +178,7 @@ def main() -> None:
                 "gpu_idle_ms": round(total(idle) / 1e3, 1),
                 "idle_ms_by_step": split,
                 "model_thread_ms_by_step": {name: round(total(steps[name]) / 1e3, 1) for name in STEPS},
+                "kernel_ms_by_launching_step": kernel_ms_by_launching_step(events, steps),
                 "longest_gaps": [
                     {"at_ms": round((start - window[0][0]) / 1e3, 1), "ms": round((end - start) / 1e3, 2), "during": where((start, end))}
                     for start, end in longest

@@ -77,23 +77,25 @@ def test_the_eager_step_reads_only_the_cache_window_that_holds_its_position(tiny
     current window is read (NaN written there after the first step changes no token; read by a step over the whole
     cache, it does)."""
     single = prompt[:1]
-    new = 256 - single.shape[1]  # positions up to 255: the windows of 128 and 256 positions
-    assert 128 - single.shape[1] > 0
+    block = fast_decoding.PREFILL_BLOCK
+    start = -(-single.shape[1] // block) * block  # a lone prompt is left-padded to whole blocks
+    new = 320 - start  # positions up to 319: the windows of 256 and 512 positions
+    assert 256 - start > 0
     reference = _generate(tiny_model, single, max_new_tokens=new, min_new_tokens=new, eos_token_id=None)
 
     def answer(first_window: int) -> torch.Tensor:
         monkeypatch.setattr(fast_decoding, "FIRST_WINDOW", first_window)
         decoder = FastDecoder(tiny_model, compile=False)
-        decoder.reserve(1, 512)
+        decoder.reserve(1, 1024)
 
         def poison(tokens):
             for layer in decoder._slot(1).cache.layers:
-                layer.keys[:, :, 256:] = float("nan")
-                layer.values[:, :, 256:] = float("nan")
+                layer.keys[:, :, 512:] = float("nan")
+                layer.values[:, :, 512:] = float("nan")
             return []
 
         tokens = decoder.generate(single, new, on_tokens=poison)
-        assert next(iter(decoder._slot(1).loops.values())).windows == fast_decoding.cache_windows(512)
+        assert next(iter(decoder._slot(1).loops.values())).windows == fast_decoding.cache_windows(1024)
         return tokens
 
     assert fast_decoding.cache_windows(512) == (512,)  # chat's usual answer: one window
@@ -105,7 +107,7 @@ def test_the_eager_step_reads_only_the_cache_window_that_holds_its_position(tiny
         kwargs = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None, "repetition_penalty": 1.2}
         reference_beams = tiny_model.generate(inputs_embeds=single, num_beams=3, max_new_tokens=new, **kwargs)
     assert torch.equal(beams, reference_beams)
-    assert not torch.equal(answer(first_window=512), reference)
+    assert not torch.equal(answer(first_window=1024), reference)
 
 
 def test_a_reserved_cache_serves_every_request_up_to_its_size(tiny_model, prompt):
@@ -602,3 +604,59 @@ def test_answers_whose_tokens_are_the_pad_id_keep_their_length(tiny_checkpoint_f
             model, processor, conversations, None, fast=fast, max_new_tokens=5, num_beams=1, on_tokens=lambda tokens: [1]
         )
         assert [a.token_ids for a in streamed] == [[0] * 5, [0]]  # row 1 ended at its first token
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2])
+def test_a_lone_prompt_left_padded_to_whole_blocks_gives_generates_tokens(tiny_model, prompt, cut):
+    """A lone prompt is left-padded to a multiple of PREFILL_BLOCK tokens (so that nearby lengths share a recorded
+    prefill on a GPU): greedy tokens stay generate's for prompts of three lengths, one of them a whole block."""
+    block = fast_decoding.PREFILL_BLOCK
+    single = prompt[:1, : block + 1 - cut]  # block + 1, block and block - 1 tokens
+    assert single.shape[1] == block + 1 - cut
+    ours = FastDecoder(tiny_model).generate(single, 16)
+    assert torch.equal(ours, _generate(tiny_model, single, max_new_tokens=16, min_new_tokens=16, eos_token_id=None))
+
+
+def test_a_lone_prompts_padding_never_grows_its_cache(tiny_model, prompt):
+    """The padding takes only the room left in the cache: a request that fits the reserved cache (a server's context)
+    is padded less and neither grows the cache nor changes its tokens."""
+    single = prompt[:1]
+    decoder = FastDecoder(tiny_model)
+    decoder.reserve(1, 256)
+    cache = decoder._slot(1).cache
+    new = 256 - single.shape[1] - 5  # room for 5 of the padding's tokens
+    assert -single.shape[1] % fast_decoding.PREFILL_BLOCK > 5
+    ours = decoder.generate(single, new)
+    assert decoder._slot(1).cache is cache and decoder._slot(1).key == (1, 256)
+    assert torch.equal(ours, _generate(tiny_model, single, max_new_tokens=new, min_new_tokens=new, eos_token_id=None))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_lone_prompts_prefill_on_a_gpu_replays_a_graph_with_generates_tokens(tiny_model, prompt, compile):
+    """On a GPU a lone prompt's prefill is recorded as a CUDA graph the second time its padded length comes and
+    replayed after, eager (chat()'s default) or compiled; a prompt one token shorter replays the same graph, and
+    every answer is generate's (float32)."""
+    import copy
+
+    model = copy.deepcopy(tiny_model).cuda()
+    single = prompt[:1].cuda()
+    shorter = single[:, 1:]
+    block = fast_decoding.PREFILL_BLOCK
+    assert -(-single.shape[1] // block) == -(-shorter.shape[1] // block)  # one padded length
+    decoder = FastDecoder(model, compile=compile)
+    for embeds, graphs in ((single, 0), (single, 1), (shorter, 1), (single, 1)):
+        ours = decoder.generate(embeds, 12)
+        with torch.inference_mode():
+            plain = model.generate(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"),
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=12,
+                min_new_tokens=12,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        assert torch.equal(ours.cpu(), plain.cpu())
+        assert len(decoder._slot(1).prefill_graphs.graphs) == graphs

@@ -44,6 +44,13 @@ STEP_COMPILE_OPTIONS = {"coordinate_descent_tuning": True, "freezing": True}
 # over all of them would read four times the keys and values of a 512-position one at every token.
 FIRST_WINDOW = 512
 
+# A lone prompt is left-padded to a multiple of PREFILL_BLOCK tokens, so that prompts of nearby lengths (one picture
+# size, other questions) share one recorded prefill graph (_PrefillGraphs). Its prefill is bound by the host
+# launching kernels (1,344x896, one H100: compiled 13-17 ms of wall for 6.8 ms of kernels, eager 33-41 for 11.8;
+# benchmarks/RESULTS.md 2026-11-27); at most 63 padding tokens cost far less than those launches.
+PREFILL_BLOCK = 64
+MAX_PREFILL_GRAPHS = 8
+
 
 def cache_windows(cache_len: int) -> tuple[int, ...]:
     """The windows a recorded step's graphs read: FIRST_WINDOW doubled up to, and ending with, `cache_len`."""
@@ -338,6 +345,46 @@ class _BeamLoop(_DecodeLoop):
         return out.masked_fill(torch.arange(out.shape[1], device=out.device) >= lengths[:, None], self.pad_token_id)
 
 
+class _PrefillGraphs:
+    """A lone prompt's prefill (`prefill`, compiled or eager) replayed from a CUDA graph per prompt length over
+    one cache. A length is recorded the second time it comes (recording costs a few prefills, so a one-off length
+    never pays for it); the last MAX_PREFILL_GRAPHS lengths are kept, their intermediates in one shared memory
+    pool (the graphs never run at the same time). Each replay starts from an empty cache: the recorded call
+    resets it, since its warm-up runs fill it too."""
+
+    def __init__(self, prefill: Callable, cache: StaticCache):
+        self.prefill, self.cache = prefill, cache
+        self.seen: set[int] = set()
+        self.graphs: OrderedDict = OrderedDict()  # length -> (graph, its static inputs, its logits)
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, llm, cache: StaticCache, inputs_embeds, position_ids, attention_mask) -> torch.Tensor:
+        length = inputs_embeds.shape[1]
+        if length not in self.graphs and length in self.seen:
+            self._record(llm, inputs_embeds, position_ids, attention_mask)
+        self.seen.add(length)
+        if length not in self.graphs:
+            return self.prefill(llm, cache, inputs_embeds, position_ids, attention_mask)
+        self.graphs.move_to_end(length)
+        graph, inputs, logits = self.graphs[length]
+        for static, given in zip(inputs, (inputs_embeds, position_ids, attention_mask)):
+            static.copy_(given)
+        graph.replay()
+        return logits
+
+    def _record(self, llm, inputs_embeds, position_ids, attention_mask) -> None:
+        inputs = tuple(t.clone() for t in (inputs_embeds, position_ids, attention_mask))
+
+        def prefill():
+            self.cache.reset()
+            return self.prefill(llm, self.cache, *inputs)
+
+        graph, logits = record_cuda_graph(prefill, warmup_runs=2, pool=self.pool)
+        self.graphs[inputs_embeds.shape[1]] = (graph, inputs, logits)
+        if len(self.graphs) > MAX_PREFILL_GRAPHS:
+            self.graphs.popitem(last=False)
+
+
 @dataclass
 class _CacheSlot:
     """A `StaticCache` kept for reuse, its (batch, length), the decoding step its loops run and the loops."""
@@ -347,6 +394,7 @@ class _CacheSlot:
     cache: StaticCache | None = None
     key: tuple[int, int] | None = None
     loops: OrderedDict = field(default_factory=OrderedDict)  # settings -> _DecodeLoop, least recently used first
+    prefill_graphs: _PrefillGraphs | None = None  # a lone prompt's recorded prefills over this cache (on a GPU)
 
 
 class FastDecoder:
@@ -430,12 +478,14 @@ class FastDecoder:
             # The loops' graphs point into the old cache: free both before allocating. If the new one does not
             # fit (out of memory), nothing is kept, and the next request gets a cache of its own size.
             slot.loops.clear()
-            slot.cache, slot.key = None, None
+            slot.cache, slot.key, slot.prefill_graphs = None, None, None
             config = self.model.config
             cache = StaticCache(config=config, max_cache_len=cache_len)
             # Allocated now, outside any graph capture (it is otherwise allocated by its first update).
             cache.early_initialization(batch, config.num_key_value_heads, config.head_dim, self.model.dtype, self.model.device)
             slot.cache, slot.key = cache, (batch, cache_len)
+            if self.on_gpu and slot is self._single:
+                slot.prefill_graphs = _PrefillGraphs(self._prefill, cache)
 
     def _loop_for(self, batch: int, length: int, settings: tuple, make_loop) -> _DecodeLoop:
         slot = self._slot(batch)
@@ -495,10 +545,18 @@ class FastDecoder:
     def _prefilled_loop(
         self, inputs_embeds, attention_mask, max_new_tokens: int, min_new_tokens: int, settings: tuple, make_loop
     ) -> _DecodeLoop:
-        """The loop for these settings (its graph captured on first use), started and fed the prompt's logits."""
+        """The loop for these settings (its graph captured on first use), started and fed the prompt's logits. A
+        lone prompt is left-padded to a multiple of PREFILL_BLOCK tokens where its cache has the room (on a GPU its
+        prefill replays a graph)."""
         rows, prompt_len, _ = inputs_embeds.shape
         loop = self._loop_for(rows, prompt_len + max_new_tokens, settings, make_loop)
         cache_rows, cache_len = self._slot(rows).key
+        # The padding takes only room the cache has: a cache sized for the largest request (a server's context)
+        # must not grow, and compile, for a padded one.
+        pad = min(-prompt_len % PREFILL_BLOCK, cache_len - prompt_len - max_new_tokens) if rows == 1 else 0
+        if pad:
+            inputs_embeds = torch.nn.functional.pad(inputs_embeds, (0, 0, pad, 0))
+            attention_mask = torch.nn.functional.pad(attention_mask, (pad, 0))
         if self.on_gpu and not loop.graphs and max_new_tokens > 1:  # a first token alone needs no graph
             if self.compiled:
                 logger.warning(f"FastDecoder: compiling the decoding step for batch {cache_rows}, cache {cache_len} (once; about a minute)")
@@ -511,7 +569,8 @@ class FastDecoder:
         loop.start(attention_mask, max_new_tokens, min_new_tokens)
         # generate()'s prefill positions: counted over attended tokens, 1 under padding (never attended).
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        loop.advance(self._prefill(self.model.llm, loop.cache, inputs_embeds, position_ids, loop.padding))
+        prefill = self._slot(rows).prefill_graphs or self._prefill
+        loop.advance(prefill(self.model.llm, loop.cache, inputs_embeds, position_ids, loop.padding))
         return loop
 
     @torch.inference_mode()

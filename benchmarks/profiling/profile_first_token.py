@@ -2,7 +2,8 @@
 
 Times the CPU stages (slicing and its bicubic resizes, pixels, prompt ids), then the vision tower +
 resampler eager, with compiled blocks, and with compiled blocks replayed from CUDA graphs (what
-`chat(fast=True)` runs), and the decoder prefill eager and compiled: wall time (synchronised), host time
+`chat(fast=True)` runs), and the decoder prefill eager, compiled, and compiled replayed from a CUDA graph (what a
+lone `chat(fast=True)` prompt runs from its length's second request on): wall time (synchronised), host time
 until the call returns (dispatch), and how far each result is from the eager one. When dispatch is close
 to the wall time and the kernel time (the footer of each stage's torch.profiler table) is well below it,
 the stage is bound by the host CPU launching kernels. Then `chat()` and `chat(fast=True)` time to first
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_chat
 from bench_chat import QUESTION, bench_model, picture, timed  # noqa: E402
 from profiler_counts import kernel_launches, sync_points  # noqa: E402
 
+from axolotl_minicpmv.inference.fast_decoding import _PrefillGraphs  # noqa: E402
 from axolotl_minicpmv.inference.fast_vision import image_encoder  # noqa: E402
 from axolotl_minicpmv.model.image_processing_minicpmv import MiniCPMVImageProcessor, group_by_size  # noqa: E402
 from axolotl_minicpmv.model.processing_minicpmv import image_bounds  # noqa: E402
@@ -100,6 +102,9 @@ def main() -> None:
         eager_logits = model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1).logits[:, -1]
         cache.reset()
         compiled_logits = model._fast_decoder._prefill(model.llm, cache, embeds, positions, padding)
+        graphed_prefill = _PrefillGraphs(model._fast_decoder._prefill, cache)  # what a lone chat() prompt replays
+        for _ in range(2):  # the second call records
+            graphed_logits = graphed_prefill(model.llm, cache, embeds, positions, padding).clone()
         print(
             json.dumps(
                 {
@@ -108,6 +113,7 @@ def main() -> None:
                     "vision_graphed_equals_compiled": all(torch.equal(g, c) for g, c in zip(graphed_features, compiled_features)),
                     "prefill_compiled_max_abs_logit_diff": float((compiled_logits - eager_logits).abs().max()),
                     "prefill_argmax_equal": bool(torch.equal(compiled_logits.argmax(-1), eager_logits.argmax(-1))),
+                    "prefill_graphed_equals_compiled": bool(torch.equal(graphed_logits, compiled_logits)),
                 }
             ),
             flush=True,
@@ -118,6 +124,7 @@ def main() -> None:
             "vision_graphed": lambda: [model._fast_encode_images(g) for g in groups],
             "prefill_eager": lambda: model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1),
             "prefill_compiled": lambda: (cache.reset(), model._fast_decoder._prefill(model.llm, cache, embeds, positions, padding)),
+            "prefill_graphed": lambda: graphed_prefill(model.llm, cache, embeds, positions, padding),
         }
         row = {}
         for name, fn in stages.items():

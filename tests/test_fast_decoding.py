@@ -29,13 +29,13 @@ def prompt(tiny_model, tiny_tokenizer):
         return tiny_model.embed_inputs(ids, pixels, order, bound)
 
 
-def _generate(model, embeds, **kwargs):
+def _generate(model, embeds, num_beams: int = 1, **kwargs):
     with torch.inference_mode():
         return model.generate(
             inputs_embeds=embeds,
-            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
             do_sample=False,
-            num_beams=1,
+            num_beams=num_beams,
             pad_token_id=0,
             **kwargs,
         )
@@ -521,17 +521,7 @@ def test_beam_search_on_a_gpu_gives_generates_beams(tiny_model, prompt):
     model = copy.deepcopy(tiny_model).cuda()
     embeds = prompt.cuda()
     ours = FastDecoder(model).beam_search(embeds, 24, 3, repetition_penalty=1.2).cpu()
-    with torch.inference_mode():
-        theirs = model.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"),
-            do_sample=False,
-            num_beams=3,
-            pad_token_id=0,
-            max_new_tokens=24,
-            eos_token_id=None,
-            repetition_penalty=1.2,
-        ).cpu()
+    theirs = _generate(model, embeds, num_beams=3, max_new_tokens=24, eos_token_id=None, repetition_penalty=1.2).cpu()
     assert torch.equal(ours, theirs)
 
 
@@ -647,16 +637,6 @@ def test_a_lone_prompts_prefill_on_a_gpu_replays_a_graph_with_generates_tokens(t
     decoder = FastDecoder(model, compile=compile)
     for embeds, graphs in ((single, 0), (single, 1), (shorter, 1), (single, 1)):
         ours = decoder.generate(embeds, 12)
-        with torch.inference_mode():
-            plain = model.generate(
-                inputs_embeds=embeds,
-                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"),
-                do_sample=False,
-                num_beams=1,
-                max_new_tokens=12,
-                min_new_tokens=12,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
+        plain = _generate(model, embeds, max_new_tokens=12, min_new_tokens=12, eos_token_id=None)
         assert torch.equal(ours.cpu(), plain.cpu())
         assert len(decoder._slot(1).prefill_graphs.graphs) == graphs

@@ -159,11 +159,12 @@ def plain_generate(model, embeds, attention_mask, stop, **kwargs):
 def eager_attention_generate(model, embeds, attention_mask, stop):
     """`generate` with the attention written out (matmul, softmax, matmul) instead of SDPA's kernel: a second plain
     path, whose agreement with the first is what bf16 rounding alone leaves (the control of the prompt set)."""
+    shipped = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
         return plain_generate(model, embeds, attention_mask, stop)
     finally:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(shipped)
 
 
 def prompt_set(model, processor, decoders: dict, stop) -> dict:
@@ -196,7 +197,12 @@ def prompt_set(model, processor, decoders: dict, stop) -> dict:
                     "bf16_spacing": spacing,
                 }
             )
-    return {"prompt_set": len(PROMPT_SET), "prompt_set_agree_64": agree, "prompt_set_partings": partings}
+    return {
+        "prompt_set": len(PROMPT_SET),
+        "plain_attention": model.config._attn_implementation,  # the control's other side is "eager"
+        "prompt_set_agree_64": agree,
+        "prompt_set_partings": partings,
+    }
 
 
 def check(name: str, tokenizer, stop: dict) -> None:

@@ -115,7 +115,7 @@ def kernel_ms_by_launching_step(events, steps: dict[str, list[tuple[float, float
     for kernel in events:
         if kernel.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        start = launched_at.get(getattr(kernel, "linked_correlation_id", None))
+        start = launched_at.get(kernel.linked_correlation_id)
         name = "not linked to a launch" if start is None else next((n for n, spans in steps.items() if inside(spans, start)), OUTSIDE)
         split[name] += kernel.time_range.end - kernel.time_range.start
     return {name: round(us / 1e3, 1) for name, us in split.items()}

@@ -349,8 +349,8 @@ class _PrefillGraphs:
     """A lone prompt's prefill (`prefill`, compiled or eager) replayed from a CUDA graph per prompt length over
     one cache. A length is recorded the second time it comes (recording costs a few prefills, so a one-off length
     never pays for it); the last MAX_PREFILL_GRAPHS lengths are kept, their intermediates in one shared memory
-    pool (the graphs never run at the same time). Each replay starts from an empty cache: the recorded call
-    resets it, since its warm-up runs fill it too."""
+    pool (the graphs never run at the same time). Like the direct prefill, a replay expects the cache reset
+    (`_DecodeLoop.start`); the warm-up runs before a recording each reset it themselves, and leave it reset."""
 
     def __init__(self, prefill: Callable, cache: StaticCache):
         self.prefill, self.cache = prefill, cache
@@ -376,10 +376,12 @@ class _PrefillGraphs:
         inputs = tuple(t.clone() for t in (inputs_embeds, position_ids, attention_mask))
 
         def prefill():
-            self.cache.reset()
+            if not torch.cuda.is_current_stream_capturing():  # a warm-up run: each fills the cache from the start
+                self.cache.reset()
             return self.prefill(llm, self.cache, *inputs)
 
         graph, logits = record_cuda_graph(prefill, warmup_runs=2, pool=self.pool)
+        self.cache.reset()  # the warm-ups filled it; the replay that follows starts from empty, as the caller left it
         self.graphs[inputs_embeds.shape[1]] = (graph, inputs, logits)
         if len(self.graphs) > MAX_PREFILL_GRAPHS:
             self.graphs.popitem(last=False)

@@ -103,9 +103,7 @@ def test_the_eager_step_reads_only_the_cache_window_that_holds_its_position(tiny
     assert fast_decoding.cache_windows(512) == (16, 32, 64, 128, 256, 512)
     # Beam search (chat's sampling=False) reorders only the window's positions of its cache rows: generate's beams.
     beams = FastDecoder(tiny_model, compile=False).beam_search(single, new, 3, repetition_penalty=1.2)
-    with torch.inference_mode():
-        kwargs = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None, "repetition_penalty": 1.2}
-        reference_beams = tiny_model.generate(inputs_embeds=single, num_beams=3, max_new_tokens=new, **kwargs)
+    reference_beams = _generate(tiny_model, single, num_beams=3, max_new_tokens=new, eos_token_id=None, repetition_penalty=1.2)
     assert torch.equal(beams, reference_beams)
     assert not torch.equal(answer(first_window=1024), reference)
 

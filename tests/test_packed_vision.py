@@ -66,18 +66,24 @@ def test_the_cpu_path_does_not_pack():
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="flash attention's variable-length kernel needs a GPU (run on the device machine)"
 )
-def test_a_gpu_bf16_model_packs_and_matches_the_per_size_passes():
-    peft_model = tiny_model("cuda", torch.bfloat16)
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-weights", "float32-weights-under-bf16-autocast"])
+def test_a_gpu_bf16_model_packs_and_matches_the_per_size_passes(autocast):
+    # autocast: how a run without DeepSpeed trains the tower (integration/precision.py)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    peft_model = tiny_model("cuda", dtype)
     model = peft_model.base_model.model
     trained = [p for p in model.vpm.parameters() if p.requires_grad]
-    pixels = stacks(torch.bfloat16, "cuda")
+    pixels = stacks(dtype, "cuda")
 
     def features_and_grads():
-        features = model.get_image_features(pixels)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            features = model.get_image_features(pixels)
         grads = torch.autograd.grad(features.float().square().mean(), trained)
         return features.detach().float(), torch.cat([g.float().flatten() for g in grads])
 
-    assert model.can_pack_images(pixels)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        assert model.can_pack_images(pixels)
+    assert model.can_pack_images(pixels) != autocast  # float32 weights outside autocast: no 16-bit kernel
     packed, packed_grads = features_and_grads()
     model.vision_block = None  # the per-size passes
     assert not model.can_pack_images(pixels)

@@ -7,6 +7,9 @@ The answers are `minicpmv-predict`'s (integration/predict.py: the last assistant
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import pyarrow.parquet as pq
 from axolotl.utils.logging import get_logger
 from transformers import TrainerCallback
@@ -25,8 +28,11 @@ class EvalGenerateCallback(TrainerCallback):
     It must run before the loggers' callbacks (the printer, tensorboard, wandb): `add_eval_generate` puts it first.
     """
 
-    def __init__(self, requests, processor: MiniCPMVProcessor, max_new_tokens: int, batch_size: int):
+    def __init__(
+        self, requests, processor: MiniCPMVProcessor, max_new_tokens: int, batch_size: int, autocast: Callable = contextlib.nullcontext
+    ):
         self.requests = requests
+        self.autocast = autocast  # the trainer's mixed precision: a run without DeepSpeed trains float32 weights (precision.py)
         self.processor = processor
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
@@ -36,17 +42,18 @@ class EvalGenerateCallback(TrainerCallback):
             return
         # generate(), not FastDecoder: its compiled step holds the weights of the moment it was compiled
         # (and would compile again for minutes), while training changes them between evaluations.
-        rows = list(
-            predict(
-                model,
-                self.processor,
-                self.requests,
-                batch_size=self.batch_size,
-                max_new_tokens=self.max_new_tokens,
-                metrics=METRICS,
-                fast=False,
+        with self.autocast():
+            rows = list(
+                predict(
+                    model,
+                    self.processor,
+                    self.requests,
+                    batch_size=self.batch_size,
+                    max_new_tokens=self.max_new_tokens,
+                    metrics=METRICS,
+                    fast=False,
+                )
             )
-        )
         ok = [row for row in rows if not row["error"]]
         for row in rows:
             if row["error"]:
@@ -87,6 +94,7 @@ def add_eval_generate(cfg, trainer) -> EvalGenerateCallback | None:
         processor,
         max_new_tokens=min(256, longest + 16),
         batch_size=cfg_value(cfg, "eval_batch_size") or cfg_value(cfg, "micro_batch_size") or 1,
+        autocast=trainer.accelerator.autocast,
     )
     trainer.callback_handler.callbacks.insert(0, callback)
     LOG.info(f"minicpmv_eval_generate: greedy answers for {len(requests)} eval samples at each evaluation (eval_exact, eval_rouge_l)")

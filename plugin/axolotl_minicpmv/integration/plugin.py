@@ -75,6 +75,9 @@ class MiniCPMVPlugin(BasePlugin):
             from .zero3 import prepare_for_zero3
 
             prepare_for_zero3(model)
+        from .precision import keep_trained_weights_float32
+
+        keep_trained_weights_float32(cfg, model)
         if cfg.minicpmv_compile_layers:
             from .compiled_layers import compile_decoder_layers
 

@@ -42,12 +42,14 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 
 def packs(tower: nn.Module, pixels: torch.Tensor) -> bool:
     """Whether `varlen_attention` can run this tower's blocks on `pixels`' device and dtype (timm ViT blocks
-    without attention dropout or gating; flash attention: CUDA, 16-bit, head size a multiple of 8 up to 256)."""
+    without attention dropout or gating; flash attention: CUDA, 16-bit, head size a multiple of 8 up to 256). The
+    dtype is autocast's where it runs (float32 weights trained in mixed precision compute in 16 bits)."""
     attn = tower.blocks[0].attn
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else tower.pos_embed.dtype
     return (
         varlen_attn is not None
         and pixels.is_cuda
-        and tower.pos_embed.dtype in (torch.float16, torch.bfloat16)
+        and dtype in (torch.float16, torch.bfloat16)
         and attn.head_dim % 8 == 0
         and attn.head_dim <= 256
         and getattr(attn, "gate", None) is None

@@ -9,19 +9,22 @@ images of four sizes), once per setting on the same weights:
     packed      the tower run once over all sizes' patches (flash varlen attention; the GPU default), bf16
     checkpoint  packed + gradient checkpointing (configs/minicpmv_lora_24gb.yml), bf16
     compiled    packed + decoder layers compiled in place (minicpmv_compile_layers), bf16
+    amp         packed, the trained modules' weights float32 under bf16 autocast (a run without DeepSpeed:
+                integration/precision.py); compared with float32, whose trajectory it should follow
 
 For each bf16 setting and step: the loss difference from bf16 eager and, for each trained part (vision tower,
 resampler, embeddings, LoRA factors), the relative L2 difference of its gradients. Tolerance, stated in the
 output: a setting passes when at every step each part's gradients stay within twice bf16 eager's own distance
 from float32 at the first step (it changes them no more than bf16 rounding already does) and its loss within
-1e-4 of bf16 eager's, relative. Only the first step compares float32 and bf16 on the same weights: the bf16 runs
-train bf16 weights directly, whose AdamW updates (lr 1e-5) are mostly below bf16's resolution, so from the second
+1e-4 of bf16 eager's, relative (amp, compared with float32: at every step its loss and each part's gradients
+within twice bf16 eager's distance from float32 at that step). Only the first step compares float32 and bf16 on
+the same weights: the bf16 runs train bf16 weights directly, whose AdamW updates (lr 1e-5) are mostly below bf16's resolution, so from the second
 step on the float32 run is on another trajectory (2026-12-07: its gradients 0.9-2.2 apart from bf16's at steps 2
 and 3, against 0.012-0.028 at step 1), while the bf16 settings share bf16 eager's. One JSON line. The decoder's
 random weights use a trained model's scale (TRAINED_DECODER_STD): with the config's initializer_range, bf16
 gradients at the real width were rounding noise (benchmarks/RESULTS.md, 2026-12-06).
 
-    python benchmarks/gpu_checks/check_train_numerics.py [--settings packed checkpoint compiled]
+    python benchmarks/gpu_checks/check_train_numerics.py [--settings packed checkpoint compiled amp]
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugin"))
 
 from axolotl_minicpmv.integration.compiled_layers import compile_decoder_layers  # noqa: E402
 from axolotl_minicpmv.integration.lora_targets import DEFAULT_TARGETS  # noqa: E402
+from axolotl_minicpmv.integration.precision import keep_trained_weights_float32  # noqa: E402
 from axolotl_minicpmv.model.processing_minicpmv import move_inputs  # noqa: E402
 from axolotl_minicpmv.testing.tiny_checkpoint import OFFICIAL_CONFIG, TRAINED_DECODER_STD, official_config  # noqa: E402
 from axolotl_minicpmv.testing.training_steps import recipe_lora_model, synthetic_batch, train_steps  # noqa: E402
@@ -58,6 +62,8 @@ def prepare(model: torch.nn.Module, setting: str) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif setting == "compiled":
         compile_decoder_layers(model)
+    elif setting == "amp":
+        keep_trained_weights_float32({"adapter": "lora", "bf16": True}, model)
 
 
 def run(setting: str, dtype: torch.dtype, batches: list[dict]) -> tuple[list, float]:
@@ -65,7 +71,8 @@ def run(setting: str, dtype: torch.dtype, batches: list[dict]) -> tuple[list, fl
     model = recipe_lora_model(config, DEFAULT_TARGETS, device="cuda", dtype=dtype, lora_r=64)
     prepare(model, setting)
     start = time.perf_counter()
-    steps = train_steps(model, batches, lr=LR)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=setting == "amp"):
+        steps = train_steps(model, batches, lr=LR)
     torch.cuda.synchronize()
     del model
     torch.cuda.empty_cache()
@@ -104,9 +111,19 @@ def within(diffs, rounding) -> bool:
     )
 
 
+def follows_float32(diffs, rounding) -> bool:
+    """Every step: the loss and each part's gradients within twice bf16 eager's distance from float32 at that step."""
+    return all(
+        d["loss_diff"] <= 2 * r["loss_diff"] and all(d["grad_rel"][part] <= 2 * r["grad_rel"][part] for part in PARTS)
+        for d, r in zip(diffs, rounding, strict=True)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", default=["packed", "checkpoint", "compiled"], choices=["packed", "checkpoint", "compiled"])
+    parser.add_argument(
+        "--settings", nargs="+", default=["packed", "checkpoint", "compiled", "amp"], choices=["packed", "checkpoint", "compiled", "amp"]
+    )
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 yardstick in true float32
     vocab, queries = OFFICIAL_CONFIG["vocab_size"], OFFICIAL_CONFIG["query_num"]
@@ -118,6 +135,10 @@ def main() -> None:
     reference, _ = run("eager", torch.float32, batches[torch.float32])
     eager, eager_s = run("eager", torch.bfloat16, batches[torch.bfloat16])
     bf16_rounding = distance(eager, reference)
+    if "amp" in args.settings:  # compared with float32, so before its gradients are freed
+        amp_steps, amp_s = run("amp", torch.bfloat16, batches[torch.bfloat16])
+        amp = {"vs_float32": distance(amp_steps, reference), "seconds_incl_compilation": round(amp_s, 1)}
+        amp["passed"], amp_steps = follows_float32(amp["vs_float32"], bf16_rounding), None
     reference = None  # frees the float32 gradients
     result = {
         "check": "train_numerics",
@@ -126,12 +147,16 @@ def main() -> None:
         "lr": LR,
         "batches": BATCHES,
         "tolerance": "each step: each part's relative gradient difference from bf16 eager <= 2x bf16 eager's own from float32 at "
-        f"step 1; loss within {LOSS_RTOL} of bf16 eager's, relative",
+        f"step 1; loss within {LOSS_RTOL} of bf16 eager's, relative; amp: its loss and gradients' distances from float32 <= 2x bf16 "
+        "eager's at each step",
         "eager_bf16_vs_float32": bf16_rounding,
         "eager_bf16_seconds": round(eager_s, 1),
         "settings": {},
     }
     for setting in args.settings:
+        if setting == "amp":
+            result["settings"]["amp"] = amp
+            continue
         steps, seconds = run(setting, torch.bfloat16, batches[torch.bfloat16])
         diffs = distance(steps, eager)
         result["settings"][setting] = {

@@ -10,19 +10,24 @@ images of four sizes), once per setting on the same weights:
     checkpoint  packed + gradient checkpointing (configs/minicpmv_lora_24gb.yml), bf16
     compiled    packed + decoder layers compiled in place (minicpmv_compile_layers), bf16
     amp         packed, the trained modules' weights float32 under bf16 autocast (a run without DeepSpeed:
-                integration/precision.py); compared with float32, whose trajectory it should follow
+                integration/precision.py); compared with float32
 
 For each bf16 setting and step: the loss difference from bf16 eager and, for each trained part (vision tower,
 resampler, embeddings, LoRA factors), the relative L2 difference of its gradients. Tolerance, stated in the
 output: a setting passes when at every step each part's gradients stay within twice bf16 eager's own distance
 from float32 at the first step (it changes them no more than bf16 rounding already does) and its loss within
-1e-4 of bf16 eager's, relative (amp, compared with float32: at every step its loss and each part's gradients
-within twice bf16 eager's distance from float32 at that step). Only the first step compares float32 and bf16 on
-the same weights: the bf16 runs train bf16 weights directly, whose AdamW updates (lr 1e-5) are mostly below bf16's resolution, so from the second
-step on the float32 run is on another trajectory (2026-12-07: its gradients 0.9-2.2 apart from bf16's at steps 2
-and 3, against 0.012-0.028 at step 1), while the bf16 settings share bf16 eager's. One JSON line. The decoder's
-random weights use a trained model's scale (TRAINED_DECODER_STD): with the config's initializer_range, bf16
-gradients at the real width were rounding noise (benchmarks/RESULTS.md, 2026-12-06).
+1e-4 of bf16 eager's, relative. Only the first step compares float32 and bf16 on the same weights: the bf16 runs
+train bf16 weights directly, whose AdamW updates (lr 1e-5) are mostly below bf16's resolution, so from the
+second step on the float32 run is on another trajectory (2026-12-08: its gradients 0.9-2.2 apart from bf16's at
+steps 2 and 3, against 0.012-0.028 at step 1), while the bf16 settings share bf16 eager's.
+
+amp is judged at its first step, against float32: its gradients within twice bf16 eager's distance, its loss
+within 1e-4. Later its float32 weights carry updates that its bf16 compute sees only where they cross a bf16
+rounding step (as under DeepSpeed's float32 master weights), so its trajectory lies between float32's and bf16
+eager's (2026-12-08: step-3 loss 11.397 against 11.245 and 11.515).
+
+One JSON line. The decoder's random weights use a trained model's scale (TRAINED_DECODER_STD): with the config's
+initializer_range, bf16 gradients at the real width were rounding noise (benchmarks/RESULTS.md, 2026-12-06).
 
     python benchmarks/gpu_checks/check_train_numerics.py [--settings packed checkpoint compiled amp]
 """
@@ -111,12 +116,11 @@ def within(diffs, rounding) -> bool:
     )
 
 
-def follows_float32(diffs, rounding) -> bool:
-    """Every step: the loss and each part's gradients within twice bf16 eager's distance from float32 at that step."""
-    return all(
-        d["loss_diff"] <= 2 * r["loss_diff"] and all(d["grad_rel"][part] <= 2 * r["grad_rel"][part] for part in PARTS)
-        for d, r in zip(diffs, rounding, strict=True)
-    )
+def matches_float32_at_step_1(diffs, rounding) -> bool:
+    """amp's first step (the one on float32's weights): each part's gradients within twice bf16 eager's distance from
+    float32, and the loss within LOSS_RTOL of float32's, relative."""
+    d, r = diffs[0], rounding[0]
+    return d["loss_diff"] <= LOSS_RTOL * abs(d["loss"]) and all(d["grad_rel"][part] <= 2 * r["grad_rel"][part] for part in PARTS)
 
 
 def main() -> None:
@@ -138,7 +142,7 @@ def main() -> None:
     if "amp" in args.settings:  # compared with float32, so before its gradients are freed
         amp_steps, amp_s = run("amp", torch.bfloat16, batches[torch.bfloat16])
         amp = {"vs_float32": distance(amp_steps, reference), "seconds_incl_compilation": round(amp_s, 1)}
-        amp["passed"], amp_steps = follows_float32(amp["vs_float32"], bf16_rounding), None
+        amp["passed"], amp_steps = matches_float32_at_step_1(amp["vs_float32"], bf16_rounding), None
     reference = None  # frees the float32 gradients
     result = {
         "check": "train_numerics",
@@ -147,8 +151,8 @@ def main() -> None:
         "lr": LR,
         "batches": BATCHES,
         "tolerance": "each step: each part's relative gradient difference from bf16 eager <= 2x bf16 eager's own from float32 at "
-        f"step 1; loss within {LOSS_RTOL} of bf16 eager's, relative; amp: its loss and gradients' distances from float32 <= 2x bf16 "
-        "eager's at each step",
+        f"step 1; loss within {LOSS_RTOL} of bf16 eager's, relative; amp, at step 1 against float32: gradients <= 2x bf16 eager's "
+        "distance, loss within LOSS_RTOL",
         "eager_bf16_vs_float32": bf16_rounding,
         "eager_bf16_seconds": round(eager_s, 1),
         "settings": {},

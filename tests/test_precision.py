@@ -6,6 +6,8 @@
 - Why: one AdamW step at the recipe's lr 1e-6 under bf16 autocast moves every float32 weight of the tower, while
   bf16 weights round almost all of those updates away.
 - `minicpmv_eval_generate` answers under the trainer's autocast, which such a mixed-dtype model needs.
+- The adapter such a run saves (float32 copies of the trained modules) loads into a bf16 model, merged or not, as
+  the bf16 rounding of the trained weights.
 """
 
 from __future__ import annotations
@@ -136,3 +138,29 @@ def test_eval_generate_answers_under_the_trainers_autocast(tiny_checkpoint, tiny
     assert answered["bf16"] == "2"
     # the control: float32 embeddings feeding the bf16 decoder outside autocast fail every row
     assert answered["none"] == "0"
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_an_adapter_with_float32_trained_modules_loads_into_a_bf16_model(tiny_checkpoint, tmp_path, merge):
+    from peft import LoraConfig, get_peft_model
+
+    from axolotl_minicpmv.weights.adapters import apply_adapter
+
+    trained = get_peft_model(
+        MiniCPMV.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16),
+        LoraConfig(r=8, target_modules=DEFAULT_TARGETS, modules_to_save=FULLY_TRAINED),
+    )
+    keep_trained_weights_float32({"adapter": "lora", "bf16": True}, trained)
+    tower = trained.base_model.model.vpm.modules_to_save["default"]
+    with torch.no_grad():
+        for param in tower.parameters():
+            param.add_(1e-3 * torch.randn_like(param))  # a float32 update, as training leaves it
+    trained.save_pretrained(tmp_path / "adapter")
+    expected = {name: p.detach().to(torch.bfloat16) for name, p in tower.named_parameters()}
+
+    loaded = apply_adapter(MiniCPMV.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16), tmp_path / "adapter", merge=merge)
+    model = loaded if merge else loaded.base_model.model
+    vpm = model.vpm if merge else model.vpm.modules_to_save["default"]
+    for name, param in vpm.named_parameters():
+        assert param.dtype == torch.bfloat16, name
+        assert torch.equal(param.detach(), expected[name]), name

@@ -28,7 +28,7 @@ def keep_trained_weights_float32(cfg, model: torch.nn.Module) -> int:
     if cfg_value(cfg, "deepspeed") or cfg_value(cfg, "fsdp_config") or cfg_value(cfg, "fsdp"):
         return 0  # DeepSpeed keeps float32 master weights; FSDP's mixed precision manages the dtypes itself
     if not (cfg_value(cfg, "bf16") is True or cfg_value(cfg, "fp16") is True):
-        return 0  # float32 training: nothing is 16-bit to begin with
+        return 0  # no autocast would compute float32 weights in 16 bits
     for _, param in half_trained:
         param.data = param.data.float()
     count = sum(p.numel() for _, p in half_trained)

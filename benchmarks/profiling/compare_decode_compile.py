@@ -9,7 +9,7 @@ over --new-tokens new tokens (256 by default; FastDecoder: static cache + CUDA g
 greedy tokens, then a torch.profiler pass over 10 un-graphed steps: GPU kernel time and kernels per step and the 14
 kernels that take the most time. Measured 2026-11-25 (unfused): coordinate-descent tuning alone 277.7 tokens/s, with freezing 302.7.
 
-    python benchmarks/profiling/compare_decode_compile.py [--variants shipped sparse unfused unpadded combo recorded recorded_unfused] [--batches 1 8] [--new-tokens 256]
+    python benchmarks/profiling/compare_decode_compile.py [--variants shipped sparse unfused unpadded combo autotune recorded recorded_unfused] [--batches 1 8] [--new-tokens 256]
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ VARIANTS = {
     "cdt": ({"coordinate_descent_tuning": True}, "all", False),
     "combo": ({**SHIPPED, "combo_kernels": True}, "all", False),
     "aggressive": ({**SHIPPED, "aggressive_fusion": True}, "all", False),
+    # inductor benchmarks Triton templates against cuBLAS for each product (batch 8's GEMMs have 8 rows; minutes more compilation)
+    "autotune": ({**SHIPPED, "max_autotune": True, "max_autotune_gemm_backends": "TRITON,ATEN"}, "all", False),
     "recorded": (None, "all", False),
     "recorded_unfused": (None, "none", False),
 }

@@ -84,7 +84,7 @@ def test_only_a_run_without_deepspeed_gets_float32_weights_for_the_fully_trained
     for part in trained:
         assert loaded["bf16"][part] == ["float32"], (part, loaded["bf16"])
         assert loaded["zero2"][part] == ["bfloat16"]
-    assert loaded["bf16"]["frozen"] == ["bfloat16"] and loaded["bf16"]["lora"] == ["float32"]  # the decoder is not copied
+    assert loaded["bf16"]["frozen"] == ["bfloat16"] and loaded["bf16"]["lora"] == ["float32"]  # the frozen decoder stays bf16
     assert "trained parameters (llm.model.embed_tokens, resampler, vpm) kept in float32" in logs["bf16"]
     assert "kept in float32" not in logs["zero2"]
 

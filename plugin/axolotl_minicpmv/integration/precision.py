@@ -22,13 +22,15 @@ HALF = (torch.bfloat16, torch.float16)
 def keep_trained_weights_float32(cfg, model: torch.nn.Module) -> int:
     """Cast the 16-bit trainable weights of an adapter run to float32 when the trainer runs autocast without
     DeepSpeed or FSDP (see the module doc); returns how many parameters were cast."""
-    half_trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad and p.dtype in HALF]
-    if not half_trained or cfg_value(cfg, "adapter") not in ("lora", "qlora"):
+    if cfg_value(cfg, "adapter") not in ("lora", "qlora"):
         return 0
     if cfg_value(cfg, "deepspeed") or cfg_value(cfg, "fsdp_config") or cfg_value(cfg, "fsdp"):
         return 0  # DeepSpeed keeps float32 master weights; FSDP's mixed precision manages the dtypes itself
     if not (cfg_value(cfg, "bf16") is True or cfg_value(cfg, "fp16") is True):
         return 0  # no autocast would compute float32 weights in 16 bits
+    half_trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad and p.dtype in HALF]
+    if not half_trained:
+        return 0
     for _, param in half_trained:
         param.data = param.data.float()
     count = sum(p.numel() for _, p in half_trained)

@@ -88,6 +88,12 @@ def training_flops(model_dir: Path, data: Path, cfg: dict) -> dict[str, float]:
     return dataset_flops(shape, processor, json.loads(data.read_text()), lambda path: load_image(data.parent / path))
 
 
+def accelerate_train(config: Path, num_processes: int) -> list[str]:
+    """`accelerate launch` of Axolotl's train CLI on `num_processes` GPUs of this host; the config decides precision."""
+    launch = ["launch", "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return ["accelerate", *launch, "-m", "axolotl.cli.train", str(config)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--deepspeed", default="configs/deepspeed/zero2_offload.json", help="a DeepSpeed config, or none (plain Trainer)")
@@ -134,21 +140,7 @@ def main() -> None:
     config_path.write_text(yaml.safe_dump(cfg))
     flops = training_flops(model_dir, data, cfg)
 
-    command = [
-        "accelerate",
-        "launch",
-        "--num_processes",
-        str(args.num_processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "axolotl.cli.train",
-        str(config_path),
-    ]
+    command = accelerate_train(config_path, args.num_processes)
     log_path = work / f"train-{tag}.log"
     with open(log_path, "w") as log:
         rc = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})

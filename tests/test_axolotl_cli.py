@@ -78,6 +78,12 @@ def run(args, log: Path, timeout: int = 300, **extra_env: str) -> tuple[int, str
     return process.returncode, output
 
 
+def accelerate_train(config) -> list:
+    """`accelerate launch` of Axolotl's train CLI in one CPU process, as a user starts it."""
+    launch = ["launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [ACCELERATE, *launch, "-m", "axolotl.cli.train", config]
+
+
 def logged(output: str, key: str) -> list[dict]:
     """The metric dicts the trainer prints (values are strings) that contain `key`, in order.
 
@@ -200,25 +206,7 @@ def overfit(tiny_checkpoint, data, tmp_path_factory) -> Run:
         learning_rate=0.01,
         drop=("test_datasets", "eval_steps"),
     )
-    rc, output = run(
-        [
-            ACCELERATE,
-            "launch",
-            "--cpu",
-            "--num_processes",
-            "1",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "axolotl.cli.train",
-            config,
-        ],
-        folder / "train.log",
-    )
+    rc, output = run(accelerate_train(config), folder / "train.log")
     return Run(config, folder, rc, output)
 
 
@@ -395,25 +383,7 @@ def test_compiled_decoder_layers_train_with_the_eager_losses(overfit, tmp_path):
     )
     config = tmp_path / "compiled.yml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    rc, output = run(
-        [
-            ACCELERATE,
-            "launch",
-            "--cpu",
-            "--num_processes",
-            "1",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "axolotl.cli.train",
-            config,
-        ],
-        tmp_path / "train.log",
-    )
+    rc, output = run(accelerate_train(config), tmp_path / "train.log")
     assert rc == 0, tail(output)
     assert "MiniCPM-V: compiling 2 decoder layers in place" in output
     losses, eager = values(output, "loss"), values(overfit.output, "loss")

@@ -22,6 +22,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "plugin"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_train import accelerate_train  # noqa: E402
 
 
 def run(command: list[str], log: Path) -> int:
@@ -71,24 +74,7 @@ def main() -> None:
         config = work / f"{tag}.yml"
         config.write_text(yaml.safe_dump(cfg))
         start = time.time()
-        rc = run(
-            [
-                "accelerate",
-                "launch",
-                "--num_processes",
-                str(args.num_processes),
-                "--num_machines",
-                "1",
-                "--mixed_precision",
-                "no",
-                "--dynamo_backend",
-                "no",
-                "-m",
-                "axolotl.cli.train",
-                str(config),
-            ],
-            work / f"train-{tag}.log",
-        )
+        rc = run(accelerate_train(config, args.num_processes), work / f"train-{tag}.log")
         result = {"run": tag, "deepspeed": ds, "overrides": args.set, "train_rc": rc, "train_s": round(time.time() - start, 1)}
         if rc == 0:
             for fmt in ("adapter", "merged"):

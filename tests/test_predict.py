@@ -4,6 +4,9 @@
   one-by-one `chat(sampling=False, num_beams=1)` answers in float32 (multi-image rows: a batch of one);
 - samples -> requests (`--turns last|all`, VQA-style `answers`, image tags of the turns before), bad rows (missing
   image, malformed conversation, prompt too long, duplicate id) written with the reason, `strict=True` stops;
+- every training format is read (LLaVA, messages, content parts, a save_to_disk folder; embedded pictures), and a
+  run's own dataset settings when --data is one of its files; the output file survives U+2028 and friends, a resume
+  with another metric, and bad samples sharing an id;
 - the real CLI: `python -m axolotl_minicpmv predict` uninterrupted vs `axolotl minicpmv-predict` killed (SIGKILL)
   after its first lines and resumed: the same rows, each once, and only whole lines after the kill;
 - a real Axolotl training run with `minicpmv_eval_generate: 2` logs eval_exact / eval_rouge_l beside eval_loss, and
@@ -21,9 +24,10 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import EXAMPLES
 from PIL import Image
-from test_axolotl_cli import logged, run, tail, write_config
+from test_axolotl_cli import DATASET_TYPE, logged, run, tail, write_config
 
 from axolotl_minicpmv.integration.predict import PredictionError, predict, read_predictions, requests_from_samples, run_prediction
 
@@ -264,6 +268,74 @@ def test_run_prediction_counts_bad_rows_and_strict_stops_at_the_first(tiny_check
     assert [row["id"] for row in read_predictions(tmp_path / "strict.jsonl")] == ["gone"]  # written, then stopped
 
 
+@pytest.mark.parametrize("name", ["messages.jsonl", "content_parts.parquet", "sharegpt_hf"])
+def test_every_training_format_is_predicted_as_its_llava_twin(name, tiny_model, tiny_tokenizer):
+    """The example files hold the same five samples in each format (tests/test_data_formats.py), pictures as paths
+    or embedded bytes: each is answered against train.json's last answers, and where the format's prompt text is the
+    same (content parts join their text parts with newlines around a picture), with the LLaVA file's answers."""
+    settings = dict(batch_size=5, max_new_tokens=3)
+    llava = list(predict(tiny_model, tiny_tokenizer, EXAMPLES / "llava.json", **settings))
+    seed = {sample["id"]: sample["conversations"][-1]["content"] for sample in json.loads((EXAMPLES / "train.json").read_text())}
+    assert [row["error"] for row in llava] == [None] * 5 and all(row["reference"] == seed[row["id"]] for row in llava)
+    rows = list(predict(tiny_model, tiny_tokenizer, EXAMPLES / name, **settings))
+    assert [row["error"] for row in rows] == [None] * 5
+    assert sorted((row["id"], row["reference"]) for row in rows) == sorted((row["id"], row["reference"]) for row in llava)
+    if name != "content_parts.parquet":
+        assert _stable(rows) == _stable(llava)
+
+
+def test_resumed_output_with_line_separators_other_metrics_and_repeated_bad_ids(tiny_checkpoint_fp32, tmp_path):
+    """Text holding U+2028 / U+0085 (valid unescaped in JSON, line breaks to str.splitlines) reads back whole; a
+    resume that asks for another metric scores the earlier rows too; two bad samples sharing an id count twice."""
+
+    def sample(name, question, answer):
+        return {"id": name, "conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+    bad = {"id": "bad", "image": "gone.png", "conversations": sample("", "Q", "A")["conversations"]}
+    lines = [
+        json.dumps(sample("escaped", "one\u2028two", "x\u2029y")),
+        json.dumps(sample("raw", "one\u0085two", "x\u2028y"), ensure_ascii=False),
+        json.dumps(bad),
+        json.dumps(bad),
+        json.dumps(sample("last", "Say hi", "hi")),
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    common = {"data": str(data), "model_path": str(tiny_checkpoint_fp32), "max_new_tokens": 3, "progress": False}
+    run_prediction(out=str(tmp_path / "p.jsonl"), metrics="exact", limit=3, **common)
+    resumed = run_prediction(out=str(tmp_path / "p.jsonl"), metrics="exact,anls", resume=True, **common)
+    whole = run_prediction(out=str(tmp_path / "whole.jsonl"), metrics="exact,anls", **common)
+    assert resumed["run"]["resumed_from"] == 3 and resumed["run"]["predictions_this_run"] == 2
+    assert (
+        (resumed["predictions"], resumed["failed"], resumed["samples"])
+        == (5, 2, 4)
+        == (whole["predictions"], whole["failed"], whole["samples"])
+    )
+    assert resumed["metrics"] == whole["metrics"] and resumed["metrics"]["anls"] is not None
+    questions = {row["id"]: row["question"] for row in read_predictions(tmp_path / "p.jsonl")}
+    assert questions["escaped"] == "one\u2028two" and questions["raw"] == "one\u0085two"
+
+
+def test_eval_generate_logs_no_scores_when_no_sample_could_be_answered(tiny_model, tiny_tokenizer):
+    """A score of zero answered samples would read as 0 in the loggers' curves: nothing is added then."""
+    from types import SimpleNamespace
+
+    from axolotl_minicpmv.integration.eval_generate import EvalGenerateCallback
+    from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor
+
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    processor = MiniCPMVProcessor.from_config(tiny_tokenizer, tiny_model.config)
+    for samples, scored in (
+        ([{"id": "gone", "image": "/nonexistent/gone.png", "conversations": turns}], False),
+        ([{"id": "ok", "conversations": turns}], True),
+    ):
+        callback = EvalGenerateCallback(list(requests_from_samples(samples)), processor, max_new_tokens=2, batch_size=1)
+        logs = {"eval_loss": 1.0}
+        state = SimpleNamespace(global_step=2, log_history=[dict(logs)])
+        callback.on_log(None, state, None, logs=logs, model=tiny_model)
+        assert ("eval_exact" in logs) is scored and ("eval_rouge_l" in state.log_history[-1]) is scored
+
+
 def test_eval_generate_key_is_checked():
     from axolotl_minicpmv.integration.args import MiniCPMVArgs
 
@@ -393,13 +465,34 @@ def trained_with_eval_generate(tiny_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("evalgen")
     data = folder / "data"
     shutil.copytree(EXAMPLES, data)
-    config = write_config(folder, tiny_checkpoint, data, minicpmv_eval_generate=2)
+    dialog = _as_dialog_file(data / "eval.json", data / "eval_dialog.jsonl")
+    eval_set = {"path": str(dialog), "type": DATASET_TYPE, "split": "train", "field_messages": "dialog", "field_images": "pictures"}
+    config = write_config(folder, tiny_checkpoint, data, minicpmv_eval_generate=2, test_datasets=[eval_set])
     rc, output = run([PYTHON, "-m", "axolotl.cli.train", config], folder / "train.log")
     assert rc == 0, tail(output)
     return folder, config, data, output
 
 
+def _as_dialog_file(seed_file: Path, out: Path) -> Path:
+    """The seed samples with their turns under `dialog` and their pictures embedded as data URLs under `pictures`:
+    rows that only a dataset entry's `field_messages` / `field_images` settings read."""
+    import base64
+
+    def url(path: str) -> str:
+        return "data:image/jpeg;base64," + base64.b64encode((seed_file.parent / path).read_bytes()).decode()
+
+    rows = []
+    for sample in json.loads(seed_file.read_text()):
+        row = {"id": sample["id"], "dialog": sample["conversations"]}
+        if "image" in sample:
+            row["pictures"] = [url(p) for p in sample["image"]] if isinstance(sample["image"], list) else url(sample["image"])
+        rows.append(row)
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out
+
+
 def test_eval_generate_logs_exact_and_rouge_l_beside_eval_loss(trained_with_eval_generate):
+    """The eval set's pictures are embedded (data URLs), so the prepared rows carry bytes, not paths."""
     folder, _, _, output = trained_with_eval_generate
     evals = logged(output, "eval_loss")
     assert len(evals) >= 2, tail(output)  # eval at steps 2 and 4
@@ -438,3 +531,20 @@ def test_predict_from_the_run_config_uses_its_adapter(trained_with_eval_generate
     assert summary["generation"]["max_slice_nums"] == 1  # the run's minicpmv_max_slice_nums
     assert summary["predictions"] == 6 and summary["samples"] == 4  # --turns all: 1 + 2 + 1 + 2 assistant turns
     assert any(line.startswith("predict: 6 predictions of 4 samples, 0 failed; exact ") for line in output.splitlines()), tail(output)
+
+
+def test_predict_reads_data_with_the_runs_dataset_settings(trained_with_eval_generate):
+    """--data naming a file of the run's config is read with that entry's field names; without the run, the same
+    file's samples cannot be read (no 'conversations' nor 'messages'), each row saying so."""
+    folder, config, data, _ = trained_with_eval_generate
+    common = ["--data", data / "eval_dialog.jsonl", "--max-new-tokens", "4"]
+    rc, output = run([AXOLOTL, "minicpmv-predict", config, *common, "--out", folder / "dialog.jsonl"], folder / "dialog.log")
+    assert rc == 0, tail(output)
+    rows = read_predictions(folder / "dialog.jsonl")
+    seed = {sample["id"]: sample["conversations"][-1]["content"] for sample in json.loads((data / "eval.json").read_text())}
+    assert {row["id"]: row["reference"] for row in rows} == seed and not any(row["error"] for row in rows)
+    base_model = yaml.safe_load(config.read_text())["base_model"]
+    rc, output = run([AXOLOTL, "minicpmv-predict", "--model", base_model, *common, "--out", folder / "plain.jsonl"], folder / "plain.log")
+    assert rc == 0, tail(output)
+    errors = [row["error"] for row in read_predictions(folder / "plain.jsonl")]
+    assert len(errors) == len(seed) and all("has no 'conversations' (nor 'messages')" in (e or "") for e in errors)

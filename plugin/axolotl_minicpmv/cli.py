@@ -120,7 +120,11 @@ def export_command(source, fmt, out, checkpoint, base_model, overwrite, dtype, f
 @click.option("--model", "model_path", default=None, help="Base model: hub id or directory (with SOURCE: overrides the run's base_model).")
 @click.option("--adapter", default=None, help="Adapter (minicpmv-export output, or an Axolotl output_dir / checkpoint-N).")
 @click.option("--checkpoint", default=None, help="With SOURCE: use this checkpoint (e.g. checkpoint-20) instead of the final adapter.")
-@click.option("--data", required=True, help="Samples: a JSON list or JSONL file in the training format (optional `answers` list).")
+@click.option(
+    "--data",
+    required=True,
+    help="Samples in any training format: a JSON, JSONL, Parquet or Arrow file, or a save_to_disk folder (optional `answers` list).",
+)
 @click.option("--out", required=True, help="Predictions JSONL, one line per answered turn, written as each completes.")
 @click.option("--metrics-out", default=None, help="Write the summary (counts, metric means, speed, command, versions) as JSON here.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))

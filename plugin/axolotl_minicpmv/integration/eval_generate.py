@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 
 from ..model.processing_minicpmv import MiniCPMVProcessor
 from .args import MiniCPMVArgs, cfg_value
+from .data import row_images
 from .predict import predict, requests_from_samples
 
 LOG = get_logger(__name__)
@@ -58,13 +59,15 @@ class EvalGenerateCallback(TrainerCallback):
         for row in rows:
             if row["error"]:
                 LOG.warning(f"minicpmv_eval_generate: {row['error']}")
-        values = {f"eval_{name}": round(sum(row[name] for row in ok) / len(ok), 4) if ok else 0.0 for name in METRICS}
+        if not ok:  # a score of nothing would read as 0 in the loggers' curves
+            LOG.warning(f"minicpmv_eval_generate: none of the {len(rows)} eval samples could be answered; no scores logged")
+            return
+        values = {f"eval_{name}": round(sum(row[name] for row in ok) / len(ok), 4) for name in METRICS}
         logs.update(values)
-        example = ok[0] if ok else None
         LOG.info(
             f"minicpmv_eval_generate: {len(ok)} of {len(rows)} eval samples answered at step {state.global_step}, "
             + ", ".join(f"{k} {v}" for k, v in values.items())
-            + (f"; {example['id']!r}: {example['prediction'][:80]!r}" if example else "")
+            + f"; {ok[0]['id']!r}: {ok[0]['prediction'][:80]!r}"
         )
         # Trainer.log appended a copy of `logs` to the history before the callbacks ran: keep the history complete
         if state.log_history and state.log_history[-1].get("eval_loss") == logs["eval_loss"]:
@@ -102,12 +105,12 @@ def add_eval_generate(cfg, trainer) -> EvalGenerateCallback | None:
 
 
 def _prepared_rows(cfg) -> dict[str, dict]:
-    """id -> prepared row (absolute image paths, tagged conversations), test datasets first."""
+    """id -> prepared sample (absolute image paths or embedded pictures' bytes, tagged conversations), test datasets first."""
     rows: dict[str, dict] = {}
     for key in ("test_datasets", "datasets"):
         for ds_cfg in cfg_value(cfg, key, None) or []:
             path = cfg_value(ds_cfg, "path")
             if path and str(path).endswith(".parquet"):
                 for row in pq.read_table(path).to_pylist():
-                    rows.setdefault(str(row["id"]), {"id": row["id"], "image": row["image"], "conversations": row["conversations"]})
+                    rows.setdefault(str(row["id"]), {"id": row["id"], "image": row_images(row), "conversations": row["conversations"]})
     return rows

@@ -5,7 +5,7 @@ becomes one request per answered assistant turn; requests, grouped by prompt siz
 `generate_answers` (greedy answers equal one-by-one `chat(sampling=False, num_beams=1)` answers,
 tests/test_predict.py), scored with `metrics.py`, and written one JSON line each, flushed as it completes. Bad
 rows become rows with `error` and the run goes on (`strict=True` stops at the first). `--resume` skips the (id,
-turn) pairs already written; the summary is computed from the whole output file, so each prediction counts once.
+turn) pairs already written (a sample that failed as a whole: its id and position); the summary is computed from the whole output file, so each prediction counts once.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -30,6 +31,9 @@ from ..inference.metrics import DEFAULT_METRICS, parse_metrics, score
 from ..model.conversation import IMAGE_TAG, InvalidInputError, json_type, short_repr
 from ..model.image_processing_minicpmv import load_image
 from ..model.processing_minicpmv import MiniCPMVProcessor
+
+if TYPE_CHECKING:
+    from .formats import FormatSpec
 
 LOG = logging.getLogger("axolotl_minicpmv.predict")
 
@@ -57,34 +61,46 @@ class Request:
     turn: int | None  # index of the answered turn among the sample's assistant turns (0 = first); None: the sample failed
     question: str | None = None
     conversation: list[dict] = field(default_factory=list)
-    images: list = field(default_factory=list)  # paths (or PIL images) for the `<image>` tags of `conversation`
+    images: list = field(default_factory=list)  # paths, encoded bytes or PIL images for the `<image>` tags of `conversation`
     references: list[str] = field(default_factory=list)
     error: str | None = None  # set when the sample cannot run; written as an error row
     image_sizes: list = field(default_factory=list)  # the images' [width, height] where known (read by the sample check)
+    index: int | None = None  # the sample's position in the data
 
     @property
-    def key(self) -> tuple[str, int | None]:
-        return (self.id, self.turn)
+    def key(self) -> tuple:
+        return _key(self.id, self.turn, self.index)
+
+
+def _key(sample_id: str, turn: int | None, index: int | None) -> tuple:
+    """What --resume matches: an answered turn by (id, turn); a sample that failed as a whole also by its position,
+    since bad samples may share an id."""
+    return (sample_id, turn) if turn is not None else (sample_id, None, index)
+
+
+def row_key(row: dict) -> tuple:
+    return _key(row["id"], row["turn"], row.get("index"))
 
 
 # ------------------------------------------------------------------ reading samples
 
 
 def read_sample_file(path: str | os.PathLike) -> list:
-    """The raw samples of a JSON list file or a JSONL file. A JSONL line that is not JSON becomes an error
-    marker (its row is written with the reason) instead of stopping the run; an unreadable file raises."""
+    """The raw samples of a dataset file or folder that training reads (JSON list, JSONL, Parquet, Arrow, a
+    `save_to_disk` folder). A JSONL line that is not JSON becomes an error marker (its row is written with the
+    reason) instead of stopping the run; an unreadable file raises."""
     from .data import InvalidDatasetError, read_samples
 
     path = Path(path)
-    if not path.is_file():
-        raise PredictionError(f"--data {str(path)!r}: no such file (a JSON list or JSONL file of samples)")
+    if not path.exists():
+        raise PredictionError(f"--data {str(path)!r}: no such file or folder (a JSON, JSONL, Parquet or Arrow file of samples)")
     if path.suffix != ".jsonl":
         try:
             return read_samples(path)
         except InvalidDatasetError as err:
             raise PredictionError(str(err)) from None
     samples = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for line_no, line in enumerate(_lines(path.read_text(encoding="utf-8-sig")), 1):
         if line.strip():
             try:
                 samples.append(json.loads(line))
@@ -95,53 +111,69 @@ def read_sample_file(path: str | os.PathLike) -> list:
     return samples
 
 
+def _lines(text: str) -> list[str]:
+    """JSONL lines: split at "\n" only. `str.splitlines` also splits at U+2028, U+0085 and others, which JSON
+    strings may hold unescaped (the output is written with `ensure_ascii=False`)."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def images_base_dir(data: str | os.PathLike) -> Path:
+    """Where a dataset's relative image paths resolve, as in training: a file's folder, or the folder itself."""
+    data = Path(data)
+    return data if data.is_dir() else data.parent
+
+
 @dataclass
 class _BadLine:
     reason: str
     id: str
 
 
-def requests_from_samples(samples: Iterable, base_dir: str | os.PathLike = ".", turns: str = "last", source: str = "") -> Iterator[Request]:
-    """Requests of samples in the seed's format (`id`, `image` (path or list), `conversations`, optional `answers`).
+def requests_from_samples(
+    samples: Iterable, base_dir: str | os.PathLike = ".", turns: str = "last", source: str = "", spec: FormatSpec | None = None
+) -> Iterator[Request]:
+    """Requests of samples in any training format (seed, LLaVA/ShareGPT, messages, content parts: `spec`, detected
+    per sample by default), with an optional top-level `answers`.
 
-    Each sample is checked as training checks it (`integration.data.normalize_sample`: roles, tags, images exist);
-    a bad sample yields one error request naming the sample and the reason. `answers` (a list of strings) replaces
-    the reference of the last assistant turn; with `answers` the conversation may end with the user's question.
+    Each sample is converted and checked as training does (`formats.to_seed`, `data.normalize_sample`: roles, tags,
+    images exist or decode); a bad sample yields one error request naming the sample and the reason. `answers` (a
+    list of strings) replaces the reference of the last assistant turn; with `answers` the conversation may end with
+    the user's question.
     """
-    from .data import describe_sample, normalize_sample
-    from .formats import BadSample  # normalize_sample's reason for rejecting a sample
+    from .data import describe_sample, normalize_sample, row_images
+    from .formats import BadSample, FormatSpec, to_seed  # BadSample: why a sample is rejected
 
     if turns not in TURNS:
         raise ValueError(f"turns must be one of {TURNS}, got {turns!r}")
     base_dir = Path(base_dir)
+    spec = spec or FormatSpec()
     prefix = f"{source}: " if source else ""
     seen: dict[str, int] = {}
     size_cache: dict = {}
     for index, sample in enumerate(samples):
         if isinstance(sample, _BadLine):
-            yield Request(sample.id, None, error=sample.reason)
+            yield Request(sample.id, None, error=sample.reason, index=index)
             continue
         raw_id = sample.get("id") if isinstance(sample, dict) else None
         sample_id = str(index if raw_id is None else raw_id)
         where = f"{prefix}{describe_sample(sample, index)}"
         try:
             answers = _answers(sample)
-            checked = sample
-            ends_with_user = (
-                isinstance(sample.get("conversations"), list)
-                and sample["conversations"]
-                and isinstance(sample["conversations"][-1], dict)
-                and sample["conversations"][-1].get("role") == "user"
-            )
+            seed, fields = to_seed(sample, spec)
+            turns_ = seed.get("conversations") if isinstance(seed, dict) else None
+            ends_with_user = isinstance(turns_, list) and turns_ and isinstance(turns_[-1], dict) and turns_[-1].get("role") == "user"
             if answers and ends_with_user:  # VQA style: the question alone, the answers beside it
-                checked = {**sample, "conversations": sample["conversations"] + [{"role": "assistant", "content": answers[0]}]}
-            row = normalize_sample(checked, index, base_dir, size_cache)
+                seed = {**seed, "conversations": turns_ + [{"role": "assistant", "content": answers[0]}]}
+            row = normalize_sample(seed, index, base_dir, size_cache, fields=fields)
         except BadSample as err:
-            yield Request(sample_id, None, error=f"{where}: {err}")
+            yield Request(sample_id, None, error=f"{where}: {err}", index=index)
             continue
         if row["id"] in seen:
             yield Request(
-                row["id"], None, error=f"{where}: duplicate id {row['id']!r} (first at index {seen[row['id']]}); ids must be unique"
+                row["id"],
+                None,
+                error=f"{where}: duplicate id {row['id']!r} (first at index {seen[row['id']]}); ids must be unique",
+                index=index,
             )
             continue
         seen[row["id"]] = index
@@ -158,9 +190,10 @@ def requests_from_samples(samples: Iterable, base_dir: str | os.PathLike = ".", 
                 turn,
                 before[-1]["content"],
                 before,
-                row["image"][:tags],
+                row_images(row)[:tags],  # paths, or the bytes of embedded pictures
                 references=references,
                 image_sizes=row["image_sizes"][:tags],
+                index=index,
             )
 
 
@@ -193,6 +226,7 @@ def predict(
     max_inp_length: int = 2048,
     strict: bool = False,
     skip: Iterable[tuple] = (),
+    spec: FormatSpec | None = None,
     **overrides,
 ) -> Iterator[dict]:
     """Answer and score `samples` (seed-format dicts, `Request`s, or a JSON/JSONL path); yield one result per row.
@@ -201,16 +235,18 @@ def predict(
     chat's sampling defaults; `overrides` change those keys (e.g. `temperature`) and may set `generate_answers`'
     `fast` (default: FastDecoder on a GPU for greedy and sampled answers) or `min_new_tokens`. A result is a dict with `id`,
     `turn`, `question`, `prediction`, `reference` (a string, or the list of answers), one value per metric,
-    `finish_reason`, `prompt_tokens`, `generated_tokens` and `error` (None, or why the row could not run).
-    `skip` holds (id, turn) pairs not to run (resume). `strict=True` raises PredictionError at the first bad row.
+    `finish_reason`, `prompt_tokens`, `generated_tokens`, `error` (None, or why the row could not run) and `index`
+    (the sample's position in the data).
+    `skip` holds keys (`row_key` of written rows) not to run again (resume). `strict=True` raises PredictionError at the first bad row.
+    `spec` reads the samples' format as a training dataset entry would (`formats.format_spec`; default: detected).
     Results come batch by batch; with `batch_size > 1` the batches are grouped by prompt size
     (`grouped_by_prompt_size`), so the order is the input's only within each size group.
     """
     if isinstance(samples, (str, os.PathLike)):
-        base_dir = Path(samples).parent
+        base_dir = images_base_dir(samples)
         samples = read_sample_file(samples)
     done = set(skip)
-    todo = [r for r in _as_requests(samples, base_dir, turns) if r.key not in done]
+    todo = [r for r in _as_requests(samples, base_dir, turns, spec) if r.key not in done]
     yield from _predict_requests(
         model,
         processor_or_tokenizer,
@@ -226,11 +262,11 @@ def predict(
     )
 
 
-def _as_requests(samples, base_dir, turns) -> list[Request]:
+def _as_requests(samples, base_dir, turns, spec) -> list[Request]:
     samples = list(samples)
     if samples and all(isinstance(s, Request) for s in samples):
         return samples
-    return list(requests_from_samples(samples, base_dir, turns))
+    return list(requests_from_samples(samples, base_dir, turns, spec=spec))
 
 
 def _processor(model, processor_or_tokenizer) -> MiniCPMVProcessor:
@@ -442,6 +478,7 @@ def _run_batch(model, processor, batch: list[tuple[Request, list]], settings: di
             {
                 "id": request.id,
                 "turn": request.turn,
+                "index": request.index,
                 "question": request.question,
                 "prediction": answer.text,
                 "reference": request.references[0] if len(request.references) == 1 else request.references,
@@ -460,6 +497,7 @@ def _error_row(request: Request, error: str, metrics) -> dict:
     return {
         "id": request.id,
         "turn": request.turn,
+        "index": request.index,
         "question": request.question,
         "prediction": None,
         "reference": reference,
@@ -493,7 +531,7 @@ class PredictionsFile:
             self._drop_partial_line()
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if overwrite and not resume else 0)
         self._fd = os.open(self.path, flags, 0o644)
-        self.done = {(row["id"], row["turn"]) for row in read_predictions(self.path)} if resume else set()
+        self.done = {row_key(row) for row in read_predictions(self.path)} if resume else set()
 
     def _drop_partial_line(self) -> None:
         data = self.path.read_bytes()
@@ -517,19 +555,27 @@ class PredictionsFile:
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict]:
-    """The rows of a predictions file, one per (id, turn) (a later row replaces an earlier one)."""
+    """The rows of a predictions file, one per `row_key` (a later row replaces an earlier one)."""
     rows: dict[tuple, dict] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in _lines(Path(path).read_text(encoding="utf-8")):
         if line.strip():
             row = json.loads(line)
-            rows[(row["id"], row["turn"])] = row
+            rows[row_key(row)] = row
     return list(rows.values())
 
 
 def summarize(rows: Sequence[dict], metrics: Sequence[str]) -> dict:
-    """Counts and each metric's mean over the rows that ran (failed rows are counted, not scored)."""
+    """Counts and each metric's mean over the rows that ran (failed rows are counted, not scored). A metric that an
+    earlier run did not write (`--resume` with other `--metrics`) is computed from its rows' prediction and reference."""
     ok = [row for row in rows if not row.get("error")]
-    means = {name: round(sum(row[name] for row in ok) / len(ok), 4) if ok else None for name in metrics}
+
+    def value(row: dict, name: str) -> float:
+        if name in row:
+            return row[name]
+        reference = row["reference"]
+        return score(row["prediction"], reference if isinstance(reference, list) else [reference], [name])[name]
+
+    means = {name: round(sum(value(row, name) for row in ok) / len(ok), 4) if ok else None for name in metrics}
     return {
         "predictions": len(rows),
         "samples": len({row["id"] for row in rows}),
@@ -613,6 +659,7 @@ def run_prediction(
     `checkpoint`) and `minicpmv_max_slice_nums` are used.
     """
     metric_names = parse_metrics(metrics)
+    spec = None
     if source is not None:
         from ..weights.export import ExportError, resolve_run
 
@@ -623,10 +670,11 @@ def run_prediction(
         model_path, adapter = run.base_model, str(run.adapter_dir)
         if max_slice_nums is None and run.axolotl_config:
             max_slice_nums = run.axolotl_config.get("minicpmv_max_slice_nums")
+        spec = _run_dataset_spec(run.axolotl_config or {}, data)
     if not model_path:
         raise PredictionError("no model: pass --model DIR (and --adapter DIR), or an Axolotl run (CONFIG.yml or its output_dir)")
     samples = read_sample_file(data)
-    requests = list(requests_from_samples(samples, Path(data).parent, turns, source=str(data)))
+    requests = list(requests_from_samples(samples, images_base_dir(data), turns, source=str(data), spec=spec))
     if limit is not None:
         requests = requests[:limit]
     with PredictionsFile(out, resume=resume, overwrite=overwrite) as predictions:
@@ -662,7 +710,7 @@ def run_prediction(
             bar.close()
         elapsed = time.perf_counter() - start
     wanted = {r.key for r in requests}
-    summary = summarize([row for row in read_predictions(out) if (row["id"], row["turn"]) in wanted], metric_names)
+    summary = summarize([row for row in read_predictions(out) if row_key(row) in wanted], metric_names)
     summary["run"] = {
         "predictions_this_run": written,
         "resumed_from": len(requests) - len(todo),
@@ -693,6 +741,23 @@ def run_prediction(
         Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
         Path(metrics_out).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
+
+
+def _run_dataset_spec(axolotl_config: dict, data: str) -> FormatSpec | None:
+    """How the run's config reads `data` when one of its dataset entries names that file (test datasets first):
+    its `minicpmv_format` and field mappings; None (formats detected per sample) otherwise."""
+    from .data import is_minicpmv_dataset
+    from .formats import format_spec
+
+    wanted = Path(data).expanduser().resolve()
+    for key in ("test_datasets", "datasets"):
+        for ds_cfg in axolotl_config.get(key) or []:
+            path = ds_cfg.get("path") if isinstance(ds_cfg, dict) else None
+            if path and is_minicpmv_dataset(ds_cfg) and Path(str(path)).expanduser().resolve() == wanted:
+                spec = format_spec(ds_cfg, axolotl_config)
+                LOG.info(f"predict: {data} is read with the run's {key} entry for it: {spec}")
+                return spec
+    return None
 
 
 class _Progress:

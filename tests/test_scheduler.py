@@ -124,3 +124,75 @@ def test_a_batch_stays_within_the_compiled_context():
     seeded = job(10, 10, seed=3)
     assert select_batch([seeded, job(10, 10, seed=3)], 8, 2048) == [seeded]
     assert select_batch([job(3000, 10)], 8, 2048) != []  # the oldest job always runs (the API refuses it before)
+
+
+# ------------------------------------------------------------------ failures and stop strings while streaming
+
+
+async def _outcomes(scheduler: Scheduler, requests) -> list[tuple[list[str], str, object]]:
+    """(deltas, "done" or "error", result or exception) of each request, all queued as one batch."""
+    loop = asyncio.get_running_loop()
+    jobs = [Job(request, Prompt(*scheduler.processor.inference_inputs(request.conversation, [], 2048)), loop) for request in requests]
+    with scheduler._cond:
+        for job in jobs:
+            scheduler.submit(job)
+
+    async def collect(job):
+        deltas = []
+        while True:
+            kind, payload = await job.events.get()
+            if kind == "delta":
+                deltas.append(payload)
+            else:
+                return deltas, kind, payload
+
+    return await asyncio.gather(*(collect(job) for job in jobs))
+
+
+def test_a_batch_failing_midway_retries_alone_only_the_requests_that_streamed_nothing(tiny_model, tiny_tokenizer):
+    """The decoder raises once at its sixth call (as a GPU running out of memory would): the streamed request, whose
+    client already has part of an answer, gets the error (running it again would send that part twice, or other
+    text); the plain one is answered alone, with its solo answer."""
+    processor = MiniCPMVProcessor.from_config(tiny_tokenizer, tiny_model.config)
+    conversation = [{"role": "user", "content": "Tell me a story."}]
+    streamed, plain = (ChatRequest(conversation, [], 20, True, dict(GREEDY), stream=stream) for stream in (True, False))
+    calls = 0
+
+    def fail_once(module, args, output):
+        nonlocal calls
+        calls += 1
+        if calls == 6:
+            raise RuntimeError("out of memory (injected)")
+
+    hook = tiny_model.llm.register_forward_hook(fail_once)
+    scheduler = Scheduler(tiny_model, processor, max_batch_size=2, fast=False)
+    try:
+        (deltas, kind, error), (_, plain_kind, result) = asyncio.run(_outcomes(scheduler, [streamed, plain]))
+    finally:
+        scheduler.close()
+        hook.remove()
+    solo = generate_answers(tiny_model, processor, [conversation], [[]], max_new_tokens=20, fast=False, **GREEDY)[0]
+    assert deltas and kind == "error" and "injected" in str(error)
+    assert solo.text.startswith("".join(deltas))  # what was streamed once, and only once
+    assert plain_kind == "done" and result.text == solo.text
+    assert scheduler.stats["failed"] == 1 and scheduler.stats["completed"] == 1
+
+
+def test_streamed_text_before_a_stop_string_is_the_answer(tiny_tokenizer):
+    """The text before a stop string is stripped, as the answer is: a space streamed in front of a stop string's
+    first character (held back while it could still become the stop string) must not reach the client."""
+    from axolotl_minicpmv.serving.scheduler import _Row
+
+    async def stream() -> tuple[str, str]:
+        request = ChatRequest([{"role": "user", "content": "hi"}], [], 40, True, dict(GREEDY), stop=["天a"], stream=True)
+        job = Job(request, Prompt([], []), asyncio.get_running_loop())
+        row = _Row(job, tiny_tokenizer)
+        for token in tiny_tokenizer.encode("one two 天a three", add_special_tokens=False):
+            row.add(token)
+        row.finish(row.text)
+        await asyncio.sleep(0)  # the emitted deltas reach the queue
+        deltas = [job.events.get_nowait()[1] for _ in range(job.events.qsize())]
+        return "".join(deltas), row.text
+
+    streamed, answer = asyncio.run(stream())
+    assert answer == "one two" and streamed == answer

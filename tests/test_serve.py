@@ -180,12 +180,21 @@ def test_image_from_image_root_only(client, image_root, tiny_model, tokenizer):
     expected = chat_answer(tiny_model, tokenizer, Image.open(image_root / "red.png"), [{"role": "user", "content": "What is it?"}])
     path_part = {"type": "image_url", "image_url": {"url": "red.png"}}
     assert ask(client, [{"role": "user", "content": [path_part] + question}]).choices[0].message.content == expected
-    for url in ("../secret.png", str(image_root.parent / "secret.png"), "file:///etc/passwd", "/etc/hostname", "nothere.png"):
+    outside = (
+        "../secret.png",
+        str(image_root.parent / "secret.png"),
+        "file:///etc/passwd",
+        "/etc/hostname",
+        "../absent.png",
+        "/no/such.png",
+    )
+    # the same answer whether a file outside the root exists or not: a client cannot probe the server's files
+    for url, code in [(url, "image_path_refused") for url in outside] + [("nothere.png", "image_not_found")]:
         bad = {"type": "image_url", "image_url": {"url": url}}
         with pytest.raises(openai.BadRequestError) as err:
             ask(client, [{"role": "user", "content": [bad] + question}])
         assert err.value.body["param"] == "messages[0].content[0].image_url.url", err.value.body
-        assert "image-root" in err.value.body["message"]
+        assert "image-root" in err.value.body["message"] and err.value.body["code"] == code, (url, err.value.body)
 
 
 def test_eight_concurrent_clients_get_their_solo_answers(server, client, tiny_model, tokenizer):
@@ -255,6 +264,14 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
     user = {"role": "user", "content": "hi"}
     junk = "data:image/png;base64," + base64.b64encode(b"not an image at all").decode()
     big = data_url(picture(500, 400, seed=0))  # 200,000 pixels > IMAGE_PIXELS_LIMIT
+    # a PNG whose header (390x390) reads but whose pixels do not (cut after 300 bytes), and a PPM with too few bytes
+    cut = "data:image/png;base64," + base64.b64encode(png_bytes(picture(390, 390, seed=3))[:300]).decode()
+    short_ppm = "data:image/x-portable-pixmap;base64," + base64.b64encode(b"P6\n16 12\n255\n" + b"G" * 10).decode()
+
+    def pictures(*urls, text=None):
+        parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + ([{"type": "text", "text": text}] if text else [])
+        return {"model": "tiny", "messages": [{"role": "user", "content": parts}]}
+
     cases = [
         (b"{not json", 400, None, "not valid JSON"),
         ([1, 2], 400, None, "JSON object"),
@@ -290,6 +307,14 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
             "--max-image-pixels",
         ),
         ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "messages", "max_inp_length"),
+        (pictures(cut), 400, "messages[0].content[0].image_url.url", "cannot decode"),
+        (pictures(short_ppm), 400, "messages[0].content[0].image_url.url", "cannot decode"),
+        # 16 such pictures (the most a request may have) and 1,205 tokens of text make a prompt over 2048 tokens:
+        # refused from the pictures' headers, before any is decoded (else: "cannot decode")
+        (pictures(*[cut] * 16, text="word " * 400), 400, "messages", "max_inp_length"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, None, "not valid JSON"),
+        (b'{"model": "tiny", "seed": ' + b"1" * 5000 + b"}", 400, None, "not valid JSON"),
+        ({"model": "tiny", "messages": [user], "seed": 2**64}, 400, "seed", "between 0 and 2**63 - 1"),
         ({"model": "tiny", "messages": [user], "n": 2}, 400, "n", "must be 1"),
         ({"model": "tiny", "messages": [user], "temperature": "hot"}, 400, "temperature", "must be a number"),
         ({"model": "tiny", "messages": [user], "temperature": 3}, 400, "temperature", "must be in"),
@@ -314,6 +339,11 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
     assert httpx.get(server.url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"}).json()["error"]["code"] == "not_found"
     ok = raw(server, {"model": "tiny", "messages": [user], "max_tokens": 4, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+    # a temperature too small to divide by answers greedily; a null max_completion_tokens leaves max_tokens in charge
+    tiny_temperature = raw(server, {"model": "tiny", "messages": [user], "max_tokens": 4, "temperature": 1e-300})
+    assert tiny_temperature.status_code == 200 and tiny_temperature.json()["choices"] == ok.json()["choices"]
+    unset = raw(server, {"model": "tiny", "messages": [user], "max_tokens": 2, "max_completion_tokens": None, "temperature": 0})
+    assert unset.status_code == 200 and unset.json()["usage"]["completion_tokens"] == 2
     assert server.health()["failed"] == 0  # every bad request was refused before it reached a batch
 
 

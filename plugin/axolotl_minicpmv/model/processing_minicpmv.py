@@ -141,10 +141,11 @@ class MiniCPMVProcessor(ProcessorMixin):
             )
         return torch.tensor(ids, dtype=torch.long)
 
-    def prompt_length(self, conversation: list[dict], image_sizes: Sequence[tuple[int, int]]) -> int:
-        """Tokens of `inference_inputs`' prompt for pictures of these (width, height) sizes, without opening them."""
+    def prompt_length(self, conversation: list[dict], image_sizes: Sequence[tuple[int, int]], max_length: int | None = None) -> int:
+        """Tokens of `inference_inputs`' prompt for pictures of these (width, height) sizes, without opening them;
+        over `max_length`, InvalidInputError as `inference_inputs` raises it."""
         layouts = [self.layout(size) for size in image_sizes]
-        return len(self.encode_prompt(self._inference_prompt(conversation, layouts)))
+        return len(self.encode_prompt(self._inference_prompt(conversation, layouts), max_length))
 
     def inference_inputs(
         self, conversation: list[dict], images: Sequence[Image.Image], max_length: int | None = None, device=None

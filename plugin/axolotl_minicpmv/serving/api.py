@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..model.conversation import InvalidInputError
-from .images import DEFAULT_MAX_IMAGE_PIXELS, open_image
+from .images import DEFAULT_MAX_IMAGE_PIXELS, decode_image, open_image
 from .protocol import ChatRequest, RequestError, fit_to_context, parse_chat_request
 from .scheduler import Job, Prompt, QueueFull, Scheduler
 
@@ -158,15 +158,19 @@ async def _read_json(request: Request, limit: int):
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    # ValueError: bad JSON, bad UTF-8, an integer of more digits than Python parses; RecursionError: deep nesting
+    except (ValueError, RecursionError) as err:
         raise RequestError(f"the request body is not valid JSON ({err})", None, code="invalid_json") from None
 
 
 def _prepare(chat: ChatRequest, processor, image_root: Path | None, settings: ServerSettings) -> Prompt:
     """Open the pictures and build the prompt and pixels once, here in the request's thread (not the model's),
-    so that bad input is refused before it is queued."""
-    images = [open_image(url, param, image_root, settings.max_image_pixels) for url, param in chat.image_urls]
+    so that bad input is refused before it is queued. The prompt's length is checked from the pictures' headers
+    before any is decoded: a request of many large pictures that cannot fit costs no decoding."""
+    opened = [(open_image(url, param, image_root, settings.max_image_pixels), param) for url, param in chat.image_urls]
     try:
+        processor.prompt_length(chat.conversation, [image.size for image, _ in opened], settings.max_inp_length)
+        images = [decode_image(image, param) for image, param in opened]
         return Prompt(*processor.inference_inputs(chat.conversation, images, settings.max_inp_length))
     except InvalidInputError as err:
         raise RequestError(

@@ -16,6 +16,7 @@ from ..model.conversation import IMAGE_TAG, InvalidInputError, json_type, valida
 
 ROLES = ("system", "developer", "user", "assistant")  # "developer" is OpenAI's newer name for "system"
 GREEDY_REPETITION_PENALTY = 1.2  # chat(sampling=False)'s
+GREEDY_BELOW_TEMPERATURE = 1e-5  # a temperature under this answers greedily, as temperature 0 does
 MAX_STOP_STRINGS = 4
 
 
@@ -83,8 +84,9 @@ def parse_chat_request(body, model_names: set[str], max_tokens_limit: int) -> Ch
     if body.get("logprobs") or body.get("top_logprobs"):
         raise RequestError("'logprobs' is not supported by this server", "logprobs")
 
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    # OpenAI's clients may send unset fields as null: a null max_completion_tokens leaves max_tokens in charge
     param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(param)
     if max_tokens is not None and not 1 <= _int(max_tokens, param) <= max_tokens_limit:
         raise RequestError(f"'{param}' must be between 1 and the server's limit {max_tokens_limit}, got {max_tokens}", param)
 
@@ -94,7 +96,8 @@ def parse_chat_request(body, model_names: set[str], max_tokens_limit: int) -> Ch
     if top_k is not None and _int(top_k, "top_k") < 1:
         raise RequestError(f"'top_k' must be a positive integer, got {top_k}", "top_k")
     repetition_penalty = _number(body.get("repetition_penalty"), "repetition_penalty", 0.0, 10.0, low_open=True)
-    greedy = temperature == 0.0
+    # dividing the logits by a smaller temperature overflows them: greedy, as vLLM also decides
+    greedy = temperature is not None and temperature < GREEDY_BELOW_TEMPERATURE
     if greedy:  # exactly chat(sampling=False, num_beams=1): top_p / top_k do not apply
         overrides = {"num_beams": 1, "repetition_penalty": repetition_penalty or GREEDY_REPETITION_PENALTY}
     else:  # unset keys keep chat's sampling defaults (top_p 0.8, top_k 100, temperature 0.7, repetition_penalty 1.05)
@@ -106,8 +109,8 @@ def parse_chat_request(body, model_names: set[str], max_tokens_limit: int) -> Ch
     if min_tokens is not None and not 0 <= _int(min_tokens, "min_tokens") <= most:
         raise RequestError(f"'min_tokens' must be between 0 and max_tokens ({most}), got {min_tokens}", "min_tokens")
     seed = body.get("seed")
-    if seed is not None:
-        _int(seed, "seed")
+    if seed is not None and not 0 <= _int(seed, "seed") < 2**63:  # torch.manual_seed's range
+        raise RequestError(f"'seed' must be between 0 and 2**63 - 1, got {seed}", "seed")
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise RequestError(f"'stream' must be true or false, got a JSON {json_type(stream)}", "stream")

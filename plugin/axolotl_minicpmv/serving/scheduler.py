@@ -117,9 +117,10 @@ class _Row:
         if self.reason is None and self.job.cancelled.is_set():
             self.reason = "cancelled"
         if self.job.request.stream and self.reason is None:
-            # hold back trailing spaces (`chat` strips the answer) and what could still become a stop string
+            # hold back what could still become a stop string, and trailing spaces (`chat` strips the answer, and
+            # the text before a stop string is stripped too)
             ready = self.text.rstrip()
-            ready = ready[: len(ready) - self.holdback] if self.holdback else ready
+            ready = ready[: len(ready) - self.holdback].rstrip() if self.holdback else ready
             if len(ready) > len(self.sent):
                 self.job.emit("delta", ready[len(self.sent) :])
                 self.sent = ready
@@ -288,6 +289,12 @@ class Scheduler:
                 self.running = 0
                 self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * (time.monotonic() - start)
 
+    def _fail(self, job: Job, err: Exception) -> None:
+        self.stats["failed"] += 1
+        if not isinstance(err, InvalidInputError):
+            logger.error(f"generation failed: {type(err).__name__}: {err}", exc_info=err)
+        job.emit("error", err)
+
     def _run(self, batch: list[Job]) -> None:
         request = batch[0].request
         tokenizer = self.processor.tokenizer
@@ -312,14 +319,11 @@ class Scheduler:
                 **request.overrides,
             )
         except Exception as err:  # a failed batch must not stop the server
-            if len(batch) > 1:  # find the request that fails; the others still get their answers
-                for job in batch:
-                    self._run([job])
-                return
-            self.stats["failed"] += 1
-            if not isinstance(err, InvalidInputError):
-                logger.exception("generation failed")
-            batch[0].emit("error", err)
+            for row in rows:
+                if len(batch) > 1 and not row.sent:  # find the request that fails; the others still get their answers
+                    self._run([row.job])
+                else:  # alone, or its client has part of an answer that a second run would send again (or differently)
+                    self._fail(row.job, err)
             return
         for row, generation in zip(rows, generations):
             reason = row.reason or generation.finish_reason

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -225,6 +226,59 @@ def test_auto_detection_reads_a_file_that_mixes_formats(tmp_path, images):
     assert {r["id"]: r["conversations"][0]["content"] for r in prepared} == {
         k: "<image>\nq" for k in ("seed", "llava", "messages", "parts")
     }
+
+
+def test_auto_detection_reads_mixed_formats_from_parquet_whose_rows_carry_every_column(tmp_path, images):
+    """A table has every column in every row (null where a row has none, and every key in each turn's struct):
+    a null column or key is absent, as it is in JSON."""
+    rows = [
+        {"id": "seed", "image": str(images["small"]), "conversations": conv("<image>\nq", "a")},
+        {
+            "id": "llava",
+            "image": str(images["small"]),
+            "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+        },
+        {"id": "messages", "images": [str(images["small"])], "messages": conv("<image>\nq", "a")},
+    ]
+    source = tmp_path / "mixed.parquet"
+    columns = sorted({key for row in rows for key in row})
+    pq.write_table(pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows]), source)
+    first = pq.read_table(source).to_pylist()[0]
+    assert first["messages"] is None and first["conversations"][0]["from"] is None  # nulls, not missing keys
+    prepared = pq.read_table(prepare_dataset_file(source, tmp_path / "out").path).to_pylist()
+    assert {r["id"]: r["conversations"] for r in prepared} == {k: conv("<image>\nq", "a") for k in ("seed", "llava", "messages")}
+
+
+def test_base64_images_in_either_alphabet_and_hash_named_files(tmp_path, images):
+    """Unpadded and URL-safe base64 are embedded images; a file named by a hash, without extension (base64-like),
+    is read as the file it is."""
+    png = images["small"].read_bytes()
+    hashed = images["small"].parent / ("0f" * 32)
+    hashed.write_bytes(png)
+    rows = [
+        {"id": "unpadded", "image": base64.b64encode(png).decode().rstrip("="), "conversations": conv("q", "a")},
+        {"id": "urlsafe", "image": base64.urlsafe_b64encode(png).decode(), "conversations": conv("q", "a")},
+        {"id": "hashed", "image": f"img/{hashed.name}", "conversations": conv("q", "a")},
+    ]
+    prepared = {
+        r["id"]: r for r in pq.read_table(prepare_dataset_file(write_json(tmp_path / "d.json", rows), tmp_path / "out").path).to_pylist()
+    }
+    assert prepared["unpadded"]["image_bytes"] == [png] and prepared["urlsafe"]["image_bytes"] == [png]
+    assert prepared["hashed"]["image"] == [str(hashed.resolve())] and prepared["hashed"]["image_bytes"] == [b""]
+
+
+def test_a_folders_data_files_are_part_of_its_cache_key(tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for name in ("a", "b"):
+        (folder / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"id": f"{name}{k}", "conversations": conv("q", name)}) + "\n" for k in range(2))
+        )
+    ids = {}
+    for name in ("a", "b"):
+        result = prepare_dataset_file({"path": str(folder), "data_files": [str(folder / f"{name}.jsonl")]}, tmp_path / "out")
+        ids[name] = (result.reused, [r["id"] for r in pq.read_table(result.path).to_pylist()])
+    assert ids == {"a": (False, ["a0", "a1"]), "b": (False, ["b0", "b1"])}
 
 
 # (format, row, expected reason): each bad row sits at index 1 of a JSONL file, after a good seed row

@@ -12,6 +12,7 @@ from fixtures_data import DATASET_TYPE, EXAMPLES, conv, images, load_prepared, m
 from PIL import Image
 
 from axolotl_minicpmv.integration.data import InvalidDatasetError, prepare_dataset_file, prepare_minicpmv_datasets
+from axolotl_minicpmv.model.conversation import short_repr
 
 
 def test_examples_become_uniform_rows_that_axolotl_loads(prepared_examples):
@@ -130,6 +131,22 @@ BAD_SAMPLES = {
     "tag in assistant turn": (
         {"id": "bad-1", "image": "ok.jpg", "conversations": conv("q", "see <image>")},
         "conversations[1] (assistant) contains '<image>'",
+    ),
+    "tag in assistant turn after a system turn": (  # named by the turn's own index, before system turns are folded in
+        {"id": "bad-1", "image": "ok.jpg", "conversations": [{"role": "system", "content": "s"}] + conv("q", "see <image>")},
+        "conversations[2] (assistant) contains '<image>'",
+    ),
+    "tag in system turn": (
+        {"id": "bad-1", "image": "ok.jpg", "conversations": [{"role": "system", "content": "<image> s"}] + conv("q", "a")},
+        "conversations[0] (system) contains '<image>'; images go in user turns",
+    ),
+    "image name too long for the file system": (
+        {"id": "bad-1", "image": "x" * 300 + ".jpg", "conversations": conv("q", "a")},
+        f"image {short_repr('x' * 300 + '.jpg')} is neither a usable path nor base64 of an image (",
+    ),
+    "NUL byte in the image path": (
+        {"id": "bad-1", "image": "a\x00b.jpg", "conversations": conv("q", "a")},
+        "image 'a\\x00b.jpg' is neither a usable path nor base64 of an image (embedded null byte)",
     ),
     "reserved </image> in text": (
         {"id": "bad-1", "conversations": conv("a </image> b", "a")},

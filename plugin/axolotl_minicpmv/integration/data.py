@@ -23,9 +23,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from axolotl.utils.logging import get_logger
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ..model.conversation import IMAGE_TAG, InvalidInputError, json_type, validate_conversation
+from ..model.conversation import IMAGE_TAG, InvalidInputError, json_type, short_repr, validate_conversation
 from .args import MiniCPMVArgs, cfg_value
 from .formats import BadSample, Fields, FormatSpec, InvalidDatasetError, format_spec, image_value, open_source, to_seed
 
@@ -34,7 +34,7 @@ LOG = get_logger(__name__)
 DATASET_TYPE = "axolotl_minicpmv.minicpmv_chat"
 # Bump when the prepared rows or the prompt/label layout built from them change: it is part of the
 # prepared file's name, which is part of Axolotl's tokenized-dataset cache key.
-FORMAT_VERSION = 2  # 2: image_bytes column (embedded images kept as bytes)
+FORMAT_VERSION = 3  # 2: image_bytes column (embedded images kept as bytes); 3: <image> only in user turns
 PREPARED_DIR_NAME = "minicpmv_data"
 # Axolotl's default output_dir, used when neither dataset_prepared_path nor output_dir is set yet
 DEFAULT_OUTPUT_DIR = "./model-out"
@@ -183,7 +183,10 @@ def prepare_dataset_file(
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         LOG.info(f"{src.name}: reusing prepared dataset {target} ({meta['num_samples']} samples)")
         if meta["num_skipped"]:
-            LOG.warning(f"{src.name}: {meta['num_skipped']} bad samples were skipped when it was prepared; see {meta_path}")
+            LOG.warning(
+                f"{src.name}: {meta['num_skipped']} bad samples were skipped when it was prepared (reasons in {meta_path}); "
+                f"the file is reused as it is: after fixing them (their images, say), delete {target} to prepare it again"
+            )
         return PreparedDataset(src.name, target, meta["num_samples"], meta["num_skipped"], reused=True)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -330,7 +333,9 @@ def normalize_sample(
     sample_id = sample.get("id")
     if sample_id is not None and not isinstance(sample_id, (str, int)):
         raise BadSample(f"'id' must be a string or an integer, got a JSON {json_type(sample_id)}")
-    conversations = _check_conversations(sample.get("conversations", _MISSING), fields.messages)
+    turns = sample.get("conversations", _MISSING)
+    conversations = _check_conversations(turns, fields.messages)
+    _check_tags_in_user_turns(turns, fields)
     entries, single = _image_field(sample.get("image"), fields.images)
     conversations = _check_image_tags(conversations, len(entries), single, fields)
     paths, blobs, sizes = [], [], []
@@ -377,13 +382,16 @@ def _image_field(image, field: str = "image") -> tuple[list[str | bytes], bool]:
     raise BadSample(f"{field!r} must be a path or a list of paths, got a JSON {json_type(image)}")
 
 
+def _check_tags_in_user_turns(turns: list[dict], fields: Fields) -> None:
+    """Pictures go in user turns only; checked on the turns as given (before system turns are folded into the first
+    user turn), so the message names the turn's own index and role."""
+    for i, msg in enumerate(turns):
+        if msg["role"] != "user" and IMAGE_TAG in msg["content"]:
+            raise BadSample(f"{fields.messages}[{i}] ({msg['role']}) contains {IMAGE_TAG!r}; images go in user turns")
+
+
 def _check_image_tags(conversations: list[dict], num_images: int, single: bool, fields: Fields) -> list[dict]:
-    tags = 0
-    for i, msg in enumerate(conversations):
-        count = msg["content"].count(IMAGE_TAG)
-        if count and msg["role"] != "user":
-            raise BadSample(f"{fields.messages}[{i}] (assistant) contains {IMAGE_TAG!r}; images go in user turns")
-        tags += count
+    tags = sum(msg["content"].count(IMAGE_TAG) for msg in conversations)
     if tags == num_images:
         return conversations
     if single and tags == 0:
@@ -404,8 +412,12 @@ def _resolve_image(raw: str, base_dir: Path | None) -> Path:
         if base_dir is None:
             raise BadSample(f"image {raw!r} is a relative path and the dataset has no folder to resolve it in; set minicpmv_image_root")
         path = base_dir / path
-    path = path.resolve()
-    if not path.is_file():
+    try:
+        path = path.resolve()
+        found = path.is_file()
+    except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte...
+        raise BadSample(f"image {short_repr(raw)} is neither a usable path nor base64 of an image ({err})") from None
+    if not found:
         raise BadSample(f"image {raw!r} not found (looked for {path})")
     return path
 
@@ -438,7 +450,7 @@ def _header_size(source, what: str, prefix: str) -> tuple[int, int]:
         with Image.open(source) as image:  # reads the header only
             size = image.size
             image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except Exception as err:  # Pillow's format plugins fail with many types (OSError, SyntaxError, IndexError...)
         raise BadSample(f"{what} cannot be read as an image ({prefix}{err})") from None
     if size[0] < 1 or size[1] < 1:
         raise BadSample(f"{what} is empty (size {size[0]}x{size[1]})")

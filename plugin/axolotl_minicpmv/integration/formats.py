@@ -40,7 +40,7 @@ FORMAT_FIELDS = {
 }
 READ_BATCH = 512  # rows per Arrow batch read from Parquet/Arrow/datasets sources
 JSON_CHUNK = 1 << 20  # characters read at a time from a JSON list file
-_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
+_BASE64 = re.compile(r"[A-Za-z0-9+/\-_=\s]+")  # the standard and the URL-safe alphabets
 
 
 class BadSample(Exception):
@@ -134,7 +134,7 @@ def to_seed(row, spec: FormatSpec) -> tuple[Any, Fields]:
         role_key, content_key = role_key or defaults[1], content_key or defaults[2]
     elif not (role_key and content_key):  # auto: ShareGPT's from/value or role/content, seen on the first turn
         first = messages[0] if isinstance(messages, list) and messages and isinstance(messages[0], Mapping) else {}
-        sharegpt = "from" in first or "value" in first
+        sharegpt = first.get("from") is not None or first.get("value") is not None
         role_key = role_key or ("from" if sharegpt else "role")
         content_key = content_key or ("value" if sharegpt else "content")
     part_images: list = []
@@ -151,7 +151,8 @@ def to_seed(row, spec: FormatSpec) -> tuple[Any, Fields]:
 
 
 def _first_present(row: Mapping, names: tuple[str, ...]) -> str | None:
-    return next((name for name in names if name in row), None)
+    # a null counts as absent: Parquet, Arrow and hub rows carry every column of the table, null where a row has none
+    return next((name for name in names if row.get(name) is not None), None)
 
 
 def _messages(messages, field_name, role_key, content_key, roles, part_images, pool):
@@ -241,10 +242,9 @@ def image_value(value, where: str) -> str | bytes:
         if text.startswith("file://"):
             return urllib.parse.unquote(urllib.parse.urlparse(text).path)
         if len(text) >= 64 and "." not in text and _BASE64.fullmatch(text):  # a path has an extension, base64 has no '.'
-            try:
-                return base64.b64decode(text, validate=False)
-            except (binascii.Error, ValueError):
-                pass
+            embedded = _base64_image(text)
+            if embedded is not None:
+                return embedded
         return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         if not len(value):
@@ -264,6 +264,18 @@ def image_value(value, where: str) -> str | bytes:
         value.save(buffer, format="PNG")  # lossless
         return buffer.getvalue()
     raise BadSample(f"{where} must be a path, a data: URL, base64, image bytes or a {{bytes, path}} image, got a JSON {json_type(value)}")
+
+
+def _base64_image(text: str) -> bytes | None:
+    """The image that base64 `text` encodes (standard or URL-safe alphabet, padded or not), or None when it does
+    not decode to something Pillow recognises: then it is a path (say, a file named by its hash, without extension)."""
+    compact = "".join(text.split()).rstrip("=")
+    try:
+        data = base64.b64decode(compact.replace("-", "+").replace("_", "/") + "=" * (-len(compact) % 4), validate=True)
+        Image.open(io.BytesIO(data))  # reads the header only
+    except Exception:
+        return None
+    return data
 
 
 def _data_url(url: str, where: str) -> bytes:
@@ -314,6 +326,7 @@ def open_source(ds_cfg) -> Source:
             str(path),
             split,
             cfg_value(ds_cfg, "name"),
+            cfg_value(ds_cfg, "data_files"),  # which of the folder's files the loader reads
             [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
         ]
         name = f"{path} (split {split or 'train'!r})"
@@ -322,7 +335,7 @@ def open_source(ds_cfg) -> Source:
         raise SourceError(f"{path.resolve()}: dataset file not found (nor a folder; a hub dataset id reads `owner/name`)")
     revision = cfg_value(ds_cfg, "revision")
     name = f"{raw_path} (hub, split {split or 'train'!r})"
-    fingerprint = [raw_path, split, cfg_value(ds_cfg, "name"), revision, _hub_sha(raw_path, revision)]
+    fingerprint = [raw_path, split, cfg_value(ds_cfg, "name"), cfg_value(ds_cfg, "data_files"), revision, _hub_sha(raw_path, revision)]
     return Source(name, raw_path.replace("/", "_"), None, fingerprint, lambda: _datasets_rows(ds_cfg, name))
 
 

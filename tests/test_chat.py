@@ -19,6 +19,7 @@ from PIL import Image
 from axolotl_minicpmv import InvalidInputError, MiniCPMVChat, img2base64
 from axolotl_minicpmv.inference.chat import decode_answer, image_features
 from axolotl_minicpmv.inference.chat_helper import pick_device
+from axolotl_minicpmv.model.conversation import validate_conversation
 from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor, group_by_size, image_bounds
 
 CLOCK = EXAMPLES / "images" / "clock.jpg"  # 448x448: one image, no slices
@@ -111,6 +112,31 @@ def test_beam_search_is_deterministic(tiny_model, tiny_tokenizer, clock):
     first = _chat(tiny_model, tiny_tokenizer, clock, sampling=False, max_new_tokens=10)[0]
     second = _chat(tiny_model, tiny_tokenizer, clock, sampling=False, max_new_tokens=10)[0]
     assert first == second
+
+
+def test_an_empty_earlier_answer_goes_back_as_context(tiny_model, tiny_tokenizer, clock):
+    """An answer may be empty (eos first): chat returns it in the context, and the next turn takes that context
+    back, as the official chat does. Training data still needs every turn non-empty."""
+    msgs = [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": ""}, {"role": "user", "content": "And now?"}]
+    answer, context, _ = _chat(tiny_model, tiny_tokenizer, clock, msgs=msgs, sampling=False, num_beams=1)
+    assert context == msgs + [{"role": "assistant", "content": answer}]
+    with pytest.raises(InvalidInputError, match=r"msgs\[1\] \(assistant\) has empty content"):
+        validate_conversation(msgs, for_training=True)
+
+
+def test_slicing_settings_changed_between_calls_apply_to_the_next(tiny_checkpoint_fp32, tiny_tokenizer):
+    """The official chat reads the config at each call: a max_slice_nums set after a first call is used by the
+    next one (its answer is the answer of a model configured so from the start)."""
+    from axolotl_minicpmv import MiniCPMV
+
+    picture = Image.open(EXAMPLES / "images" / "landscape.jpg").convert("RGB")  # 1344x896: sliced at 9, not at 1
+    settings = dict(sampling=False, num_beams=1, max_new_tokens=12)
+    model, fresh = (MiniCPMV.from_pretrained(tiny_checkpoint_fp32, dtype=torch.float32).eval() for _ in range(2))
+    sliced = _chat(model, tiny_tokenizer, picture, **settings)[0]
+    model.config.max_slice_nums = fresh.config.max_slice_nums = 1
+    unsliced = _chat(fresh, tiny_tokenizer, picture, **settings)[0]
+    assert unsliced != sliced  # else this test could not tell
+    assert _chat(model, tiny_tokenizer, picture, **settings)[0] == unsliced
 
 
 def test_chat_needs_the_tokenizer(tiny_model, clock):

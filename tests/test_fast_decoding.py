@@ -638,3 +638,24 @@ def test_a_lone_prompts_prefill_on_a_gpu_replays_a_graph_with_generates_tokens(t
         plain = _generate(model, embeds, max_new_tokens=12, min_new_tokens=12, eos_token_id=None)
         assert torch.equal(ours.cpu(), plain.cpu())
         assert len(decoder._slot(1).prefill_graphs.graphs) == graphs
+
+
+def test_a_row_ended_by_on_tokens_at_its_last_token_finishes_with_stop(tiny_model, tiny_tokenizer):
+    """A stopping criterion wins over the length limit reached by the same token, on both paths."""
+    from axolotl_minicpmv.inference.generate import generate_answers
+    from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor
+
+    processor = MiniCPMVProcessor.from_config(tiny_tokenizer, tiny_model.config)
+    conversations = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Tell me more"}]]
+    for fast in (False, True):
+        steps = 0
+
+        def on_tokens(tokens):
+            nonlocal steps
+            steps += 1
+            return [0] if steps == 5 else []
+
+        out = generate_answers(
+            tiny_model, processor, conversations, [[], []], max_new_tokens=5, num_beams=1, fast=fast, on_tokens=on_tokens
+        )
+        assert [(len(g.token_ids), g.finish_reason) for g in out] == [(5, "stop"), (5, "length")], fast

@@ -15,7 +15,7 @@ import torch
 from transformers.utils import logging
 
 from ..model.conversation import validate_conversation
-from ..model.image_processing_minicpmv import load_image
+from ..model.image_processing_minicpmv import MiniCPMVImageProcessor, load_image
 from ..model.processing_minicpmv import MiniCPMVProcessor, tag_images
 from ..model.transfer import to_device
 from .fast_decoding import FastDecoder, Sampling
@@ -112,10 +112,12 @@ def chat(
 
 
 def _processor_for(model, tokenizer) -> MiniCPMVProcessor:
-    """The model's processor for `tokenizer`, kept on the model (a plain attribute, never saved)."""
+    """The processor for `tokenizer` and the config's slicing keys as they are now (the official chat reads the
+    config at every call), kept on the model (a plain attribute, never saved) while neither changes."""
+    image_processor = MiniCPMVImageProcessor.from_model_config(model.config)
     kept = getattr(model, "_chat_processor", None)
-    if kept is None or kept.tokenizer is not tokenizer:
-        kept = MiniCPMVProcessor.from_config(tokenizer, model.config)
+    if kept is None or kept.tokenizer is not tokenizer or kept.image_processor.to_dict() != image_processor.to_dict():
+        kept = MiniCPMVProcessor(image_processor, tokenizer)
         model._chat_processor = kept
     return kept
 

@@ -105,11 +105,12 @@ def generate_answers(
     for row, ids in enumerate(output.tolist()):
         # A row holds its tokens up to its eos or the step `on_tokens` ended it, pad after; the others run the
         # whole width. (Pad is <unk>, 0, which a random model may also generate: lengths never come from it.)
-        if on_tokens is not None and row in on_tokens.last_step:
+        stopped = on_tokens is not None and row in on_tokens.last_step
+        if stopped:
             ids = ids[: on_tokens.last_step[row] + 1]
         ended = tokenizer.eos_token_id in ids
         kept = ids[: ids.index(tokenizer.eos_token_id) + 1] if ended else ids
-        finish = "stop" if ended or len(kept) < max_new_tokens else "length"
+        finish = "stop" if ended or stopped or len(kept) < max_new_tokens else "length"
         results.append(Generation(decode_answer(torch.tensor(kept), tokenizer), kept, int(prompt_tokens[row]), finish))
     return results
 

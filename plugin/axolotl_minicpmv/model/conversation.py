@@ -62,7 +62,8 @@ def validate_conversation(msgs, field: str = "msgs", for_training: bool = False)
             raise InvalidInputError(f"{where} has unknown role {short_repr(role)}{after}; roles are 'user' and 'assistant'")
         if not isinstance(content, str):
             raise InvalidInputError(f"{where} ({role}): content must be a string, got a JSON {json_type(content)}; give a non-empty string")
-        if not content.strip():
+        # An earlier answer may be empty (eos first): `chat` returns it in the history, which goes back in as context.
+        if not content.strip() and (for_training or role != "assistant"):
             raise InvalidInputError(f"{where} ({role}) has empty content; content must be a non-empty string")
         if for_training and IMAGE_END_TAG in content:
             raise InvalidInputError(f"{where} ({role}) contains {IMAGE_END_TAG!r}, which is reserved for image placeholders")

@@ -274,6 +274,10 @@ def test_session_dtype_and_device_overrides(tiny_checkpoint):
     assert isinstance(session.chat({"image": img2base64(CLOCK), "question": msgs}, sampling=False, max_new_tokens=4), str)
     session = MiniCPMVChat(str(tiny_checkpoint), device="cpu", dtype=torch.float64)
     assert {p.dtype for p in session.model.parameters()} == {torch.float64}
+    with pytest.raises(ValueError, match="dtype 'bf16' is not supported; choose one of bfloat16, float16, float32"):
+        MiniCPMVChat(str(tiny_checkpoint), device="cpu", dtype="bf16")
+    with pytest.raises(ValueError, match="device 'gpu0'"):
+        MiniCPMVChat(str(tiny_checkpoint), device="gpu0")
 
 
 def test_session_invalid_base64(session):

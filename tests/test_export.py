@@ -233,6 +233,52 @@ def test_merged_fp32_export_equals_trained_model(trained_run, exports, expected,
     assert all(torch.equal(v, state[k]) for k, v in merged_on_load.state_dict().items())
 
 
+def test_a_merged_export_loads_in_the_dtype_it_was_written_in(exports):
+    """transformers loads a checkpoint in the dtype its config names: the copied config must name the export's."""
+    from axolotl_minicpmv import MiniCPMV
+
+    for folder, dtype in ((exports.merged32, torch.float32), (exports.merged, torch.bfloat16)):
+        assert json.loads((folder / "config.json").read_text())["torch_dtype"] == str(dtype).removeprefix("torch.")
+        assert MiniCPMV.from_pretrained(folder).dtype == dtype
+
+
+def test_lora_on_lm_head_merges_and_exports_as_peft_does(trained_run, tmp_path):
+    """PEFT saves the base weight of a LoRA-targeted lm_head as `llm.lm_head.base_layer.weight`: the base's own
+    tensor under the wrapped name, which must not read as a tensor of another base model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+
+    from axolotl_minicpmv import MiniCPMV
+    from axolotl_minicpmv.weights.loading import load_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
+    model = get_peft_model(MiniCPMV.from_pretrained(trained_run.base, dtype=torch.float32), lora)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    run = tmp_path / "lm-head-run"
+    model.save_pretrained(run)
+    assert "base_model.model.llm.lm_head.base_layer.weight" in load_file(run / "adapter_model.safetensors")
+    base = MiniCPMV.from_pretrained(trained_run.base, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, run).merge_and_unload().state_dict()
+    merged = load_model(trained_run.base, adapter=run, dtype=torch.float32, merge=True).state_dict()
+    assert merged.keys() == reference.keys() and all(torch.equal(merged[k], reference[k]) for k in merged)
+    exported = do_export(trained_run, "merged", tmp_path / "merged", source=run, base_model=str(trained_run.base), dtype="float32")
+    written = MiniCPMV.from_pretrained(exported).state_dict()
+    assert all(torch.equal(written[k], reference[k]) for k in written)
+
+
+def test_a_symlinked_out_dir_receives_the_export(trained_run, tmp_path):
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    link.symlink_to(real)
+    do_export(trained_run, "adapter", link)
+    assert link.is_symlink() and (real / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
 def test_merged_bf16_export_is_in_the_official_format(trained_run, exports):
     from safetensors import safe_open
 
@@ -363,6 +409,9 @@ def test_missing_and_partial_runs(trained_run, tmp_path):
     config.write_text("base_model: x\n")
     with pytest.raises(ExportError, match="has no `output_dir`"):
         do_export(trained_run, "adapter", tmp_path / "out", source=config)
+    (run / checkpoints(run)[0] / "adapter_config.json").write_text('{"r": 8, ')  # a save cut short
+    with pytest.raises(ExportError, match=r"adapter_config\.json is not valid JSON"):
+        do_export(trained_run, "adapter", tmp_path / "out", source=run, checkpoint=checkpoints(run)[0])
     assert not (tmp_path / "out").exists()
 
 
@@ -429,6 +478,8 @@ def test_loading_refuses_the_wrong_kind_of_folder(trained_run, exports):
         MiniCPMVChat(str(trained_run.base), adapter=str(exports.merged), device="cpu")
     with pytest.raises(CheckpointError, match="is an adapter, not a model"):
         load_model(exports.adapter)
+    with pytest.raises(CheckpointError, match="is an adapter, not a model"):  # Axolotl saves a config.json beside it
+        load_model(trained_run.output_dir)
 
 
 def test_cli_export(trained_run, tmp_path):

@@ -23,7 +23,7 @@ import click
 )
 @click.option("--max-new-tokens", default=1024, show_default=True)
 @click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
-@click.option("--dtype", default=None, help="bfloat16, float16 or float32 (default: by device).")
+@click.option("--dtype", default=None, type=click.Choice(["bfloat16", "float16", "float32"]), help="Default: by device.")
 def chat_command(model_path, adapter, image, questions, beam, fast, max_new_tokens, device, dtype):
     """Chat with MiniCPM-V 2.0 about an image, over several turns.
 

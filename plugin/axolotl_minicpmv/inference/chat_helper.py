@@ -16,11 +16,28 @@ from ..model.tokenization import load_tokenizer
 from ..weights.loading import load_model
 
 DEFAULT_DTYPES = {"cuda": torch.bfloat16, "mps": torch.float16, "cpu": torch.float32}
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 
 def img2base64(path: str | Path) -> str:
     """Base64 text of an image file, as `MiniCPMVChat.chat` takes it."""
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
+    """`dtype` as a torch dtype (a name of DTYPE_NAMES, or None: the device's default, float32 where none is known),
+    or ValueError naming what is wrong."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPE_NAMES)}")
+        return getattr(torch, dtype)
+    if dtype is not None:
+        return dtype
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r}: {err}") from None
+    return DEFAULT_DTYPES.get(kind, torch.float32)
 
 
 def pick_device() -> str:
@@ -36,9 +53,7 @@ class MiniCPMVChat:
 
     def __init__(self, model_path: str, adapter: str | None = None, device: str | None = None, dtype: torch.dtype | str | None = None):
         self.device = device or pick_device()
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        self.dtype = dtype or DEFAULT_DTYPES[torch.device(self.device).type]
+        self.dtype = resolve_dtype(dtype, self.device)
         self.model = load_model(model_path, adapter=adapter, dtype=self.dtype).to(self.device).eval()
         self.tokenizer = load_tokenizer(model_path)
 

@@ -615,12 +615,12 @@ def load_predictor(
     model_path: str, adapter: str | None = None, device: str | None = None, dtype: str | None = None, max_slice_nums: int | None = None
 ):
     """(model in eval mode on `device`, processor) for a base model (+ adapter)."""
-    from ..inference.chat_helper import DEFAULT_DTYPES, pick_device
+    from ..inference.chat_helper import pick_device, resolve_dtype
     from ..model.tokenization import load_tokenizer
     from ..weights.loading import load_model
 
     device = device or pick_device()
-    torch_dtype = getattr(torch, dtype) if dtype else DEFAULT_DTYPES[torch.device(device).type]
+    torch_dtype = resolve_dtype(dtype, device)
     model = load_model(model_path, adapter=adapter, dtype=torch_dtype).to(device).eval()
     processor = MiniCPMVProcessor.from_config(load_tokenizer(model_path), model.config, max_slice_nums=max_slice_nums)
     return model, processor

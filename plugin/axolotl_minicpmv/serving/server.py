@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
-from ..inference.chat_helper import DEFAULT_DTYPES, pick_device
+from ..inference.chat_helper import pick_device, resolve_dtype
 from ..model.processing_minicpmv import MiniCPMVProcessor
 from ..weights.loading import load_model
 from .api import ServerSettings, create_app
@@ -27,7 +25,7 @@ def build_app(
     **settings,
 ):
     device = device or pick_device()
-    torch_dtype = getattr(torch, dtype) if dtype else DEFAULT_DTYPES[torch.device(device).type]
+    torch_dtype = resolve_dtype(dtype, device)
     model = load_model(model_path, adapter=adapter, dtype=torch_dtype).to(device).eval()
     processor = MiniCPMVProcessor.from_pretrained(model_path)
     name = settings.pop("model_name", None) or Path(str(adapter or model_path)).name

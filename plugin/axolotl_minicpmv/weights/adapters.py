@@ -74,6 +74,12 @@ def is_lora_name(name: str) -> bool:
     return any(part.startswith("lora_") for part in name.split("."))
 
 
+def base_weight_name(name: str) -> str:
+    """The base tensor a full tensor of the adapter replaces: PEFT saves the base weights of LoRA-targeted embedding
+    layers (lm_head, embed_tokens) under the wrapped name, `llm.lm_head.base_layer.weight` for `llm.lm_head.weight`."""
+    return name.replace(".base_layer.", ".")
+
+
 def split_lora_name(name: str) -> tuple[str, str, str]:
     """`llm.….q_proj.lora_A.weight` -> (`llm.….q_proj`, `lora_A`, `weight`)."""
     parts = name.split(".")
@@ -180,10 +186,11 @@ def check_adapter_fits(adapter: Adapter, base_shapes: Mapping[str, tuple[int, ..
             empty.append(f"{name} {shape}")
             continue
         if not is_lora_name(name):
-            if name not in base_shapes:
+            target = base_weight_name(name)
+            if target not in base_shapes:
                 problems.append(f"{name}: shape {shape} in the adapter, no such tensor in the base")
-            elif tuple(base_shapes[name]) != shape:
-                problems.append(f"{name}: shape {shape} in the adapter, {tuple(base_shapes[name])} in the base")
+            elif tuple(base_shapes[target]) != shape:
+                problems.append(f"{name}: shape {shape} in the adapter, {tuple(base_shapes[target])} in the base")
             continue
         module, part, param = split_lora_name(name)
         weight = f"{module}.weight"
@@ -232,7 +239,7 @@ def lora_merge_plan(
             module, part, param = split_lora_name(tensor_name)
             lora[module][f"{part}.{param}" if param else part] = tensor
         else:
-            full[tensor_name] = tensor
+            full[base_weight_name(tensor_name)] = tensor
     for module, parts in lora.items():
         if set(parts) - MERGEABLE_LORA_TENSORS:
             raise AdapterError(f"{module}: cannot merge LoRA tensors {sorted(set(parts) - MERGEABLE_LORA_TENSORS)}")

@@ -87,7 +87,10 @@ def resolve_run(source: str | os.PathLike, checkpoint: str | None = None, base_m
     else:
         run_dir = source_path
     adapter_dir = _pick_adapter_dir(run_dir, checkpoint)
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    try:
+        adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{adapter_dir / 'adapter_config.json'} is not valid JSON ({err}): was the save interrupted?") from None
     base = base_model or (cfg or {}).get("base_model") or adapter_config.get("base_model_name_or_path")
     if not base:
         raise ExportError(
@@ -286,6 +289,8 @@ def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def _staged_output(out: Path, overwrite: bool, protected: list[Path]):
     """Yield a fresh folder beside `out`; on success it replaces `out` by rename, on failure it is removed."""
     target = out.absolute()
+    if target.is_symlink():  # the folder the link names is replaced; the link stays
+        target = target.resolve()
     for keep in protected:
         keep = keep.resolve()
         if target.resolve() == keep or target.resolve() in keep.parents:
@@ -401,8 +406,20 @@ def _write_merged(run: Run, base: BaseCheckpoint, adapter: Adapter, out: Path, d
             del shard_tensors
     _write_json(out / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(index.items()))})
     base.copy_side_files(MODEL_SIDE_FILES, out)
+    _set_config_dtype(out / "config.json", dtype)
     base.copy_side_files(sorted(p.name for p in base.path.glob("*.py")), out)  # remote code named by auto_map
     _copy_tokenizer(run, base, out)
+
+
+def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
+    """The copied config names the dtype the weights were written in: transformers (`dtype="auto"`, the default) and
+    vLLM load a checkpoint in the dtype its config names, so a float32 export left saying bfloat16 would be rounded."""
+    config = json.loads(config_file.read_text())
+    name = str(dtype).removeprefix("torch.")
+    keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["torch_dtype"]
+    if any(config.get(key) != name for key in keys):  # else the base's file stays byte for byte
+        config.update({key: name for key in keys})
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _shard_plan(base: BaseCheckpoint, dtype: torch.dtype) -> dict[str, list[str]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..model.checkpoint import CheckpointError
+from ..model.checkpoint import WEIGHT_FILES, CheckpointError
 
 
 def load_model(
@@ -28,7 +28,8 @@ def load_model(
     from ..model.modeling_minicpmv import MiniCPMV
 
     path = Path(model_path)
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+    # an Axolotl output_dir holds the adapter and a config.json, but no model weights
+    if (path / "adapter_config.json").is_file() and not any((path / name).is_file() for name in WEIGHT_FILES):
         raise CheckpointError(
             f"{str(path)!r} is an adapter, not a model: pass the base model and the adapter, "
             f"e.g. load_model(BASE, adapter={str(path)!r}) or MiniCPMVChat(BASE, adapter={str(path)!r})"

@@ -31,7 +31,8 @@ def _rows():
     return [([{"role": "user", "content": text}], pictures) for text, pictures in questions] * 2
 
 
-async def _serve_all(scheduler: Scheduler, requests) -> list[tuple[list[str], object]]:
+async def _outcomes(scheduler: Scheduler, requests) -> list[tuple[list[str], str, object]]:
+    """(deltas, "done" or "error", result or exception) of each (request, pictures), all queued as one batch."""
     loop = asyncio.get_running_loop()
     processor = scheduler.processor
     jobs = [Job(request, Prompt(*processor.inference_inputs(request.conversation, pictures, 2048)), loop) for request, pictures in requests]
@@ -45,12 +46,19 @@ async def _serve_all(scheduler: Scheduler, requests) -> list[tuple[list[str], ob
             kind, payload = await job.events.get()
             if kind == "delta":
                 deltas.append(payload)
-            elif kind == "done":
-                return deltas, payload
             else:
-                raise payload
+                return deltas, kind, payload
 
     return await asyncio.gather(*(collect(job) for job in jobs))
+
+
+async def _serve_all(scheduler: Scheduler, requests) -> list[tuple[list[str], object]]:
+    served = []
+    for deltas, kind, payload in await _outcomes(scheduler, requests):
+        if kind == "error":
+            raise payload
+        served.append((deltas, payload))
+    return served
 
 
 def test_a_batch_of_streams_gets_the_solo_answers_fast_and_plain(tiny_model, tiny_tokenizer):
@@ -129,26 +137,6 @@ def test_a_batch_stays_within_the_compiled_context():
 # ------------------------------------------------------------------ failures and stop strings while streaming
 
 
-async def _outcomes(scheduler: Scheduler, requests) -> list[tuple[list[str], str, object]]:
-    """(deltas, "done" or "error", result or exception) of each request, all queued as one batch."""
-    loop = asyncio.get_running_loop()
-    jobs = [Job(request, Prompt(*scheduler.processor.inference_inputs(request.conversation, [], 2048)), loop) for request in requests]
-    with scheduler._cond:
-        for job in jobs:
-            scheduler.submit(job)
-
-    async def collect(job):
-        deltas = []
-        while True:
-            kind, payload = await job.events.get()
-            if kind == "delta":
-                deltas.append(payload)
-            else:
-                return deltas, kind, payload
-
-    return await asyncio.gather(*(collect(job) for job in jobs))
-
-
 def test_a_batch_failing_midway_retries_alone_only_the_requests_that_streamed_nothing(tiny_model, tiny_tokenizer):
     """The decoder raises once at its sixth call (as a GPU running out of memory would): the streamed request, whose
     client already has part of an answer, gets the error (running it again would send that part twice, or other
@@ -167,7 +155,7 @@ def test_a_batch_failing_midway_retries_alone_only_the_requests_that_streamed_no
     hook = tiny_model.llm.register_forward_hook(fail_once)
     scheduler = Scheduler(tiny_model, processor, max_batch_size=2, fast=False)
     try:
-        (deltas, kind, error), (_, plain_kind, result) = asyncio.run(_outcomes(scheduler, [streamed, plain]))
+        (deltas, kind, error), (_, plain_kind, result) = asyncio.run(_outcomes(scheduler, [(streamed, []), (plain, [])]))
     finally:
         scheduler.close()
         hook.remove()

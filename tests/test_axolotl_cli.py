@@ -284,7 +284,8 @@ def test_train_logs_finite_losses_eval_loss_targets_and_parameter_counts(trained
     assert len(eval_losses) >= MAX_STEPS // 2 and all(math.isfinite(x) for x in eval_losses), eval_losses
     assert "training in float32" in trained.output
 
-    assert "LoRA targets: 8 modules (e.g. llm.model.layers.0.self_attn.q_proj" in trained.output  # llm_attn: q/k/v/o x 2 layers
+    # what PEFT wrapped, read from the model: llm_attn is q/k/v/o x 2 layers, nothing in the fully trained tower
+    assert "LoRA wrapped 8 modules in llm (e.g. llm.model.layers.0.self_attn.q_proj)\n" in trained.output, tail(trained.output)
     counts = re.search(r"MiniCPM-V parameters: Total ([\d,]+) / Trainable ([\d,]+)", trained.output)
     assert counts, tail(trained.output)
     total, trainable = (int(x.replace(",", "")) for x in counts.groups())
@@ -412,6 +413,21 @@ def test_evaluate_reports_the_eval_loss_of_the_trained_adapter(trained, tmp_path
     state = json.loads((trained.out / f"checkpoint-{MAX_STEPS}" / "trainer_state.json").read_text())
     final = [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h and h["step"] == MAX_STEPS]
     assert final and math.isclose(eval_loss, final[-1], rel_tol=1e-3), (eval_loss, final)
+
+
+def test_evaluate_without_an_adapter_reports_the_base_models_eval_loss(trained, tmp_path):
+    """No `adapter`: the plugin's LoRA hooks stand aside (Axolotl calls them on every run)."""
+    cfg = yaml.safe_load(trained.config.read_text())
+    for key in ("adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"):
+        cfg.pop(key, None)
+    cfg.update(output_dir=str(tmp_path / "eval"))
+    config = tmp_path / "evaluate-base.yml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rc, output = run([AXOLOTL, "evaluate", config], tmp_path / "evaluate.log")
+    assert rc == 0, tail(output)
+    found = re.findall(r"eval_loss: ([0-9.eE+-]+)", output)
+    assert found and math.isfinite(float(found[-1])), tail(output)
+    assert "LoRA wrapped" not in output
 
 
 # --------------------------------------------------------------------------------------------- refusals

@@ -14,6 +14,7 @@ from axolotl_minicpmv.integration.lora_targets import (
     PRESETS,
     check_targets,
     count_parameters,
+    describe_wrapped,
     expand_targets,
 )
 
@@ -54,6 +55,21 @@ def test_resolution_against_the_real_module_names(real_config, targets, count, e
 def test_a_pattern_matching_nothing_is_a_config_error(real_config):
     with pytest.raises(ValueError, match=r"lora_target_modules=.*matches no linear module"):
         check_targets(meta_model(real_config), r"nothing\.matches")
+
+
+def test_the_resamplers_attention_output_is_refused(real_config):
+    """nn.MultiheadAttention reads out_proj's weight itself: a LoRA wrapper there would never run, never train."""
+    with pytest.raises(ValueError, match=r"matches resampler\.attn\.out_proj: nn\.MultiheadAttention reads that weight itself"):
+        check_targets(meta_model(real_config), r"(resampler\.attn\.out_proj|llm\..*q_proj)")
+
+
+def test_the_log_says_what_peft_wrapped_in_each_part(real_config):
+    """A pattern reaching into a part that is not trained in full is wrapped there, and the log says so."""
+    targets = r"(vpm\.blocks\.0\.attn\.qkv|llm\..*layers\.0\.self_attn\.q_proj)"
+    model = get_peft_model(meta_model(real_config), LoraConfig(r=4, target_modules=targets, modules_to_save=["resampler"]))
+    assert describe_wrapped(model) == (
+        "1 modules in llm (e.g. llm.model.layers.0.self_attn.q_proj); 1 modules in vpm (e.g. vpm.blocks.0.attn.qkv)"
+    )
 
 
 @pytest.mark.parametrize(

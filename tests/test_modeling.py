@@ -576,3 +576,21 @@ def test_generate_without_attention_mask_still_sees_the_image(tiny_model, proces
         without_image = tiny_model.generate(input_ids=ids, **kwargs)
     assert torch.equal(with_image, masked)
     assert not torch.equal(with_image, without_image)
+
+
+def test_beam_search_from_input_ids_keeps_each_rows_pictures(tiny_model, processor):
+    """generate(input_ids=..., pixel_values=...) with beams copies every row; `image_bound` names rows by index, so
+    the pictures must go into the embeddings before the copies are made, or a row's beams see another row's picture."""
+    pictures = [Image.open(EXAMPLES / "images" / name).convert("RGB").resize((448, 448)) for name in ("clock.jpg", "stop_sign.jpg")]
+    conversation = [{"role": "user", "content": "Describe it."}]
+    keys = ("input_ids", "attention_mask", "pixel_values", "vision_order", "image_bound")
+    settings = dict(do_sample=False, num_beams=3, max_new_tokens=6, pad_token_id=0)
+
+    def generate(batch):
+        return tiny_model.generate(**{key: batch[key] for key in keys}, **settings)
+
+    with torch.inference_mode():
+        together = generate(processor([conversation] * 2, [[p] for p in pictures], padding_side="left"))
+        alone = [generate(processor([conversation], [[p]]))[0] for p in pictures]
+    assert not torch.equal(alone[0], alone[1])  # else this test could not tell the rows apart
+    assert torch.equal(together[0], alone[0]) and torch.equal(together[1], alone[1])

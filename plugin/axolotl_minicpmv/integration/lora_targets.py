@@ -1,7 +1,8 @@
 """Which modules get LoRA: the seed's regex by default, a list, or a named preset.
 
-Resolution uses PEFT's own matching rules against the real module names, so what is logged is
-exactly what PEFT will wrap; a pattern that matches nothing is a configuration error.
+Targets are checked with PEFT's own matching rules against the real module names before PEFT wraps them (a pattern
+that matches nothing, or a layer whose wrapper would never run, is a configuration error); what PEFT then wrapped
+is logged from the model itself.
 """
 
 from __future__ import annotations
@@ -47,14 +48,35 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
 
 
 def check_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """The resolved module names; a pattern that matches nothing is a configuration error."""
+    """The resolved module names; a pattern that matches nothing, or the output projection of an
+    `nn.MultiheadAttention` (the resampler's: the attention reads its weight directly, so a LoRA wrapper there would
+    never run and never train), is a configuration error."""
     names = resolve_targets(model, targets)
     if not names:
         raise ValueError(
             f"lora_target_modules={targets!r} matches no linear module of MiniCPM-V. A string is a full-match regex over "
             f"module names such as 'llm.model.layers.0.self_attn.q_proj'; presets: {', '.join(PRESETS)}"
         )
+    attention = {name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
+    unused = [name for name in names if name.rpartition(".")[0] in attention]
+    if unused:
+        raise ValueError(
+            f"lora_target_modules={targets!r} matches {', '.join(unused)}: nn.MultiheadAttention reads that weight itself, so "
+            "LoRA there would never train. Leave it out of the pattern (the resampler is trained in full by default)."
+        )
     return names
+
+
+def describe_wrapped(model: nn.Module) -> str:
+    """How many modules PEFT wrapped with LoRA, per top-level part (llm, vpm, resampler), with an example each."""
+    from peft.tuners.lora import LoraLayer
+
+    parts: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            inner = name.split("base_model.model.", 1)[-1]
+            parts.setdefault(inner.split(".", 1)[0], []).append(inner)
+    return "; ".join(f"{len(found)} modules in {part} (e.g. {found[0]})" for part, found in parts.items()) or "no module"
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -65,8 +65,13 @@ class MiniCPMVPlugin(BasePlugin):
         prepare_minicpmv_datasets(cfg)
 
     def pre_lora_load(self, cfg, model):
-        names = lora_targets.check_targets(model, cfg.lora_target_modules)
-        LOG.info("LoRA targets: %d modules (e.g. %s)", len(names), ", ".join(names[:3]))
+        if cfg.adapter not in ("lora", "qlora"):
+            return  # Axolotl calls this hook on every run: full fine-tuning, or evaluating the base model
+        lora_targets.check_targets(model, cfg.lora_target_modules)
+
+    def post_lora_load(self, cfg, model):
+        if cfg.adapter in ("lora", "qlora"):
+            LOG.info("LoRA wrapped %s", lora_targets.describe_wrapped(model))
 
     def post_model_load(self, cfg, model):
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled

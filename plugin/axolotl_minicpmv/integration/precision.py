@@ -26,7 +26,8 @@ def keep_trained_weights_float32(cfg, model: torch.nn.Module) -> int:
         return 0
     if cfg_value(cfg, "deepspeed") or cfg_value(cfg, "fsdp_config") or cfg_value(cfg, "fsdp"):
         return 0  # DeepSpeed keeps float32 master weights; FSDP's mixed precision manages the dtypes itself
-    if not (cfg_value(cfg, "bf16") is True or cfg_value(cfg, "fp16") is True):
+    # the trainer's autocast as Axolotl sets it: bf16 from `bf16` or its alias `bfloat16`, else fp16
+    if not any(cfg_value(cfg, key) is True for key in ("bf16", "bfloat16", "fp16")):
         return 0  # no autocast would compute float32 weights in 16 bits
     half_trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad and p.dtype in HALF]
     if not half_trained:

@@ -575,6 +575,14 @@ class MiniCPMV(MiniCPMPreTrainedModel, GenerationMixin):
             inputs.update(pixel_values=pixel_values, vision_order=vision_order, image_bound=image_bound)
         return inputs
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # Beams and num_return_sequences copy each row; `image_bound` names its rows by index, which copies would not
+        # follow. So the pictures go into the prompt's embeddings first, and the embeddings are copied.
+        if expand_size > 1 and model_kwargs.get("pixel_values") is not None and model_kwargs.get("inputs_embeds") is None:
+            images = [model_kwargs.pop(key, None) for key in ("pixel_values", "vision_order", "image_bound")]
+            model_kwargs["inputs_embeds"] = self.embed_inputs(input_ids, *images)
+        return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+
     def _prepare_attention_mask_for_generation(self, inputs_tensor, generation_config, model_kwargs):
         # The pad id (0, <unk>) is also the token of every image slot: deriving the mask from it would
         # hide the images. Without an explicit mask every position is attended.

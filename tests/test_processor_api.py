@@ -41,6 +41,25 @@ def test_a_folder_without_preprocessor_config_takes_the_slicing_keys_of_config_j
         assert (processor.image_processor.max_slice_nums, processor.image_processor.scale_resolution) == (4, 336)
 
 
+def test_config_jsons_slicing_keys_win_over_the_preprocessor_file(tiny_checkpoint, tmp_path):
+    """The official code slices by config.json (its preprocessor file has no slice_mode): the processor that training
+    and the server load from the folder slices as `chat` and `predict` do, from the model's config."""
+    from axolotl_minicpmv import MiniCPMV
+
+    folder = tmp_path / "unsliced"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "slice_mode": False, "max_slice_nums": 4}))
+    assert (folder / "preprocessor_config.json").is_file()
+    model_config = MiniCPMV.config_class.from_pretrained(folder)
+    keys = ("max_slice_nums", "scale_resolution", "patch_size", "image_feature_size", "slice_mode", "norm_mean", "norm_std")
+    expected = [getattr(MiniCPMVImageProcessor.from_model_config(model_config), key) for key in keys]
+    for processor in (MiniCPMVProcessor.from_pretrained(folder), AutoProcessor.from_pretrained(folder)):
+        assert [getattr(processor.image_processor, key) for key in keys] == expected
+        assert (processor.image_processor.slice_mode, processor.image_processor.max_slice_nums) == (False, 4)
+    assert MiniCPMVProcessor.from_pretrained(folder, max_slice_nums=2).image_processor.max_slice_nums == 2  # arguments win
+
+
 def test_save_pretrained_and_from_pretrained_round_trip(tiny_checkpoint, tmp_path):
     processor = MiniCPMVProcessor.from_pretrained(tiny_checkpoint, max_slice_nums=3)
     processor.save_pretrained(tmp_path / "saved")

@@ -28,6 +28,15 @@ from .slicing import cut_cells, resize_source, slice_sizes
 from .transfer import to_device
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+# config.json key -> image processor attribute, and the official values when a config leaves one out
+MODEL_CONFIG_SLICING_KEYS = {
+    "max_slice_nums": "max_slice_nums",
+    "scale_resolution": "scale_resolution",
+    "patch_size": "patch_size",
+    "query_num": "image_feature_size",
+    "slice_mode": "slice_mode",
+}
+SLICING_DEFAULTS = {"max_slice_nums": 9, "scale_resolution": 448, "patch_size": 14, "image_feature_size": 64, "slice_mode": True}
 
 
 @dataclass(frozen=True)
@@ -78,22 +87,25 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
     def from_model_config(cls, config, **overrides) -> MiniCPMVImageProcessor:
         """The settings of a model config (`MiniCPMVConfig` or the `config.json` dict)."""
         get = config.get if isinstance(config, dict) else lambda key, default: getattr(config, key, default)
-        settings = {
-            "max_slice_nums": get("max_slice_nums", 9),
-            "scale_resolution": get("scale_resolution", 448),
-            "patch_size": get("patch_size", 14),
-            "image_feature_size": get("query_num", 64),
-            "slice_mode": get("slice_mode", True),
-        }
+        settings = {ours: get(theirs, SLICING_DEFAULTS[ours]) for theirs, ours in MODEL_CONFIG_SLICING_KEYS.items()}
         return cls(**{**settings, **{k: v for k, v in overrides.items() if v is not None}})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """A folder's `preprocessor_config.json`, with the slicing keys its `config.json` sets taking precedence (the
+        official 2.0 code slices by config.json, and so do `chat` and `predict` here; its preprocessor file has no
+        `slice_mode`), and `kwargs` over both."""
         folder = Path(pretrained_model_name_or_path)
-        if folder.is_dir() and not (folder / PREPROCESSOR_CONFIG).is_file() and (folder / "config.json").is_file():
+        config = {}
+        if folder.is_dir() and (folder / "config.json").is_file():
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-            return cls.from_model_config(config, **kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            if not (folder / PREPROCESSOR_CONFIG).is_file():
+                return cls.from_model_config(config, **kwargs)
+        image_processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        for theirs, ours in MODEL_CONFIG_SLICING_KEYS.items():
+            if theirs in config and ours not in kwargs:
+                setattr(image_processor, ours, config[theirs])
+        return image_processor
 
     def to_dict(self) -> dict:
         out = super().to_dict()

@@ -548,3 +548,38 @@ def test_predict_reads_data_with_the_runs_dataset_settings(trained_with_eval_gen
     assert rc == 0, tail(output)
     errors = [row["error"] for row in read_predictions(folder / "plain.jsonl")]
     assert len(errors) == len(seed) and all("has no 'conversations' (nor 'messages')" in (e or "") for e in errors)
+
+
+def test_a_runs_image_root_resolves_relative_pictures(trained_with_eval_generate, tmp_path):
+    """As in training, a run's `minicpmv_image_root` resolves relative picture paths of --data (not its folder)."""
+    folder, config, data, _ = trained_with_eval_generate
+    samples = [
+        {
+            "id": "clock",
+            "image": "clock.jpg",
+            "conversations": [{"role": "user", "content": "Time?"}, {"role": "assistant", "content": "3:40"}],
+        }
+    ]
+    (tmp_path / "elsewhere.json").write_text(json.dumps(samples))
+    rooted = tmp_path / "rooted.yml"
+    rooted.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "minicpmv_image_root": str(data / "images")}))
+    common = {"data": str(tmp_path / "elsewhere.json"), "max_new_tokens": 2, "progress": False}
+    assert run_prediction(source=str(rooted), out=str(tmp_path / "rooted.jsonl"), **common)["failed"] == 0
+    assert run_prediction(source=str(config), out=str(tmp_path / "plain.jsonl"), **common)["failed"] == 1  # the control
+    assert "image 'clock.jpg' not found" in read_predictions(tmp_path / "plain.jsonl")[0]["error"]
+
+
+def test_a_tables_null_answers_are_no_answers(tiny_model, tiny_tokenizer, tmp_path):
+    """Parquet rows carry every column, null where a row has none: a null `answers` is the conversation's reference."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    turns = [{"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "red"}]
+    rows = [
+        {"id": "vqa", "conversations": turns[:1], "answers": ["red", "dark red"]},
+        {"id": "chat", "conversations": turns, "answers": None},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    answered = {row["id"]: row for row in predict(tiny_model, tiny_tokenizer, tmp_path / "rows.parquet", max_new_tokens=2)}
+    assert answered["vqa"]["reference"] == ["red", "dark red"] and answered["chat"]["reference"] == "red"
+    assert answered["vqa"]["error"] is None and answered["chat"]["error"] is None

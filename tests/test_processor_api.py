@@ -58,6 +58,11 @@ def test_config_jsons_slicing_keys_win_over_the_preprocessor_file(tiny_checkpoin
         assert [getattr(processor.image_processor, key) for key in keys] == expected
         assert (processor.image_processor.slice_mode, processor.image_processor.max_slice_nums) == (False, 4)
     assert MiniCPMVProcessor.from_pretrained(folder, max_slice_nums=2).image_processor.max_slice_nums == 2  # arguments win
+    # training's image processor, with minicpmv_max_slice_nums left unset (None): the folder's config.json decides
+    from axolotl_minicpmv.integration.args import image_processor_for
+
+    training = image_processor_for({"base_model": str(folder)})
+    assert (training.slice_mode, training.max_slice_nums) == (False, 4) and training.layout((1344, 896)).grid is None
 
 
 def test_save_pretrained_and_from_pretrained_round_trip(tiny_checkpoint, tmp_path):

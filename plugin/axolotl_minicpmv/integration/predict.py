@@ -130,7 +130,12 @@ class _BadLine:
 
 
 def requests_from_samples(
-    samples: Iterable, base_dir: str | os.PathLike = ".", turns: str = "last", source: str = "", spec: FormatSpec | None = None
+    samples: Iterable,
+    base_dir: str | os.PathLike = ".",
+    turns: str = "last",
+    source: str = "",
+    spec: FormatSpec | None = None,
+    image_root: str | os.PathLike | None = None,
 ) -> Iterator[Request]:
     """Requests of samples in any training format (seed, LLaVA/ShareGPT, messages, content parts: `spec`, detected
     per sample by default), with an optional top-level `answers`.
@@ -138,7 +143,8 @@ def requests_from_samples(
     Each sample is converted and checked as training does (`formats.to_seed`, `data.normalize_sample`: roles, tags,
     images exist or decode); a bad sample yields one error request naming the sample and the reason. `answers` (a
     list of strings) replaces the reference of the last assistant turn; with `answers` the conversation may end with
-    the user's question.
+    the user's question. Relative image paths resolve against `image_root` when given (a run's `minicpmv_image_root`),
+    else against `base_dir`.
     """
     from .data import describe_sample, normalize_sample, row_images
     from .formats import BadSample, FormatSpec, to_seed  # BadSample: why a sample is rejected
@@ -146,6 +152,7 @@ def requests_from_samples(
     if turns not in TURNS:
         raise ValueError(f"turns must be one of {TURNS}, got {turns!r}")
     base_dir = Path(base_dir)
+    image_root = Path(image_root).expanduser().resolve() if image_root else None
     spec = spec or FormatSpec()
     prefix = f"{source}: " if source else ""
     seen: dict[str, int] = {}
@@ -164,7 +171,7 @@ def requests_from_samples(
             ends_with_user = isinstance(turns_, list) and turns_ and isinstance(turns_[-1], dict) and turns_[-1].get("role") == "user"
             if answers and ends_with_user:  # VQA style: the question alone, the answers beside it
                 seed = {**seed, "conversations": turns_ + [{"role": "assistant", "content": answers[0]}]}
-            row = normalize_sample(seed, index, base_dir, size_cache, fields=fields)
+            row = normalize_sample(seed, index, base_dir, size_cache, fields=fields, image_root=image_root)
         except BadSample as err:
             yield Request(sample_id, None, error=f"{where}: {err}", index=index)
             continue
@@ -200,7 +207,7 @@ def requests_from_samples(
 def _answers(sample) -> list[str] | None:
     from .formats import BadSample
 
-    if not isinstance(sample, dict) or "answers" not in sample:
+    if not isinstance(sample, dict) or sample.get("answers") is None:  # a table's null: no answers in this row
         return None
     answers = sample["answers"]
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
@@ -229,7 +236,7 @@ def predict(
     spec: FormatSpec | None = None,
     **overrides,
 ) -> Iterator[dict]:
-    """Answer and score `samples` (seed-format dicts, `Request`s, or a JSON/JSONL path); yield one result per row.
+    """Answer and score `samples` (dicts in any training format, `Request`s, or a dataset path); yield one result per row.
 
     Defaults are greedy (`chat(sampling=False, num_beams=1)`); `num_beams=N` is beam search, `sampling=True` uses
     chat's sampling defaults; `overrides` change those keys (e.g. `temperature`) and may set `generate_answers`'
@@ -659,7 +666,7 @@ def run_prediction(
     `checkpoint`) and `minicpmv_max_slice_nums` are used.
     """
     metric_names = parse_metrics(metrics)
-    spec = None
+    spec = image_root = None
     if source is not None:
         from ..weights.export import ExportError, resolve_run
 
@@ -670,11 +677,11 @@ def run_prediction(
         model_path, adapter = run.base_model, str(run.adapter_dir)
         if max_slice_nums is None and run.axolotl_config:
             max_slice_nums = run.axolotl_config.get("minicpmv_max_slice_nums")
-        spec = _run_dataset_spec(run.axolotl_config or {}, data)
+        spec, image_root = _run_dataset_settings(run.axolotl_config or {}, data)
     if not model_path:
         raise PredictionError("no model: pass --model DIR (and --adapter DIR), or an Axolotl run (CONFIG.yml or its output_dir)")
     samples = read_sample_file(data)
-    requests = list(requests_from_samples(samples, images_base_dir(data), turns, source=str(data), spec=spec))
+    requests = list(requests_from_samples(samples, images_base_dir(data), turns, source=str(data), spec=spec, image_root=image_root))
     if limit is not None:
         requests = requests[:limit]
     with PredictionsFile(out, resume=resume, overwrite=overwrite) as predictions:
@@ -743,21 +750,24 @@ def run_prediction(
     return summary
 
 
-def _run_dataset_spec(axolotl_config: dict, data: str) -> FormatSpec | None:
-    """How the run's config reads `data` when one of its dataset entries names that file (test datasets first):
-    its `minicpmv_format` and field mappings; None (formats detected per sample) otherwise."""
+def _run_dataset_settings(axolotl_config: dict, data: str) -> tuple[FormatSpec | None, str | None]:
+    """How the run's config reads `data`: the `minicpmv_format` and field mappings of the dataset entry that names that
+    file (test datasets first; None, formats detected per sample, when none does), and the `minicpmv_image_root` of
+    that entry or of the config."""
     from .data import is_minicpmv_dataset
     from .formats import format_spec
 
     wanted = Path(data).expanduser().resolve()
+    image_root = axolotl_config.get("minicpmv_image_root")
     for key in ("test_datasets", "datasets"):
         for ds_cfg in axolotl_config.get(key) or []:
             path = ds_cfg.get("path") if isinstance(ds_cfg, dict) else None
             if path and is_minicpmv_dataset(ds_cfg) and Path(str(path)).expanduser().resolve() == wanted:
                 spec = format_spec(ds_cfg, axolotl_config)
-                LOG.info(f"predict: {data} is read with the run's {key} entry for it: {spec}")
-                return spec
-    return None
+                image_root = ds_cfg.get("minicpmv_image_root") or image_root
+                LOG.info(f"predict: {data} is read with the run's {key} entry for it: {spec}, image root {image_root}")
+                return spec, image_root
+    return None, image_root
 
 
 class _Progress:

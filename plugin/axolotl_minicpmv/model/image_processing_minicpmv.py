@@ -1,9 +1,9 @@
 """`MiniCPMVImageProcessor`: pictures -> the source image and slice cells -> normalised pixel values.
 
 Slicing and pixels must equal the official release's (tests/test_slicing.py, tests/test_processing.py).
-Settings are the official `preprocessor_config.json` keys; a checkpoint folder without that file takes
-them from `config.json`'s slicing keys. An `ImageLayout` holds one picture's slice geometry, computed once
-and used for its prompt placeholder and its pixels alike.
+Settings are the official `preprocessor_config.json` keys, with the slicing keys of the checkpoint's `config.json`
+taking precedence (the official code slices by them). An `ImageLayout` holds one picture's slice geometry, computed
+once and used for its prompt placeholder and its pixels alike.
 """
 
 from __future__ import annotations
@@ -95,11 +95,19 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
         """A folder's `preprocessor_config.json`, with the slicing keys its `config.json` sets taking precedence (the
         official 2.0 code slices by config.json, and so do `chat` and `predict` here; its preprocessor file has no
         `slice_mode`), and `kwargs` over both."""
-        folder = Path(pretrained_model_name_or_path)
+        from transformers.utils import cached_file
+
+        kwargs = {key: value for key, value in kwargs.items() if value is not None}  # None: not chosen by the caller
         config = {}
-        if folder.is_dir() and (folder / "config.json").is_file():
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-            if not (folder / PREPROCESSOR_CONFIG).is_file():
+        config_file = cached_file(
+            pretrained_model_name_or_path,
+            "config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+        if config_file is not None:  # a folder, or a hub id's cached file
+            config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+            if not (Path(config_file).parent / PREPROCESSOR_CONFIG).is_file() and Path(pretrained_model_name_or_path).is_dir():
                 return cls.from_model_config(config, **kwargs)
         image_processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         for theirs, ours in MODEL_CONFIG_SLICING_KEYS.items():

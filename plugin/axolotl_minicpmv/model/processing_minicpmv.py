@@ -64,7 +64,7 @@ class MiniCPMVProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> MiniCPMVProcessor:
-        """From a checkpoint folder: `preprocessor_config.json` (or `config.json`'s slicing keys) + the tokenizer."""
+        """From a checkpoint: `preprocessor_config.json` under `config.json`'s slicing keys, and the tokenizer."""
         from .tokenization import load_tokenizer
 
         image_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("max_slice_nums", "slice_mode")}

@@ -302,6 +302,16 @@ def test_chat_template_renders_the_official_prompt(export_dir, cases):
     system = [{"role": "system", "content": "Answer briefly."}, msgs[0]]
     rendered = tokenizer.apply_chat_template(system, tokenize=False, add_generation_prompt=True)
     assert rendered == f"<s><用户><image></image>\nAnswer briefly.\n{QUESTION}<AI>"
+    # a picture without text ends its line too, in front of the system text
+    alone = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "(<image>./</image>)"}]
+    assert (
+        tokenizer.apply_chat_template(alone, tokenize=False, add_generation_prompt=True)
+        == "<s><用户><image></image>\nAnswer briefly.\n<AI>"
+    )
+    # a system message after the first turn is refused, as chat, training and minicpmv-serve refuse it
+    later = [*case.msgs[:2], {"role": "system", "content": "Now in French."}, case.msgs[2]]
+    with pytest.raises(Exception, match="a system message may only open the conversation"):
+        tokenizer.apply_chat_template(later, tokenize=False, add_generation_prompt=True)
 
 
 def test_our_cases_cover_slicing_and_stop_early_enough(cases):

@@ -20,20 +20,25 @@ VERSION = 2.0
 # the text; the template turns them into "<image></image>", which the plugin's processor expands into the official
 # placeholder (followed by "\n" + text, as in the official prompt). bos comes from the template because vLLM
 # tokenizes rendered chat prompts without adding special tokens. System messages follow the project's rule
-# (model/conversation.py): their text goes in front of the next user turn's text, after its pictures.
+# (model/conversation.py): they may only open the conversation, and their text goes in front of the next user
+# turn's text, after its pictures. A picture sent without text still ends its line ("\n"), as the official prompt's.
 CHAT_TEMPLATE = (
     "{{- bos_token -}}"
-    "{%- set ns = namespace(system='') -%}"
+    "{%- set ns = namespace(system='', started=false) -%}"
     "{%- for message in messages -%}"
     "{%- set content = message['content'] | replace('(<image>./</image>)', '<image></image>') -%}"
-    "{%- if message['role'] == 'system' -%}{%- set ns.system = ns.system + content + '\n' -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- if ns.started -%}{{- raise_exception('a system message may only open the conversation') -}}{%- endif -%}"
+    "{%- set ns.system = ns.system + content + '\n' -%}"
     "{%- elif message['role'] == 'user' -%}"
     "{%- set lead = namespace(images='', rest=content) -%}"
     "{%- for _ in range(64) -%}{%- if lead.rest.startswith('<image></image>\n') -%}"
     "{%- set lead.images = lead.images + '<image></image>\n' -%}{%- set lead.rest = lead.rest[16:] -%}"
+    "{%- elif lead.rest == '<image></image>' -%}"
+    "{%- set lead.images = lead.images + '<image></image>\n' -%}{%- set lead.rest = '' -%}"
     "{%- endif -%}{%- endfor -%}"
-    "{{- '<用户>' + lead.images + ns.system + lead.rest -}}{%- set ns.system = '' -%}"
-    "{%- elif message['role'] == 'assistant' -%}{{- '<AI>' + content -}}"
+    "{{- '<用户>' + lead.images + ns.system + lead.rest -}}{%- set ns.system = '' -%}{%- set ns.started = true -%}"
+    "{%- elif message['role'] == 'assistant' -%}{{- '<AI>' + content -}}{%- set ns.started = true -%}"
     "{%- else -%}{{- raise_exception('MiniCPM-V 2.0 knows system, user and assistant turns, not ' + message['role']) -}}"
     "{%- endif -%}"
     "{%- endfor -%}"

@@ -28,7 +28,7 @@ from .slicing import cut_cells, resize_source, slice_sizes
 from .transfer import to_device
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
-# config.json key -> image processor attribute, and the official values when a config leaves one out
+# config.json key -> image processor attribute (a key the config leaves out keeps __init__'s official default)
 MODEL_CONFIG_SLICING_KEYS = {
     "max_slice_nums": "max_slice_nums",
     "scale_resolution": "scale_resolution",
@@ -36,7 +36,6 @@ MODEL_CONFIG_SLICING_KEYS = {
     "query_num": "image_feature_size",
     "slice_mode": "slice_mode",
 }
-SLICING_DEFAULTS = {"max_slice_nums": 9, "scale_resolution": 448, "patch_size": 14, "image_feature_size": 64, "slice_mode": True}
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
     def from_model_config(cls, config, **overrides) -> MiniCPMVImageProcessor:
         """The settings of a model config (`MiniCPMVConfig` or the `config.json` dict)."""
         get = config.get if isinstance(config, dict) else lambda key, default: getattr(config, key, default)
-        settings = {ours: get(theirs, SLICING_DEFAULTS[ours]) for theirs, ours in MODEL_CONFIG_SLICING_KEYS.items()}
+        settings = {ours: value for theirs, ours in MODEL_CONFIG_SLICING_KEYS.items() if (value := get(theirs, None)) is not None}
         return cls(**{**settings, **{k: v for k, v in overrides.items() if v is not None}})
 
     @classmethod

@@ -160,6 +160,10 @@ def test_inference_inputs_are_the_ids_and_pixels_of_the_processors_batch(process
     assert all(torch.equal(p, stacked[k]) for p, k in zip(pixels, batch["vision_order"].tolist()))
     with pytest.raises(InvalidInputError, match="max_inp_length=10"):
         processor.inference_inputs(conversation, images, max_length=10)
+    # the server tokenizes from the pictures' headers, before decoding them, and keeps these ids
+    assert processor.prompt_ids(conversation, [(1344, 896), (300, 200)], max_length=len(ids)) == ids
+    with pytest.raises(InvalidInputError, match=f"max_inp_length={len(ids) - 1}"):
+        processor.prompt_ids(conversation, [(1344, 896), (300, 200)], max_length=len(ids) - 1)
 
 
 def test_image_bounds_of_a_real_prompt_cover_the_unk_slots(processor, tiny_tokenizer):

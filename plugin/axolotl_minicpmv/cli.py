@@ -8,6 +8,10 @@ import sys
 
 import click
 
+from .inference.chat_helper import DTYPE_NAMES
+
+DTYPE_CHOICE = click.Choice(DTYPE_NAMES)
+
 
 @click.command("minicpmv-chat")
 @click.option("--model", "model_path", required=True, help="Base model: hub id or directory in the official layout.")
@@ -23,7 +27,7 @@ import click
 )
 @click.option("--max-new-tokens", default=1024, show_default=True)
 @click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
-@click.option("--dtype", default=None, type=click.Choice(["bfloat16", "float16", "float32"]), help="Default: by device.")
+@click.option("--dtype", default=None, type=DTYPE_CHOICE, help="Default: by device.")
 def chat_command(model_path, adapter, image, questions, beam, fast, max_new_tokens, device, dtype):
     """Chat with MiniCPM-V 2.0 about an image, over several turns.
 
@@ -90,7 +94,7 @@ def chat_command(model_path, adapter, image, questions, beam, fast, max_new_toke
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @click.option(
     "--dtype",
-    type=click.Choice(["bfloat16", "float16", "float32"]),
+    type=DTYPE_CHOICE,
     default="bfloat16",
     show_default=True,
     help="merged: dtype of the written weights (the merge runs in float32).",
@@ -151,7 +155,7 @@ def export_command(source, fmt, out, checkpoint, base_model, overwrite, dtype, f
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad row (exit 1) instead of writing it with `error`.")
 @click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None, help="Default: by device (float32 on CPU).")
+@click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Default: by device (float32 on CPU).")
 @click.option("--max-inp-length", default=2048, show_default=True, type=click.IntRange(min=1), help="Longer prompts are bad rows.")
 @click.option(
     "--max-slice-nums", default=None, type=click.IntRange(1, 9), help="Default: the run's minicpmv_max_slice_nums, else the model's."
@@ -294,7 +298,7 @@ def tiny_checkpoint_command(out_dir, seed, full_size):
     "--image-root", default=None, type=click.Path(exists=True, file_okay=False), help="Allow image_url file paths inside this folder only."
 )
 @click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
-@click.option("--dtype", default=None, type=click.Choice(["bfloat16", "float16", "float32"]), help="Default: by device.")
+@click.option("--dtype", default=None, type=DTYPE_CHOICE, help="Default: by device.")
 @click.option("--no-ui", is_flag=True, help="Do not serve the chat page at /.")
 def serve_command(
     model_path,

@@ -382,7 +382,7 @@ def longest_prompt(requests: Sequence[Request], processor: MiniCPMVProcessor) ->
     lengths = []
     for request, sizes in heapq.nlargest(CACHE_CANDIDATES, known, key=estimate):
         try:
-            lengths.append(processor.prompt_length(request.conversation, sizes))
+            lengths.append(len(processor.prompt_ids(request.conversation, sizes)))
         except InvalidInputError:
             pass  # its row reports it
     return max(lengths, default=0)

@@ -141,11 +141,16 @@ class MiniCPMVProcessor(ProcessorMixin):
             )
         return torch.tensor(ids, dtype=torch.long)
 
-    def prompt_length(self, conversation: list[dict], image_sizes: Sequence[tuple[int, int]], max_length: int | None = None) -> int:
-        """Tokens of `inference_inputs`' prompt for pictures of these (width, height) sizes, without opening them;
-        over `max_length`, InvalidInputError as `inference_inputs` raises it."""
+    def prompt_ids(self, conversation: list[dict], image_sizes: Sequence[tuple[int, int]], max_length: int | None = None) -> list[int]:
+        """The token ids of `inference_inputs`' prompt for pictures of these (width, height) sizes, without decoding
+        them; over `max_length` tokens, InvalidInputError as `inference_inputs` raises it."""
         layouts = [self.layout(size) for size in image_sizes]
-        return len(self.encode_prompt(self._inference_prompt(conversation, layouts), max_length))
+        return self.encode_prompt(self._inference_prompt(conversation, layouts), max_length).tolist()
+
+    def inference_pixels(self, images: Sequence[Image.Image], device=None) -> list[torch.Tensor]:
+        """The pixels of `inference_inputs` for these pictures: each picture's source, then its cells. Raises what PIL
+        and torch raise on a picture that cannot be decoded (OSError, ValueError, RuntimeError)."""
+        return self._pixels(images, [self.layout(image) for image in images], device)
 
     def inference_inputs(
         self, conversation: list[dict], images: Sequence[Image.Image], max_length: int | None = None, device=None
@@ -156,12 +161,9 @@ class MiniCPMVProcessor(ProcessorMixin):
         `conversation` holds checked `{role, content}` turns; `images` its opened pictures, placed where the user
         turns' `<image>` tags are (a single untagged one in front of the first user turn). The prompt comes
         first: a conversation that does not fit its pictures' tags, or a prompt over `max_length` tokens, raises
-        InvalidInputError before any pixels are made; the pixels then raise what PIL and torch raise on a
-        picture that cannot be decoded (OSError, ValueError, RuntimeError).
+        InvalidInputError before any pixels are made (`prompt_ids`), then `inference_pixels`.
         """
-        layouts = [self.layout(image) for image in images]
-        ids = self.encode_prompt(self._inference_prompt(conversation, layouts), max_length).tolist()
-        return ids, self._pixels(images, layouts, device)
+        return self.prompt_ids(conversation, [image.size for image in images], max_length), self.inference_pixels(images, device)
 
     def _inference_prompt(self, conversation: list[dict], layouts: Sequence[ImageLayout]) -> str:
         # the pictures' tags placed (a single untagged one in front), then expanded to their placeholders

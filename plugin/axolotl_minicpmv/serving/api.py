@@ -165,13 +165,13 @@ async def _read_json(request: Request, limit: int):
 
 def _prepare(chat: ChatRequest, processor, image_root: Path | None, settings: ServerSettings) -> Prompt:
     """Open the pictures and build the prompt and pixels once, here in the request's thread (not the model's),
-    so that bad input is refused before it is queued. The prompt's length is checked from the pictures' headers
-    before any is decoded: a request of many large pictures that cannot fit costs no decoding."""
+    so that bad input is refused before it is queued. The prompt is tokenized from the pictures' headers
+    (their sizes) before any is decoded: a request of many large pictures that cannot fit costs no decoding."""
     opened = [(open_image(url, param, image_root, settings.max_image_pixels), param) for url, param in chat.image_urls]
     try:
-        processor.prompt_length(chat.conversation, [image.size for image, _ in opened], settings.max_inp_length)
+        ids = processor.prompt_ids(chat.conversation, [image.size for image, _ in opened], settings.max_inp_length)
         images = [decode_image(image, param) for image, param in opened]
-        return Prompt(*processor.inference_inputs(chat.conversation, images, settings.max_inp_length))
+        return Prompt(ids, processor.inference_pixels(images))
     except InvalidInputError as err:
         raise RequestError(
             f"messages: {err}", "messages", code="context_length_exceeded" if "max_inp_length" in str(err) else None

@@ -184,3 +184,40 @@ def test_streamed_text_before_a_stop_string_is_the_answer(tiny_tokenizer):
 
     streamed, answer = asyncio.run(stream())
     assert answer == "one two" and streamed == answer
+
+
+def test_streamed_text_is_the_answers_decoding_around_special_tokens_and_spaces(tiny_tokenizer):
+    """Streams of grounding tags (`<box>`...), a repeated bos and pieces of spaces only join to the whole answer's
+    decoding (`decode_answer`, as an unstreamed request gets it). The legacy decoding puts a space in front of the
+    text between two special tokens once the second comes, and sentencepiece drops a decoding's leading spaces, so
+    a plain incremental decoding streamed `readd</box>`, `tablee<s>like` and one space of two."""
+    import random
+
+    import torch
+
+    from axolotl_minicpmv.inference.chat import decode_answer
+    from axolotl_minicpmv.serving.scheduler import _Row
+
+    tok = tiny_tokenizer
+    specials = sorted(set(tok.all_special_ids) - {0, tok.eos_token_id})
+    plain = [i for i in range(3, len(tok)) if i not in tok.all_special_ids]
+    rng = random.Random(0)
+    answers = [tok.convert_tokens_to_ids(pieces) for pieces in (["▁read", "</box>", "▁re"], ["a", "▁", "▁C"], ["<s>", "<s>", "▁t"])]
+    for _ in range(400):
+        ids = [rng.choice(plain) for _ in range(rng.randrange(1, 25))]
+        for _ in range(rng.randrange(0, 4)):
+            ids.insert(rng.randrange(len(ids) + 1), rng.choice(specials))
+        answers.append(ids)
+
+    async def stream(ids: list[int]) -> str:
+        request = ChatRequest([{"role": "user", "content": "hi"}], [], 40, True, dict(GREEDY), stream=True)
+        job = Job(request, Prompt([], []), asyncio.get_running_loop())
+        row = _Row(job, tok)
+        for token in ids:
+            row.add(token)
+        row.finish(decode_answer(torch.tensor(ids), tok))
+        await asyncio.sleep(0)
+        return "".join(job.events.get_nowait()[1] for _ in range(job.events.qsize()))
+
+    differ = [ids for ids in answers if asyncio.run(stream(ids)) != decode_answer(torch.tensor(ids), tok)]
+    assert not differ, [tok.convert_ids_to_tokens(ids) for ids in differ[:3]]

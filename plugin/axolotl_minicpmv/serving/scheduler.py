@@ -84,6 +84,11 @@ class _Row:
     Text is decoded incrementally (each step decodes a few tokens, as other servers' detokenizers do: the new
     tokens with the previous ones in front, so a piece's leading space survives), never the whole answer per
     step, which would cost O(length^2) per row. The finished answer is decoded whole, as `chat` decodes it.
+
+    Special tokens (grounding tags such as `<box>`) are the exception: the tokenizer's decoding puts a space in
+    front of the text between two of them once the second one comes (transformers 4.40's legacy rule, which the
+    official answers follow). So each special token decodes the answer so far whole, and the text after the last
+    one is streamed when the next one comes or the answer ends: the stream stays the answer's exact start.
     """
 
     def __init__(self, job: Job, tokenizer):
@@ -93,6 +98,8 @@ class _Row:
         self.window = (0, 0)  # (first, read) offsets into text_ids of the incremental decoder
         self.reason: str | None = None
         self.text = ""  # the text decoded so far (cut before a stop string once one appears)
+        self.exact = ""  # the whole decoding up to the last special token: the answer's exact start
+        self.specials = _special_ids(tokenizer)
         self.sent = ""  # the text streamed already (always a prefix of `text` until the end)
         self.needs_text = job.request.stream or bool(job.request.stop)
         self.holdback = max((len(s) for s in job.request.stop), default=1) - 1
@@ -103,11 +110,16 @@ class _Row:
         self.ids.append(token)
         if token == self.tokenizer.eos_token_id:
             self.reason = "stop"
-        elif token != 0:
+        elif token != 0 and not (token == self.tokenizer.bos_token_id and not any(self.ids[:-1])):  # as `decode_answer`
             self.text_ids.append(token)
         if self.needs_text and self.reason is None:
             before = len(self.text)
-            self.text += self._increment()
+            if token in self.specials and self.text_ids and self.text_ids[-1] == token:
+                self.text = self.exact = self.tokenizer.decode(self.text_ids).lstrip()
+                self.window = (len(self.text_ids), len(self.text_ids))
+                before = 0  # the spaces may have moved: look for the stop strings again
+            else:
+                self.text += self._increment()
             for stop in self.job.request.stop:
                 at = self.text.find(stop, max(0, before - len(stop)))
                 if at >= 0:
@@ -119,7 +131,7 @@ class _Row:
         if self.job.request.stream and self.reason is None:
             # hold back what could still become a stop string, and trailing spaces (`chat` strips the answer, and
             # the text before a stop string is stripped too)
-            ready = self.text.rstrip()
+            ready = self.exact if self.exact else self.text.rstrip()
             ready = ready[: len(ready) - self.holdback].rstrip() if self.holdback else ready
             if len(ready) > len(self.sent):
                 self.job.emit("delta", ready[len(self.sent) :])
@@ -133,7 +145,9 @@ class _Row:
             return ""
         if not self.text:
             after, before = after.lstrip(), before.lstrip()  # `chat` strips the answer's start
-        self.window = (read, len(self.text_ids))
+        # sentencepiece drops the leading spaces of a decoding: a window must not start at a piece of spaces only
+        blank = self.tokenizer.convert_ids_to_tokens(self.text_ids[read]).strip("\u2581 ") == ""
+        self.window = (first if blank else read, len(self.text_ids))
         return after[len(before) :]
 
     def finish(self, answer: str) -> None:
@@ -145,6 +159,12 @@ class _Row:
             rest = (self.text + self._increment()).rstrip()[len(self.sent) :]
         if rest:
             self.job.emit("delta", rest)
+
+
+@functools.lru_cache(maxsize=8)
+def _special_ids(tokenizer) -> frozenset[int]:
+    """The ids that decode as a whole token of their own (special and added tokens), not as sentencepiece text."""
+    return frozenset(tokenizer.all_special_ids) | frozenset(tokenizer.added_tokens_decoder)
 
 
 @functools.cache

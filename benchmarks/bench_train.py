@@ -25,9 +25,11 @@ import random
 import statistics
 import subprocess
 import sys
+import time
 from datetime import date
 from pathlib import Path
 
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,10 +59,10 @@ def make_dataset(folder: Path, samples: int, seed: int = 0) -> Path:
     for index in range(samples):
         width, height = rng.randrange(448, 1345, 14), rng.randrange(448, 1345, 14)
         path = folder / "images" / f"{index:04d}.jpg"
+        tint = (rng.randrange(256), rng.randrange(256), rng.randrange(256))  # drawn always: the same text on every run
         if not path.exists():  # smooth gradients: realistic JPEG sizes and decode times
             base = Image.linear_gradient("L").resize((width, height)).convert("RGB")
-            tint = Image.new("RGB", (width, height), (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
-            Image.blend(base, tint, 0.5).save(path, quality=85)
+            Image.blend(base, Image.new("RGB", (width, height), tint), 0.5).save(path, quality=85)
         turns = []
         for turn in range(3):
             question = sentence(rng, 12)
@@ -94,7 +96,7 @@ def accelerate_train(config: Path, num_processes: int) -> list[str]:
     return ["accelerate", *launch, "-m", "axolotl.cli.train", str(config)]
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--deepspeed", default="configs/deepspeed/zero2_offload.json", help="a DeepSpeed config, or none (plain Trainer)")
     parser.add_argument("--steps", type=int, default=20)
@@ -103,23 +105,32 @@ def main() -> None:
     parser.add_argument("--num-processes", type=int, default=1, help="GPUs of this host to train on")
     parser.add_argument("--workdir", default="/tmp/minicpmv-bench")
     parser.add_argument("--config", default=str(REPO / "configs" / "minicpmv_lora.yml"))
-    parser.add_argument("--set", nargs="*", default=[], help="extra YAML overrides key=value (YAML-parsed values)")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], help="extra YAML overrides key=value (YAML-parsed values)")
     parser.add_argument(
         "--peak-tflops", type=float, default=790.0, help="dense bf16 rate of one GPU for the MFU (790: the lent H200's, per its notes)"
     )
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.jsonl")))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.steps <= args.warmup_steps:
+        parser.error(f"--steps {args.steps} leaves no steady-state step after --warmup-steps {args.warmup_steps}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
 
     work = Path(args.workdir)
     model_dir = work / "model"
     if not (model_dir / "model.safetensors.index.json").exists():
         from axolotl_minicpmv.testing.tiny_checkpoint import make_tiny_checkpoint
 
-        make_tiny_checkpoint(model_dir, full_size=True)
+        make_tiny_checkpoint(model_dir, full_size=True)  # drawn on the GPU: give its memory back to the trainer
+        torch.cuda.empty_cache()
     data = make_dataset(work / "data", args.samples)
 
     cfg = yaml.safe_load(Path(args.config).read_text())
-    tag = Path(args.config).stem if args.deepspeed == "none" else Path(args.deepspeed).stem
+    deepspeed = "none" if args.deepspeed == "none" else Path(args.deepspeed).stem
+    tag = f"{Path(args.config).stem}-{deepspeed}"
     cfg.update(
         base_model=str(model_dir),
         datasets=[{"path": str(data), "type": "axolotl_minicpmv.minicpmv_chat"}],
@@ -141,7 +152,7 @@ def main() -> None:
     flops = training_flops(model_dir, data, cfg)
 
     command = accelerate_train(config_path, args.num_processes)
-    log_path = work / f"train-{tag}.log"
+    log_path = work / f"train-{tag}-{time.strftime('%H%M%S')}.log"  # one per run: variants of a tag keep their logs
     with open(log_path, "w") as log:
         rc = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     steps = [
@@ -152,12 +163,11 @@ def main() -> None:
     rates = [float(s["minicpmv/samples_per_second"]) for s in steps]
     steady = rates[args.warmup_steps :]
 
-    import torch
-
     overall = statistics.harmonic_mean(steady) if steady else None
     result = {
         "bench": "train",
-        "deepspeed": tag,
+        "config": Path(args.config).stem,
+        "deepspeed": deepspeed,
         "processes": args.num_processes,
         "rc": rc,
         "steps_logged": len(steps),

@@ -72,6 +72,8 @@ def _summary(run: dict) -> str:
         return "; ".join(parts)
     if run["rc"] != 0:
         return f"failed (exit {run['rc']}) after {run['steps_logged']} steps"
+    if run["samples_per_second_median"] is None:
+        return f"no steady-state step ({run['steps_logged']} steps logged)"
     rate = f"{round(float(run['samples_per_second_median']), 3)} samples/s (median step)"
     if "samples_per_second_overall" in run:  # recorded since 2026-11-27
         rate += f", {run['samples_per_second_overall']} overall"
@@ -92,7 +94,7 @@ def _versions_cell(run: dict) -> str:
 def render(runs: list[dict]) -> str:
     rows = ["| date | GPU | versions | command | result |", "|---|---|---|---|---|"]
     for run in runs:
-        what = run["bench"] + (" fast" if run.get("fast") else "") + (f" {run['deepspeed']}" if "deepspeed" in run else "")
+        what = run["bench"] + (" fast" if run.get("fast") else "") + "".join(f" {run[k]}" for k in ("config", "deepspeed") if k in run)
         rows.append(f"| {run['date']} | {run['gpu']} | {_versions_cell(run)} | `{run['command']}` | {what}: {_summary(run)} |")
     return "\n".join(rows)
 

@@ -101,3 +101,11 @@ def test_a_run_with_fewer_measurements_shows_those_it_has(tmp_path):
     results_table.update(jsonl, md)
     row = next(line for line in md.read_text().splitlines() if line.startswith("| 2026-"))
     assert row.endswith("| chat fast: TTFT 1344x896 77.0 ms; first 1344x896 call 107.7 s; vision eager |"), row
+
+
+def test_a_run_without_steady_steps_and_a_run_without_deepspeed_are_named_as_such(tmp_path):
+    short = dict(TRAIN, config="minicpmv_lora_fast", deepspeed="none", samples_per_second_median=None, steps_logged=3)
+    jsonl, md = write_pair(tmp_path, [short])
+    results_table.update(jsonl, md)
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| 2026-"))
+    assert row.endswith("train minicpmv_lora_fast none: no steady-state step (3 steps logged) |"), row

@@ -22,6 +22,7 @@ import ast
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -116,6 +117,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_training(command: list[str], log) -> int:
+    """Run the training command in its own process group; its exit status. Stopped from outside (SIGTERM, as
+    `timeout` sends, or Ctrl-C), it stops the whole group, so no trainer is left holding the GPU for the next
+    run, and returns -SIGTERM: the steps logged so far are still recorded."""
+    child = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True
+    )
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        os.killpg(child.pid, signal.SIGTERM)
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        print(f"bench_train: stopped from outside; the training process group {child.pid} was stopped", file=sys.stderr)
+        return -signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main() -> None:
     args = parse_args()
 
@@ -154,7 +182,7 @@ def main() -> None:
     command = accelerate_train(config_path, args.num_processes)
     log_path = work / f"train-{tag}-{time.strftime('%H%M%S')}.log"  # one per run: variants of a tag keep their logs
     with open(log_path, "w") as log:
-        rc = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        rc = run_training(command, log)
     steps = [
         ast.literal_eval(line[line.index("{") :].strip())
         for line in log_path.read_text().splitlines()

@@ -68,22 +68,3 @@ def test_bench_train_counts_the_images_of_each_sample(tiny_checkpoint, tmp_path)
     wide = training_flops(tiny_checkpoint, data, {"lora_r": 8, "minicpmv_max_slice_nums": 9})
     assert wide["vision"] > 3 * one_image  # a source image and its slices
     assert wide["total"] > square["total"] > 0
-
-
-def test_bench_train_makes_the_same_dataset_on_every_run(tmp_path):
-    """The pictures are drawn once per work folder; the conversations must not move with whether they exist."""
-    from bench_train import make_dataset
-
-    first = make_dataset(tmp_path, 3).read_text()
-    assert make_dataset(tmp_path, 3).read_text() == first
-
-
-def test_bench_train_keeps_every_set_override_and_refuses_a_run_without_steady_steps(capsys):
-    import pytest
-    from bench_train import parse_args
-
-    args = parse_args(["--set", "micro_batch_size=3", "--set", "optimizer=adamw_torch_fused", "gradient_accumulation_steps=2"])
-    assert args.set == ["micro_batch_size=3", "optimizer=adamw_torch_fused", "gradient_accumulation_steps=2"]
-    with pytest.raises(SystemExit):
-        parse_args(["--steps", "5", "--warmup-steps", "5"])
-    assert "leaves no steady-state step" in capsys.readouterr().err

@@ -242,6 +242,19 @@ def test_sampling_with_a_seed_repeats(client):
     assert first == second
 
 
+def test_a_seed_decides_its_own_request_only(client):
+    """A seeded request leaves the random state of later unseeded requests as it was (vLLM's rule): two unseeded
+    answers after the same seeded one differ."""
+    msgs = [{"role": "user", "content": "Say something."}]
+    answers = []
+    for _ in range(2):
+        client.chat.completions.create(model="tiny", messages=msgs, seed=7, max_tokens=4)
+        answers.append(
+            client.chat.completions.create(model="tiny", messages=msgs, temperature=1.0, max_tokens=24).choices[0].message.content
+        )
+    assert answers[0] != answers[1]
+
+
 def raw(server, body, key=KEY, timeout=60):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
@@ -316,6 +329,24 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
         (b'{"model": "tiny", "seed": ' + b"1" * 5000 + b"}", 400, None, "not valid JSON"),
         ({"model": "tiny", "messages": [user], "seed": 2**64}, 400, "seed", "between 0 and 2**63 - 1"),
         ({"model": "tiny", "messages": [user], "n": 2}, 400, "n", "must be 1"),
+        # fields that would change the answer's meaning are refused by name, never dropped
+        ({"model": "tiny", "messages": [user], "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "not supported"),
+        ({"model": "tiny", "messages": [user], "response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
+        ({"model": "tiny", "messages": [user], "logit_bias": {"2": 100}}, 400, "logit_bias", "not supported"),
+        ({"model": "tiny", "messages": [user], "ignore_eos": True}, 400, "ignore_eos", "not supported"),
+        ({"model": "tiny", "messages": [user], "top_logprobs": 2}, 400, "top_logprobs", "not supported"),
+        (
+            {"model": "tiny", "messages": [user], "stream_options": {"include_usage": True}},
+            400,
+            "stream_options",
+            "only with 'stream': true",
+        ),
+        (
+            {"model": "tiny", "messages": [user], "stream": True, "stream_options": {"include_usage": "no"}},
+            400,
+            "stream_options.include_usage",
+            "true or false",
+        ),
         ({"model": "tiny", "messages": [user], "temperature": "hot"}, 400, "temperature", "must be a number"),
         ({"model": "tiny", "messages": [user], "temperature": 3}, 400, "temperature", "must be in"),
         ({"model": "tiny", "messages": [user], "max_tokens": 0}, 400, "max_tokens", "between 1 and"),
@@ -344,6 +375,17 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
     assert tiny_temperature.status_code == 200 and tiny_temperature.json()["choices"] == ok.json()["choices"]
     unset = raw(server, {"model": "tiny", "messages": [user], "max_tokens": 2, "max_completion_tokens": None, "temperature": 0})
     assert unset.status_code == 200 and unset.json()["usage"]["completion_tokens"] == 2
+    # fields that change nothing, or hold their neutral value, are accepted
+    harmless = {
+        "user": "u1",
+        "metadata": {"k": "v"},
+        "tools": [],
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "logit_bias": {},
+    }
+    same = raw(server, {"model": "tiny", "messages": [user], "max_tokens": 4, "temperature": 0, **harmless})
+    assert same.status_code == 200 and same.json()["choices"] == ok.json()["choices"]
     assert server.health()["failed"] == 0  # every bad request was refused before it reached a batch
 
 

@@ -18,6 +18,15 @@ ROLES = ("system", "developer", "user", "assistant")  # "developer" is OpenAI's 
 GREEDY_REPETITION_PENALTY = 1.2  # chat(sampling=False)'s
 GREEDY_BELOW_TEMPERATURE = 1e-5  # a temperature under this answers greedily, as temperature 0 does
 MAX_STOP_STRINGS = 4
+# The request fields this server reads, and those it may ignore because they do not change the answer; any other
+# field (tools, response_format, logit_bias, vLLM's guided_json, ignore_eos...) is refused by name rather than
+# dropped, since an answer that ignored it would not mean what the client asked for.
+READ_FIELDS = frozenset(
+    "model messages n frequency_penalty presence_penalty logprobs top_logprobs max_tokens max_completion_tokens "
+    "temperature top_p top_k repetition_penalty min_tokens seed stream stream_options stop".split()
+)
+IGNORED_FIELDS = frozenset("user store metadata service_tier prompt_cache_key safety_identifier parallel_tool_calls".split())
+NEUTRAL_VALUES = {"tools": [], "tool_choice": "none", "logit_bias": {}, "response_format": {"type": "text"}}
 
 
 class RequestError(Exception):
@@ -73,6 +82,11 @@ def parse_chat_request(body, model_names: set[str], max_tokens_limit: int) -> Ch
         raise RequestError(
             f"model {model!r} is not served here; served: {sorted(model_names)}", "model", code="model_not_found", status=404
         )
+    for name, value in body.items():
+        if value is None or name in READ_FIELDS or name in IGNORED_FIELDS:
+            continue
+        if name not in NEUTRAL_VALUES or value != NEUTRAL_VALUES[name]:
+            raise RequestError(f"'{name}' is not supported by this server", name, code="unsupported_parameter")
     conversation, image_urls = _messages(body.get("messages"))
 
     n = body.get("n", 1)
@@ -81,8 +95,9 @@ def parse_chat_request(body, model_names: set[str], max_tokens_limit: int) -> Ch
     for name in ("frequency_penalty", "presence_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise RequestError(f"'{name}' is not supported; use 'repetition_penalty' (an extra field, as in vLLM)", name)
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise RequestError("'logprobs' is not supported by this server", "logprobs")
+    for name in ("logprobs", "top_logprobs"):
+        if body.get(name):
+            raise RequestError(f"'{name}' is not supported by this server", name)
 
     # OpenAI's clients may send unset fields as null: a null max_completion_tokens leaves max_tokens in charge
     param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -117,6 +132,10 @@ def parse_chat_request(body, model_names: set[str], max_tokens_limit: int) -> Ch
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError("'stream_options' must be an object", "stream_options")
+    if options and not stream:
+        raise RequestError("'stream_options' applies only with 'stream': true", "stream_options")
+    if not isinstance(options.get("include_usage", False), bool):
+        raise RequestError("'stream_options.include_usage' must be true or false", "stream_options.include_usage")
     return ChatRequest(
         conversation,
         image_urls,

@@ -321,23 +321,26 @@ class Scheduler:
         rows = [_Row(job, tokenizer) for job in batch]
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+        device = self.model.device
         try:
-            if request.seed is not None:
-                torch.manual_seed(request.seed)
-            prompts = [{"input_ids": j.prompt.ids, "attention_mask": [1] * len(j.prompt.ids)} for j in batch]
-            inputs = self.processor.batch(prompts, [j.prompt.pixels for j in batch], padding_side="left")
-            generations = generate_answers(
-                self.model,
-                self.processor,
-                [j.request.conversation for j in batch],
-                inputs=inputs,
-                sampling=not request.greedy,
-                max_new_tokens=max(j.request.max_tokens for j in batch),
-                min_new_tokens=request.min_tokens,
-                on_tokens=_Rows(rows, self._stopping),
-                fast=self.fast,
-                **request.overrides,
-            )
+            # a seed decides its own batch only: the random state of later, unseeded requests is left as it was
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=request.seed is not None):
+                if request.seed is not None:
+                    torch.manual_seed(request.seed)
+                prompts = [{"input_ids": j.prompt.ids, "attention_mask": [1] * len(j.prompt.ids)} for j in batch]
+                inputs = self.processor.batch(prompts, [j.prompt.pixels for j in batch], padding_side="left")
+                generations = generate_answers(
+                    self.model,
+                    self.processor,
+                    [j.request.conversation for j in batch],
+                    inputs=inputs,
+                    sampling=not request.greedy,
+                    max_new_tokens=max(j.request.max_tokens for j in batch),
+                    min_new_tokens=request.min_tokens,
+                    on_tokens=_Rows(rows, self._stopping),
+                    fast=self.fast,
+                    **request.overrides,
+                )
         except Exception as err:  # a failed batch must not stop the server
             for row in rows:
                 if len(batch) > 1 and not row.sent:  # find the request that fails; the others still get their answers

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import random
@@ -117,10 +118,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_training(command: list[str], log) -> int:
+def run_training(command: list[str], log, grace_s: float = 20) -> int:
     """Run the training command in its own process group; its exit status. Stopped from outside (SIGTERM, as
     `timeout` sends, or Ctrl-C), it stops the whole group, so no trainer is left holding the GPU for the next
-    run, and returns -SIGTERM: the steps logged so far are still recorded."""
+    run, and returns -SIGTERM: the steps logged so far are still recorded. Further signals during that cleanup
+    are ignored, so they cannot cut it short."""
     child = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True
     )
@@ -128,20 +130,25 @@ def run_training(command: list[str], log) -> int:
     def stop(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, stop), signal.getsignal(signal.SIGINT)
     try:
         return child.wait()
     except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         os.killpg(child.pid, signal.SIGTERM)
         try:
-            child.wait(timeout=20)
+            child.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
         print(f"bench_train: stopped from outside; the training process group {child.pid} was stopped", file=sys.stderr)
         return -signal.SIGTERM
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        with contextlib.suppress(ProcessLookupError):  # the trainer's own children, if it left any
+            os.killpg(child.pid, signal.SIGKILL)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
 
 
 def main() -> None:

@@ -31,21 +31,29 @@ def test_bench_train_keeps_every_set_override_and_refuses_a_run_without_steady_s
     assert "leaves no steady-state step" in capsys.readouterr().err
 
 
-def test_a_run_stopped_by_timeout_stops_its_trainer_and_returns(tmp_path):
+@pytest.mark.parametrize("signals", [1, 2], ids=["one-signal", "a-second-signal-during-cleanup"])
+def test_a_run_stopped_by_timeout_stops_its_trainer_and_returns(tmp_path, signals):
     """`timeout` (as the device calls use) signals bench_train only: the trainer it started, and that trainer's
-    own children, must stop with it instead of holding the GPU through the next run."""
+    own children, must stop with it instead of holding the GPU through the next run, also when the trainer
+    ignores SIGTERM and a second signal comes while bench_train is stopping it."""
     pid_file = tmp_path / "grandchild.pid"
     trainer = (
-        f"import subprocess, time; p = subprocess.Popen(['sleep', '120']); open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(120)"
+        "import signal, subprocess, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"p = subprocess.Popen(['sleep', '120']); open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(120)"
     )
-    script = f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); from bench_train import run_training; sys.exit(-run_training([sys.executable, '-c', {trainer!r}], sys.stdout))"
+    script = (
+        f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); from bench_train import run_training; "
+        f"sys.exit(-run_training([sys.executable, '-c', {trainer!r}], sys.stdout, grace_s=3))"
+    )
     bench = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.monotonic() + 60
     while not pid_file.exists() or not pid_file.read_text():
         assert time.monotonic() < deadline, "the trainer did not start"
         time.sleep(0.2)
     grandchild = int(pid_file.read_text())
-    bench.send_signal(signal.SIGTERM)
+    for _ in range(signals):
+        bench.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
     assert bench.wait(timeout=30) == signal.SIGTERM
     assert _ends(grandchild, within=10)
 

@@ -383,6 +383,9 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
         "tool_choice": "none",
         "response_format": {"type": "text"},
         "logit_bias": {},
+        "echo": False,
+        "modalities": ["text"],
+        "reasoning_effort": "low",
     }
     same = raw(server, {"model": "tiny", "messages": [user], "max_tokens": 4, "temperature": 0, **harmless})
     assert same.status_code == 200 and same.json()["choices"] == ok.json()["choices"]
@@ -493,3 +496,30 @@ def test_full_queue_gets_503_with_retry_after(adapter_server):
     thread.join(timeout=120)  # leaving the stream cancelled the running request; the waiting one runs
     assert waiting["r"].status_code == 200 and waiting["r"].json()["choices"][0]["finish_reason"] == "length"
     assert httpx.post(url, json={**long, "max_tokens": 2, "min_tokens": 0}, timeout=60).status_code == 200
+
+
+def test_a_picture_whose_header_names_another_size_is_prompted_as_decoded(tiny_tokenizer):
+    """The prompt is tokenized from the pictures' headers before they are decoded; an ICNS file's header names its
+    block's size (1024x1024 for ic10, sliced) while the picture inside may be 16x16: the prompt must follow the
+    decoded picture, or its placeholders outnumber the pixels."""
+    import struct
+
+    from axolotl_minicpmv.model.image_processing_minicpmv import MiniCPMVImageProcessor
+    from axolotl_minicpmv.model.processing_minicpmv import MiniCPMVProcessor
+    from axolotl_minicpmv.serving.api import ServerSettings, _prepare
+    from axolotl_minicpmv.serving.protocol import parse_chat_request
+
+    processor = MiniCPMVProcessor(MiniCPMVImageProcessor(), tiny_tokenizer)
+    small = picture(16, 16, seed=4)
+    block = b"ic10" + struct.pack(">I", 8 + len(png_bytes(small))) + png_bytes(small)
+    icns = "data:image/icns;base64," + base64.b64encode(b"icns" + struct.pack(">I", 8 + len(block)) + block).decode()
+
+    def prompt(url):
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}],
+        }
+        return _prepare(parse_chat_request(body, {"tiny"}, 16), processor, None, ServerSettings("tiny"))
+
+    from_icns, from_png = prompt(icns), prompt(data_url(small))
+    assert from_icns.ids == from_png.ids and len(from_icns.pixels) == len(from_png.pixels) == 1

@@ -169,8 +169,11 @@ def _prepare(chat: ChatRequest, processor, image_root: Path | None, settings: Se
     (their sizes) before any is decoded: a request of many large pictures that cannot fit costs no decoding."""
     opened = [(open_image(url, param, image_root, settings.max_image_pixels), param) for url, param in chat.image_urls]
     try:
-        ids = processor.prompt_ids(chat.conversation, [image.size for image, _ in opened], settings.max_inp_length)
+        sizes = [image.size for image, _ in opened]
+        ids = processor.prompt_ids(chat.conversation, sizes, settings.max_inp_length)
         images = [decode_image(image, param) for image, param in opened]
+        if [image.size for image in images] != sizes:  # a format whose header names another size (ICNS): the pixels decide
+            ids = processor.prompt_ids(chat.conversation, [image.size for image in images], settings.max_inp_length)
         return Prompt(ids, processor.inference_pixels(images))
     except InvalidInputError as err:
         raise RequestError(

@@ -18,15 +18,29 @@ ROLES = ("system", "developer", "user", "assistant")  # "developer" is OpenAI's 
 GREEDY_REPETITION_PENALTY = 1.2  # chat(sampling=False)'s
 GREEDY_BELOW_TEMPERATURE = 1e-5  # a temperature under this answers greedily, as temperature 0 does
 MAX_STOP_STRINGS = 4
-# The request fields this server reads, and those it may ignore because they do not change the answer; any other
-# field (tools, response_format, logit_bias, vLLM's guided_json, ignore_eos...) is refused by name rather than
-# dropped, since an answer that ignored it would not mean what the client asked for.
+# The request fields this server reads, those it ignores because they never change an answer, and the values of
+# others that change nothing. Any other field or value (tools, response_format, logit_bias, vLLM's guided_json,
+# ignore_eos...) is refused by name rather than dropped: an answer that ignored it might not mean what was asked.
 READ_FIELDS = frozenset(
     "model messages n frequency_penalty presence_penalty logprobs top_logprobs max_tokens max_completion_tokens "
     "temperature top_p top_k repetition_penalty min_tokens seed stream stream_options stop".split()
 )
-IGNORED_FIELDS = frozenset("user store metadata service_tier prompt_cache_key safety_identifier parallel_tool_calls".split())
-NEUTRAL_VALUES = {"tools": [], "tool_choice": "none", "logit_bias": {}, "response_format": {"type": "text"}}
+IGNORED_FIELDS = frozenset(
+    "user store metadata service_tier prompt_cache_key safety_identifier parallel_tool_calls reasoning_effort".split()
+)
+NEUTRAL_VALUES = {
+    "tools": [],
+    "tool_choice": "none",
+    "logit_bias": {},
+    "response_format": {"type": "text"},
+    "modalities": ["text"],
+    "echo": False,
+    "min_p": 0,
+    "best_of": 1,
+    "ignore_eos": False,
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": False,  # special tokens are kept in answers, as chat keeps them
+}
 
 
 class RequestError(Exception):

@@ -1,7 +1,7 @@
 """The one thread that runs the model: queued requests are batched through `generate_answers`.
 
 A request comes with its `Prompt` (ids and pixels, made in the request's own thread by the processor's
-`inference_inputs`), so the model's thread only pads prompts into a batch. Batches form between
+`prompt_ids` and `inference_pixels`), so the model's thread only pads prompts into a batch. Batches form between
 `generate_answers` calls (on a GPU they decode through `FastDecoder`, streamed step by step): requests that
 arrive while a batch runs wait (up to `max_queue` of them) and join the next batch, up to `max_batch_size`,
 taking the oldest request's generation settings and every waiting request with equal settings (one call has
@@ -39,7 +39,8 @@ class QueueFull(Exception):
 @dataclass(frozen=True)
 class Prompt:
     """A request's model inputs: the prompt's token ids and its pictures' pixels (sources and cells, in order),
-    as `MiniCPMVProcessor.inference_inputs` makes them (`Prompt(*processor.inference_inputs(...))`)."""
+    as `MiniCPMVProcessor.inference_inputs` makes them (`Prompt(*processor.inference_inputs(...))`; the server
+    makes the ids from the pictures' headers first, `prompt_ids`, then the pixels, `inference_pixels`)."""
 
     ids: list[int]
     pixels: list[torch.Tensor]
@@ -324,7 +325,10 @@ class Scheduler:
         device = self.model.device
         try:
             # a seed decides its own batch only: the random state of later, unseeded requests is left as it was
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=request.seed is not None):
+            accelerated = device.type != "cpu"
+            with torch.random.fork_rng(
+                devices=[device] if accelerated else [], device_type=device.type if accelerated else None, enabled=request.seed is not None
+            ):
                 if request.seed is not None:
                     torch.manual_seed(request.seed)
                 prompts = [{"input_ids": j.prompt.ids, "attention_mask": [1] * len(j.prompt.ids)} for j in batch]

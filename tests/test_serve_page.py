@@ -44,14 +44,20 @@ if missing and os.environ.get("MINICPMV_REQUIRE_BROWSER") == "1":
 pytestmark = pytest.mark.skipif(missing is not None, reason=missing or "")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint_fp32, tmp_path_factory):
-    srv = Server(
-        ["--model", str(tiny_checkpoint_fp32), "--served-model-name", "tiny", "--max-tokens", "16"],
-        tmp_path_factory.mktemp("logs") / "page-server.log",
-    )
+def _serve(checkpoint, logs, max_tokens: int):
+    srv = Server(["--model", str(checkpoint), "--served-model-name", "tiny", "--max-tokens", str(max_tokens)], logs / "page-server.log")
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint_fp32, tmp_path_factory):
+    yield from _serve(tiny_checkpoint_fp32, tmp_path_factory.mktemp("logs"), 16)
+
+
+@pytest.fixture(scope="module")
+def long_server(tiny_checkpoint_fp32, tmp_path_factory):
+    yield from _serve(tiny_checkpoint_fp32, tmp_path_factory.mktemp("logs"), 2000)
 
 
 def test_chat_page_uploads_asks_streams_and_starts_over(server, tmp_path):
@@ -61,7 +67,7 @@ def test_chat_page_uploads_asks_streams_and_starts_over(server, tmp_path):
     image_file.write_bytes(png_bytes(picture(120, 80, seed=3)))
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS)
+        context = _browser(pw, tmp_path)
         try:
             page = context.new_page()
             errors = []
@@ -156,16 +162,6 @@ def test_the_page_works_under_a_path_prefix_and_gives_back_a_question_a_proxy_re
         finally:
             context.close()
     assert refused and not outside, outside
-
-
-@pytest.fixture(scope="module")
-def long_server(tiny_checkpoint_fp32, tmp_path_factory):
-    srv = Server(
-        ["--model", str(tiny_checkpoint_fp32), "--served-model-name", "tiny", "--max-tokens", "2000"],
-        tmp_path_factory.mktemp("logs") / "long-page-server.log",
-    )
-    yield srv
-    srv.stop()
 
 
 def test_stop_and_start_over_end_the_answer_being_streamed(long_server, tmp_path):

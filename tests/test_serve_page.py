@@ -6,6 +6,7 @@ fails instead of skipping when the browser is missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -60,47 +61,54 @@ def long_server(tiny_checkpoint_fp32, tmp_path_factory):
     yield from _serve(tiny_checkpoint_fp32, tmp_path_factory.mktemp("logs"), 2000)
 
 
-def test_chat_page_uploads_asks_streams_and_starts_over(server, tmp_path):
+@contextlib.contextmanager
+def _chat_page(tmp_path, url: str, route: tuple | None = None):
+    """A headless Chromium on the chat page at `url`, once the page has listed the model: (page, the page's
+    JavaScript errors so far). `route` (pattern, handler) passes the page's requests matching it to the handler."""
     from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            page, errors = context.new_page(), []
+            page.on("pageerror", lambda err: errors.append(str(err)))
+            if route:
+                page.route(*route)
+            page.goto(url)
+            expect(page.locator("#model-name")).to_have_text("(tiny)", timeout=30_000)
+            yield page, errors
+        finally:
+            context.close()
+
+
+def test_chat_page_uploads_asks_streams_and_starts_over(server, tmp_path):
+    from playwright.sync_api import expect
 
     image_file = tmp_path / "picture.png"
     image_file.write_bytes(png_bytes(picture(120, 80, seed=3)))
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as pw:
-        context = _browser(pw, tmp_path)
-        try:
-            page = context.new_page()
-            errors = []
-            page.on("pageerror", lambda err: errors.append(str(err)))
-            page.goto(server.url + "/")
-            expect(page.locator("#model-name")).to_have_text("(tiny)", timeout=30_000)
-            page.set_input_files("#file", str(image_file))
-            expect(page.locator("#preview img")).to_have_count(1)
-            page.fill("#question", "What is in this picture?")
-            page.click("#send")
-            first = page.locator(".msg.assistant").nth(0)
-            expect(first).to_have_attribute("data-finish", "length", timeout=120_000)  # 16 tokens, --max-tokens
-            assert first.inner_text().strip()
-            expect(page.locator(".msg.user img")).to_have_count(1)  # the picture is shown with the question
-            page.fill("#question", "And what colour is it?")
-            page.press("#question", "Enter")  # Enter sends
-            second = page.locator(".msg.assistant").nth(1)
-            expect(second).to_have_attribute("data-finish", "length", timeout=120_000)
-            assert second.inner_text().strip()
-            shot = ARTIFACTS / "serve_page.png"
-            page.screenshot(path=str(shot), full_page=True)
-            print(f"screenshot of the chat page: {shot}")
-            page.click("#reset")
-            expect(page.locator(".msg")).to_have_count(0)
-            assert not errors, errors
-        finally:
-            context.close()
+    with _chat_page(tmp_path, server.url + "/") as (page, errors):
+        page.set_input_files("#file", str(image_file))
+        expect(page.locator("#preview img")).to_have_count(1)
+        page.fill("#question", "What is in this picture?")
+        page.click("#send")
+        first = page.locator(".msg.assistant").nth(0)
+        expect(first).to_have_attribute("data-finish", "length", timeout=120_000)  # 16 tokens, --max-tokens
+        assert first.inner_text().strip()
+        expect(page.locator(".msg.user img")).to_have_count(1)  # the picture is shown with the question
+        page.fill("#question", "And what colour is it?")
+        page.press("#question", "Enter")  # Enter sends
+        second = page.locator(".msg.assistant").nth(1)
+        expect(second).to_have_attribute("data-finish", "length", timeout=120_000)
+        assert second.inner_text().strip()
+        shot = ARTIFACTS / "serve_page.png"
+        page.screenshot(path=str(shot), full_page=True)
+        print(f"screenshot of the chat page: {shot}")
+        page.click("#reset")
+        expect(page.locator(".msg")).to_have_count(0)
+        assert not errors, errors
     health = server.health()
     assert health["completed"] == 2 and health["failed"] == 0
-
-
-def _browser(pw, tmp_path):
-    return pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS)
 
 
 def test_the_page_works_under_a_path_prefix_and_gives_back_a_question_a_proxy_refused(server, tmp_path):
@@ -108,7 +116,7 @@ def test_the_page_works_under_a_path_prefix_and_gives_back_a_question_a_proxy_re
     every call stays under the prefix; the proxy's HTML 413 for the first question shows as HTTP 413, the
     question and its picture come back to be sent again, and sent again they are answered. An Enter that picks
     an input method's candidate sends nothing; a picture larger than the model reads is scaled down to send."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     image_file = tmp_path / "picture.png"
     image_file.write_bytes(png_bytes(picture(96, 64, seed=5)))
@@ -126,41 +134,33 @@ def test_the_page_works_under_a_path_prefix_and_gives_back_a_question_a_proxy_re
             )
         return route.fulfill(response=route.fetch(url=server.url + path.removeprefix("/minicpmv")))
 
-    with sync_playwright() as pw:
-        context = _browser(pw, tmp_path)
-        try:
-            page = context.new_page()
-            page.route("**/*", proxy)
-            page.goto(server.url + "/minicpmv/")
-            expect(page.locator("#model-name")).to_have_text("(tiny)", timeout=30_000)
-            page.set_input_files("#file", str(image_file))
-            expect(page.locator("#preview img")).to_have_count(1)
-            page.fill("#question", "What is in this picture?")
-            page.locator("#question").evaluate(
-                "q => q.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', keyCode: 229, isComposing: true, bubbles: true}))"
-            )
-            expect(page.locator(".msg")).to_have_count(0)
-            page.press("#question", "Enter")
-            expect(page.locator(".msg.error")).to_contain_text("HTTP 413", timeout=30_000)
-            expect(page.locator(".msg.user.unsent")).to_have_count(1)
-            expect(page.locator("#question")).to_have_value("What is in this picture?")
-            expect(page.locator("#preview img")).to_have_count(1)
-            page.click("#send")
-            answer = page.locator(".msg.assistant").last
-            expect(answer).to_have_attribute("data-finish", "length", timeout=120_000)
-            assert answer.inner_text().strip()
-            expect(page.locator(".msg.user img")).to_have_count(2)  # shown with the refused question and the answered one
-            # a picture larger than the model reads is scaled down (aspect kept) before it is attached
-            large = tmp_path / "large.png"
-            Image.new("RGB", (2600, 2000), (30, 120, 200)).save(large)
-            page.set_input_files("#file", str(large))
-            expect(page.locator("#preview img")).to_have_count(1)
-            width, height, src = page.locator("#preview img").evaluate(
-                "img => img.decode().then(() => [img.naturalWidth, img.naturalHeight, img.src.slice(0, 15)])"
-            )
-            assert src == "data:image/jpeg" and width * height <= 4_000_000 and abs(width / height - 1.3) < 0.01, (width, height, src)
-        finally:
-            context.close()
+    with _chat_page(tmp_path, server.url + "/minicpmv/", route=("**/*", proxy)) as (page, _):
+        page.set_input_files("#file", str(image_file))
+        expect(page.locator("#preview img")).to_have_count(1)
+        page.fill("#question", "What is in this picture?")
+        page.locator("#question").evaluate(
+            "q => q.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', keyCode: 229, isComposing: true, bubbles: true}))"
+        )
+        expect(page.locator(".msg")).to_have_count(0)
+        page.press("#question", "Enter")
+        expect(page.locator(".msg.error")).to_contain_text("HTTP 413", timeout=30_000)
+        expect(page.locator(".msg.user.unsent")).to_have_count(1)
+        expect(page.locator("#question")).to_have_value("What is in this picture?")
+        expect(page.locator("#preview img")).to_have_count(1)
+        page.click("#send")
+        answer = page.locator(".msg.assistant").last
+        expect(answer).to_have_attribute("data-finish", "length", timeout=120_000)
+        assert answer.inner_text().strip()
+        expect(page.locator(".msg.user img")).to_have_count(2)  # shown with the refused question and the answered one
+        # a picture larger than the model reads is scaled down (aspect kept) before it is attached
+        large = tmp_path / "large.png"
+        Image.new("RGB", (2600, 2000), (30, 120, 200)).save(large)
+        page.set_input_files("#file", str(large))
+        expect(page.locator("#preview img")).to_have_count(1)
+        width, height, src = page.locator("#preview img").evaluate(
+            "img => img.decode().then(() => [img.naturalWidth, img.naturalHeight, img.src.slice(0, 15)])"
+        )
+        assert src == "data:image/jpeg" and width * height <= 4_000_000 and abs(width / height - 1.3) < 0.01, (width, height, src)
     assert refused and not outside, outside
 
 
@@ -170,7 +170,7 @@ def test_stop_and_start_over_end_the_answer_being_streamed(long_server, tmp_path
     one. Questions starting with "long" are asked for at least 1,800 tokens, the others for 16 (set on the way)."""
     import json
 
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     sent = []
 
@@ -183,39 +183,31 @@ def test_stop_and_start_over_end_the_answer_being_streamed(long_server, tmp_path
             body["max_tokens"] = 16
         route.continue_(post_data=json.dumps(body))
 
-    with sync_playwright() as pw:
-        context = _browser(pw, tmp_path)
-        try:
-            page = context.new_page()
-            page.route("**/v1/chat/completions", lengthen)
-            page.goto(long_server.url + "/")
-            expect(page.locator("#model-name")).to_have_text("(tiny)", timeout=30_000)
-            page.fill("#question", "long answer, please")
-            page.press("#question", "Enter")
-            first = page.locator(".msg.assistant").last
-            expect(first).not_to_have_text("", timeout=60_000)  # streaming has begun
-            page.click("#stop")
-            expect(first).to_have_attribute("data-finish", "stopped", timeout=10_000)
-            expect(page.locator("#send")).to_be_enabled()
-            kept = first.inner_text()
-            page.fill("#question", "short one")
-            page.press("#question", "Enter")
-            expect(page.locator(".msg.assistant").last).to_have_attribute("data-finish", "length", timeout=120_000)
-            assert [m["role"] for m in sent[-1]] == ["user", "assistant", "user"]
-            assert sent[-1][1]["content"].strip() == kept.strip()  # the stopped answer, as far as it came
-            page.fill("#question", "long again")
-            page.press("#question", "Enter")
-            expect(page.locator(".msg.assistant").last).not_to_have_text("", timeout=60_000)
-            page.click("#reset")
-            expect(page.locator(".msg")).to_have_count(0)
-            expect(page.locator("#send")).to_be_enabled()
-            page.fill("#question", "a new start")
-            page.press("#question", "Enter")
-            expect(page.locator(".msg.assistant").last).to_have_attribute("data-finish", "length", timeout=120_000)
-            assert sent[-1] == [{"role": "user", "content": "a new start"}]
-            expect(page.locator(".msg")).to_have_count(2)  # the cancelled answer did not come back into the page
-        finally:
-            context.close()
+    with _chat_page(tmp_path, long_server.url + "/", route=("**/v1/chat/completions", lengthen)) as (page, _):
+        page.fill("#question", "long answer, please")
+        page.press("#question", "Enter")
+        first = page.locator(".msg.assistant").last
+        expect(first).not_to_have_text("", timeout=60_000)  # streaming has begun
+        page.click("#stop")
+        expect(first).to_have_attribute("data-finish", "stopped", timeout=10_000)
+        expect(page.locator("#send")).to_be_enabled()
+        kept = first.inner_text()
+        page.fill("#question", "short one")
+        page.press("#question", "Enter")
+        expect(page.locator(".msg.assistant").last).to_have_attribute("data-finish", "length", timeout=120_000)
+        assert [m["role"] for m in sent[-1]] == ["user", "assistant", "user"]
+        assert sent[-1][1]["content"].strip() == kept.strip()  # the stopped answer, as far as it came
+        page.fill("#question", "long again")
+        page.press("#question", "Enter")
+        expect(page.locator(".msg.assistant").last).not_to_have_text("", timeout=60_000)
+        page.click("#reset")
+        expect(page.locator(".msg")).to_have_count(0)
+        expect(page.locator("#send")).to_be_enabled()
+        page.fill("#question", "a new start")
+        page.press("#question", "Enter")
+        expect(page.locator(".msg.assistant").last).to_have_attribute("data-finish", "length", timeout=120_000)
+        assert sent[-1] == [{"role": "user", "content": "a new start"}]
+        expect(page.locator(".msg")).to_have_count(2)  # the cancelled answer did not come back into the page
     deadline = time.monotonic() + 30
     while long_server.health()["cancelled"] < 2 and time.monotonic() < deadline:
         time.sleep(0.5)

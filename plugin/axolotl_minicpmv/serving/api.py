@@ -172,8 +172,9 @@ def _prepare(chat: ChatRequest, processor, image_root: Path | None, settings: Se
         sizes = [image.size for image, _ in opened]
         ids = processor.prompt_ids(chat.conversation, sizes, settings.max_inp_length)
         images = [decode_image(image, param) for image, param in opened]
-        if [image.size for image in images] != sizes:  # a format whose header names another size (ICNS): the pixels decide
-            ids = processor.prompt_ids(chat.conversation, [image.size for image in images], settings.max_inp_length)
+        decoded = [image.size for image in images]
+        if decoded != sizes:  # a format whose header names another size (ICNS): the pixels decide
+            ids = processor.prompt_ids(chat.conversation, decoded, settings.max_inp_length)
         return Prompt(ids, processor.inference_pixels(images))
     except InvalidInputError as err:
         raise RequestError(
